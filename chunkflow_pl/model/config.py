@@ -1,0 +1,150 @@
+"""One config dataclass for the Qwen2 / Qwen2.5 decoder, with named presets.
+
+Each preset copies the architecture fields of the Hugging Face ``config.json`` it cites; ``tiny`` is
+ours (random weights, fast on a laptop CPU).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 32768
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.num_kv_heads}"
+            )
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError("head_dim = hidden_size / num_heads must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def num_params(self) -> int:
+        """Exact parameter count of the decoder this config builds."""
+        d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = d * d + d + 2 * (d * self.num_kv_heads * hd + self.num_kv_heads * hd) + d * d
+        layer = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.num_layers * layer + d + head
+
+    # ---- Hugging Face config.json ------------------------------------------------------------
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": "silu",
+            "attention_dropout": 0.0,
+            "use_sliding_window": False,
+            "torch_dtype": "float32",
+        }
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], name: str = "pretrained") -> ModelConfig:
+        if d.get("model_type") not in (None, "qwen2"):
+            raise ValueError(f"model_type={d.get('model_type')!r} is not supported; expected 'qwen2' (Qwen2/2.5)")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={d['hidden_act']!r} is not supported; expected 'silu'")
+        rope_theta = d.get("rope_theta")
+        if rope_theta is None:  # transformers >= 5 nests it under rope_parameters
+            rope_theta = (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return cls(
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_layers=int(d["num_hidden_layers"]),
+            num_heads=int(d["num_attention_heads"]),
+            num_kv_heads=int(d.get("num_key_value_heads", d["num_attention_heads"])),
+            rope_theta=float(rope_theta),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+            name=name,
+        )
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path) -> ModelConfig:
+        cfg_file = Path(path) / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(
+                f"{cfg_file} not found: model.pretrained must be a Hugging Face checkpoint directory "
+                "holding config.json and *.safetensors"
+            )
+        return cls.from_hf_dict(json.loads(cfg_file.read_text()), name=str(path))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Qwen2.5 architectures, each from the config.json of the cited Hugging Face repository.
+_Q = dict(rope_theta=1_000_000.0)
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(name="tiny"),
+    # https://huggingface.co/Qwen/Qwen2.5-0.5B/blob/main/config.json
+    "qwen0.5b": ModelConfig(151936, 896, 4864, 24, 14, 2, **_Q, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                            max_position_embeddings=32768, name="qwen0.5b"),
+    # https://huggingface.co/Qwen/Qwen2.5-1.5B/blob/main/config.json
+    "qwen1.5b": ModelConfig(151936, 1536, 8960, 28, 12, 2, **_Q, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                            max_position_embeddings=131072, name="qwen1.5b"),
+    # https://huggingface.co/Qwen/Qwen2.5-3B/blob/main/config.json
+    "qwen3b": ModelConfig(151936, 2048, 11008, 36, 16, 2, **_Q, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                          max_position_embeddings=32768, name="qwen3b"),
+    # https://huggingface.co/Qwen/Qwen2.5-7B/blob/main/config.json
+    "qwen7b": ModelConfig(152064, 3584, 18944, 28, 28, 4, **_Q, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                          max_position_embeddings=131072, name="qwen7b"),
+    # https://huggingface.co/Qwen/Qwen2.5-14B/blob/main/config.json
+    "qwen14b": ModelConfig(152064, 5120, 13824, 48, 40, 8, **_Q, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                           max_position_embeddings=131072, name="qwen14b"),
+    # https://huggingface.co/Qwen/Qwen2.5-32B/blob/main/config.json
+    "qwen32b": ModelConfig(152064, 5120, 27648, 64, 40, 8, **_Q, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                           max_position_embeddings=131072, name="qwen32b"),
+    # https://huggingface.co/Qwen/Qwen2.5-72B/blob/main/config.json
+    "qwen72b": ModelConfig(152064, 8192, 29568, 80, 64, 8, **_Q, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                           max_position_embeddings=131072, name="qwen72b"),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"model preset {name!r} is unknown; choose one of {sorted(PRESETS)}")
+    valid = {f.name for f in fields(ModelConfig)}
+    bad = sorted(set(overrides) - valid)
+    if bad:
+        raise ValueError(f"unknown model field(s) {bad}; accepted: {sorted(valid)}")
+    return replace(PRESETS[name], **overrides)

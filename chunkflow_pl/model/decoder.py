@@ -1,0 +1,153 @@
+"""The Qwen2 / Qwen2.5 decoder on one device, on a flat packed token batch (THD, no padding).
+
+    input_ids_T, position_ids_T   [T]        tokens of all segments of a chunk, concatenated
+    meta: VarlenMeta                          per segment: query length, prefix length
+    prefix_kv[l] = (k_PHD, v_PHD)             layer l's keys/values (after RoPE) of the prefixes
+    -> hidden_TD [T, D] after the final norm, and (if asked) each layer's new (k_TND, v_TND)
+
+The model knows nothing of chunks beyond "attend to this prefix state": chunking, state passing
+and parallelism are applied from outside. Layers live in a ModuleDict keyed "0".."N-1" so parameter
+names never change when the model is split into pipeline stages.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chunkflow_pl.model.attention import VarlenMeta, attention
+from chunkflow_pl.model.config import ModelConfig
+from chunkflow_pl.model.loss import chunked_cross_entropy
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.to(torch.promote_types(dtype, torch.float32))
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_cos_sin(position_ids_T: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, ...]:
+    """cos/sin [T, D]. Angles in float32 whatever the model dtype (as Hugging Face computes them)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids_T.device)
+                                .float() / head_dim))
+    freqs_TD2 = position_ids_T.float()[:, None] * inv_freq[None, :]
+    emb_TD = torch.cat((freqs_TD2, freqs_TD2), dim=-1)
+    return emb_TD.cos().to(dtype), emb_TD.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x_THD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
+    return (x_THD * cos_TD[:, None, :]) + (_rotate_half(x_THD) * sin_TD[:, None, :])
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=True)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=True)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=True)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+
+    def forward(self, x_TD, cos_TD, sin_TD, meta: VarlenMeta, prefix: KV | None, backend: str):
+        T = x_TD.shape[0]
+        q_THD = self.q_proj(x_TD).view(T, self.num_heads, self.head_dim)
+        k_THD = self.k_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
+        v_THD = self.v_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
+        q_THD, k_THD = apply_rope(q_THD, cos_TD, sin_TD), apply_rope(k_THD, cos_TD, sin_TD)
+        pk, pv = prefix if prefix is not None else (None, None)
+        o_THD = attention(q_THD, k_THD, v_THD, meta, pk, pv, backend=backend)
+        return self.o_proj(o_THD.reshape(T, -1)), (k_THD, v_THD)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x_TD, cos_TD, sin_TD, meta, prefix, backend):
+        a_TD, kv = self.attn(self.attn_norm(x_TD), cos_TD, sin_TD, meta, prefix, backend)
+        h_TD = x_TD + a_TD
+        return h_TD + self.mlp(self.mlp_norm(h_TD)), kv
+
+
+class Qwen2Decoder(nn.Module):
+    """Embedding -> N x (RMSNorm, GQA attention with q/k/v bias, RMSNorm, SwiGLU) -> RMSNorm -> LM head."""
+
+    def __init__(self, cfg: ModelConfig, attention_backend: str = "sdpa", loss_chunk: int = 4096) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.attention_backend = attention_backend
+        self.loss_chunk = loss_chunk
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.num_layers)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def reset_parameters(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std, generator=generator)
+
+    def forward(
+        self,
+        input_ids_T: torch.Tensor,
+        position_ids_T: torch.Tensor,
+        meta: VarlenMeta,
+        prefix_kv: list[KV] | None = None,
+        return_kv: bool = False,
+    ) -> tuple[torch.Tensor, list[KV] | None]:
+        x_TD = self.embed(input_ids_T)
+        cos_TD, sin_TD = rope_cos_sin(position_ids_T, self.cfg.head_dim, self.cfg.rope_theta, x_TD.dtype)
+        new_kv: list[KV] = []
+        for i, layer in enumerate(self.layers.values()):
+            prefix = prefix_kv[i] if prefix_kv is not None else None
+            x_TD, kv = layer(x_TD, cos_TD, sin_TD, meta, prefix, self.attention_backend)
+            if return_kv:
+                new_kv.append(kv)
+        return self.norm(x_TD), (new_kv if return_kv else None)
+
+    def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden_TD, self.head_weight)
+
+    def loss_sum(self, hidden_TD: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
+        """Summed token cross-entropy, computed in slices so full logits never exist at once."""
+        return chunked_cross_entropy(hidden_TD, self.head_weight, labels_T, self.loss_chunk)

@@ -1,0 +1,140 @@
+"""Hugging Face checkpoint I/O: read and write ``config.json`` + ``*.safetensors`` directories.
+
+Weight names map declaratively (``NAME_MAP``: ours <-> transformers' ``Qwen2ForCausalLM``); ``{i}`` is
+the layer index. Sharded checkpoints (``model.safetensors.index.json``) are read shard by shard.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from chunkflow_pl.model.config import ModelConfig
+
+NAME_MAP: tuple[tuple[str, str], ...] = (
+    ("embed.weight", "model.embed_tokens.weight"),
+    ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("layers.{i}.attn.q_proj.weight", "model.layers.{i}.self_attn.q_proj.weight"),
+    ("layers.{i}.attn.q_proj.bias", "model.layers.{i}.self_attn.q_proj.bias"),
+    ("layers.{i}.attn.k_proj.weight", "model.layers.{i}.self_attn.k_proj.weight"),
+    ("layers.{i}.attn.k_proj.bias", "model.layers.{i}.self_attn.k_proj.bias"),
+    ("layers.{i}.attn.v_proj.weight", "model.layers.{i}.self_attn.v_proj.weight"),
+    ("layers.{i}.attn.v_proj.bias", "model.layers.{i}.self_attn.v_proj.bias"),
+    ("layers.{i}.attn.o_proj.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    ("layers.{i}.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.gate_proj.weight"),
+    ("layers.{i}.mlp.up_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    ("layers.{i}.mlp.down_proj.weight", "model.layers.{i}.mlp.down_proj.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "generation_config.json", "chat_template.jinja",
+)
+
+
+def _compile(pattern: str) -> re.Pattern:
+    return re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(\d+)") + "$")
+
+
+_OURS_TO_HF = [(_compile(o), h) for o, h in NAME_MAP]
+_HF_TO_OURS = [(_compile(h), o) for o, h in NAME_MAP]
+
+
+def _rename(name: str, table) -> str | None:
+    for rx, target in table:
+        m = rx.match(name)
+        if m:
+            return target.replace("{i}", m.group(1)) if m.groups() else target
+    return None
+
+
+def to_hf_name(name: str) -> str:
+    out = _rename(name, _OURS_TO_HF)
+    if out is None:
+        raise KeyError(f"parameter {name!r} has no Hugging Face name in NAME_MAP")
+    return out
+
+
+def from_hf_name(name: str) -> str | None:
+    """Our name for a Hugging Face tensor name; None for tensors we do not use (e.g. rotary buffers)."""
+    return _rename(name, _HF_TO_OURS)
+
+
+def _safetensor_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / f for f in sorted(set(weight_map.values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {path}: model.pretrained must hold safetensors weights")
+    return files
+
+
+def load_hf_state_dict(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our-named state dict from a Hugging Face directory (tied checkpoints drop ``lm_head``)."""
+    path = Path(path)
+    out: dict[str, torch.Tensor] = {}
+    for f in _safetensor_files(path):
+        for hf_name, t in load_file(str(f)).items():
+            ours = from_hf_name(hf_name)
+            if ours is None:
+                continue
+            if ours == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            out[ours] = t
+    return out
+
+
+def load_pretrained(model: torch.nn.Module, path: str | Path, cfg: ModelConfig) -> None:
+    sd = load_hf_state_dict(path, cfg)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the architecture of its config.json: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, t in sd.items():
+        if tuple(t.shape) != tuple(own[k].shape):
+            raise ValueError(f"{path}: tensor {to_hf_name(k)} has shape {tuple(t.shape)}, "
+                             f"expected {tuple(own[k].shape)}")
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(sd[k].to(p.dtype))
+
+
+def save_hf(
+    model: torch.nn.Module,
+    cfg: ModelConfig,
+    out_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that ``Qwen2ForCausalLM.from_pretrained`` loads."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu")
+        tensors[to_hf_name(name)] = (t.to(dtype) if dtype is not None else t).contiguous()
+    hf_cfg = cfg.to_hf_dict()
+    sample = next(iter(tensors.values()))
+    hf_cfg["torch_dtype"] = str(sample.dtype).removeprefix("torch.")
+    hf_cfg["dtype"] = hf_cfg["torch_dtype"]
+    tmp = out / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.is_file():
+                shutil.copy2(src, out / name)
+    return out
