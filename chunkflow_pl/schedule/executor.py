@@ -35,6 +35,9 @@ class StepStats:
     peak_state_bytes: int = 0
     max_live_activations: int = 0
     per_chunk_loss: dict[int, float] = field(default_factory=dict)
+    # Summed over data-parallel ranks by the strategy (equal to the local values on one device).
+    global_loss_sum: float = 0.0
+    global_tokens: int = 0
 
 
 @dataclass

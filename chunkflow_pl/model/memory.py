@@ -1,0 +1,82 @@
+"""Back-of-envelope training memory, computed from the config before any weight is allocated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chunkflow_pl.model.config import ModelConfig
+
+GiB = 1024**3
+_BYTES = {"64": 8, "32": 4, "16": 2, "bf16": 2}
+
+
+def precision_bytes(precision: str) -> tuple[int, int]:
+    """(bytes per weight, bytes per activation) for a Lightning precision string."""
+    p = str(precision)
+    if p.startswith("64"):
+        return 8, 8
+    if p.startswith("32"):
+        return 4, 4
+    if p.endswith("-mixed"):
+        return 4, 2  # fp32 master weights, half-precision activations
+    return 2, 2  # bf16-true / 16-true
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    params: int
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+    def table(self) -> str:
+        rows = [("parameters", f"{self.params / 1e9:.3f} B"), ("weights", _g(self.weights)),
+                ("gradients", _g(self.grads)), ("optimizer state", _g(self.optimizer)),
+                ("activations (chunk x k)", _g(self.activations)), ("total", _g(self.total))]
+        return "\n".join(f"  {k:<26}{v:>12}" for k, v in rows)
+
+
+def _g(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def estimate_training_memory(cfg: ModelConfig, chunk_size: int, k: int, precision: str,
+                             optimizer: str = "adamw", loss_chunk: int = 4096) -> MemoryEstimate:
+    wb, ab = precision_bytes(precision)
+    n = cfg.num_params()
+    opt_states = {"adamw": 2, "sgd": 1}.get(optimizer, 2)
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    kv = 2 * cfg.num_kv_heads * cfg.head_dim
+    # Saved tensors per token and layer: norms, q/k/v, attention out, MLP in/gate/up/act (rough, no fusion).
+    per_token_layer = (4 * d + d + kv + 3 * f) * ab
+    act = k * chunk_size * cfg.num_layers * per_token_layer
+    act += min(chunk_size, loss_chunk) * cfg.vocab_size * 4 * 2  # one slice of fp32 logits + grad
+    return MemoryEstimate(params=n, weights=n * wb, grads=n * wb, optimizer=n * max(wb, 4) * opt_states,
+                          activations=act)
+
+
+class InsufficientMemoryError(MemoryError):
+    """The memory estimate exceeds what the device has: raised before any allocation."""
+
+
+def available_memory(device_type: str) -> int:
+    """Bytes usable on the device: free host memory for CPU, total memory of GPU 0 for CUDA."""
+    if device_type == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[1])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

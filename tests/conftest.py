@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random Hugging Face Qwen2 references (no downloads)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # train.py and callbacks/ live at the repo root
+    sys.path.insert(0, str(ROOT))
+
+
+def tiny_hf_config(tie: bool = False, vocab: int = 97, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                   hidden: int = 32, theta: float = 10000.0):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=48, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tie,
+                       rope_theta=theta, max_position_embeddings=4096, attn_implementation="sdpa")
+
+
+def widen_hf_norm_precision(hf_model) -> None:
+    """transformers' Qwen2RMSNorm always computes in float32 (``hidden_states.to(torch.float32)``), which
+    caps a float64 comparison at ~1e-7. For float64 parity we widen only that cast to the input dtype;
+    every other op stays transformers' own. float32 parity tests use the unmodified model."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    def forward(self, x):
+        dtype = x.dtype
+        h = x.to(torch.promote_types(dtype, torch.float32))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(dtype)
+
+    for m in hf_model.modules():
+        if isinstance(m, Qwen2RMSNorm):
+            m.forward = types.MethodType(forward, m)
+
+
+def make_hf_model(tie: bool = False, dtype=torch.float64, seed: int = 0, std: float = 0.2, **kw):
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    hf = Qwen2ForCausalLM(tiny_hf_config(tie=tie, **kw)).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.normal_(0.0, std) if "norm" not in name else p.uniform_(0.5, 1.5)
+    if dtype == torch.float64:
+        widen_hf_norm_precision(hf)
+    return hf
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    """A saved tiny Qwen2ForCausalLM checkpoint directory (untied, GQA 2)."""
+    hf = make_hf_model(tie=False, dtype=torch.float32)
+    hf.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chunkflow_pl.model.config import PRESETS, get_preset
+from chunkflow_pl.model.loss import chunked_cross_entropy
+from chunkflow_pl.utils.sizes import parse_size
+
+
+@pytest.mark.parametrize("slice_tokens", [1, 7, 64, 1000])
+def test_chunked_cross_entropy_equals_plain(slice_tokens):
+    torch.manual_seed(0)
+    h = torch.randn(64, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (64,))
+    y[::5] = -100
+    ref = F.cross_entropy(h @ w.T, y, ignore_index=-100, reduction="sum")
+    got = chunked_cross_entropy(h, w, y, slice_tokens)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    g_ref = torch.autograd.grad(ref, [h, w])
+    g_got = torch.autograd.grad(got, [h, w])
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_cross_entropy_never_holds_full_logits():
+    """Saved tensors of the sliced loss hold no [T, V] logits, only the hidden slices."""
+    h = torch.randn(512, 8, requires_grad=True)
+    w = torch.randn(1000, 8, requires_grad=True)
+    y = torch.randint(0, 1000, (512,))
+    biggest = 0
+
+    def pack(t):
+        nonlocal biggest
+        biggest = max(biggest, t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        chunked_cross_entropy(h, w, y, 64)
+    assert biggest < 512 * 1000 / 4
+
+
+@pytest.mark.parametrize("s,n", [("32k", 32768), ("256K", 262144), ("1m", 1048576), (4096, 4096), ("77", 77)])
+def test_parse_size(s, n):
+    assert parse_size(s) == n
+
+
+@pytest.mark.parametrize("bad", ["32kb", "k", "-4", "1.5k", "", 0, True])
+def test_parse_size_rejects_with_key_and_forms(bad):
+    with pytest.raises(ValueError, match=r"chunk\.size=.*32k, 256K, 1m"):
+        parse_size(bad, key="chunk.size")
+
+
+def test_presets_param_counts_match_published_sizes():
+    # Published totals (Qwen2.5 model cards): 0.49B, 1.54B, 3.09B, 7.61B, 14.7B, 32.5B(+emb), 72.7B
+    expect = {"qwen0.5b": 0.49, "qwen1.5b": 1.54, "qwen3b": 3.09, "qwen7b": 7.62, "qwen14b": 14.8,
+              "qwen72b": 72.7}
+    for name, billions in expect.items():
+        assert abs(PRESETS[name].num_params() / 1e9 - billions) / billions < 0.01, name
+    with pytest.raises(ValueError, match="unknown"):
+        get_preset("qwen9b")

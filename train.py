@@ -1,0 +1,125 @@
+"""Train with ChunkFlow: ``python train.py [overrides]`` (Hydra). See README.md for the config groups.
+
+``train(cfg)`` composes the typed pieces and calls ``Trainer.fit``; tests call it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from chunkflow_pl.data.config import DataConfig
+from chunkflow_pl.data.datamodule import ChunkFlowDataModule
+from chunkflow_pl.model.config import ModelConfig, get_preset
+from chunkflow_pl.model.memory import InsufficientMemoryError, available_memory, estimate_training_memory
+from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
+from chunkflow_pl.training.module import ChunkFlowLM
+from chunkflow_pl.training.optim import OptimConfig
+from chunkflow_pl.utils.sizes import parse_size
+
+log = logging.getLogger("chunkflow_pl")
+
+
+def model_config(node: DictConfig) -> ModelConfig:
+    if node.get("pretrained"):
+        return ModelConfig.from_hf_dir(node.pretrained)
+    overrides = node.get("overrides")
+    return get_preset(node.preset, **(OmegaConf.to_container(overrides) if overrides is not None else {}))
+
+
+def _accelerator(name: str) -> tuple[str, torch.device]:
+    if name == "auto":
+        name = "gpu" if torch.cuda.is_available() else "cpu"
+    if name in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("trainer.accelerator=gpu but CUDA is not available; use trainer.accelerator=cpu")
+        return "gpu", torch.device("cuda", torch.cuda.current_device())
+    if name != "cpu":
+        raise ValueError(f"trainer.accelerator={name!r} is not supported; use auto, cpu or gpu")
+    return "cpu", torch.device("cpu")
+
+
+def _output_dir(cfg: DictConfig) -> str:
+    try:
+        return str(cfg.output_dir)
+    except Exception:  # no Hydra runtime (compose API): fall back to a local folder
+        return "outputs/adhoc"
+
+
+def _instantiate_all(node: DictConfig | None) -> list[Any]:
+    out = []
+    for item in (node or {}).values():
+        if item is not None and item.get("_target_"):
+            out.append(instantiate(item))
+    return out
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Compose model, data, strategy, logger and callbacks from ``cfg``; fit; return the live objects."""
+    L.seed_everything(int(cfg.seed), workers=True)
+    mcfg = model_config(cfg.model)
+    chunk_size = parse_size(cfg.chunk.size, key="chunk.size")
+    chunk_k = int(cfg.chunk.k)
+    dp, pp = int(cfg.parallel.dp), int(cfg.parallel.pp)
+    if dp * pp != 1:
+        raise NotImplementedError(f"parallel.dp={dp} parallel.pp={pp}: only dp=1 pp=1 is implemented so far")
+    optim = OptimConfig.from_dict(OmegaConf.to_container(cfg.optim))
+    precision = str(cfg.trainer.precision)
+    accelerator, device = _accelerator(str(cfg.trainer.accelerator))
+
+    est = estimate_training_memory(mcfg, chunk_size, chunk_k, precision, optim.name, int(cfg.model.loss_chunk))
+    avail = available_memory(device.type)
+    log.info("model %s: %.3f B parameters; estimated training memory at %s, chunk.size=%d, k=%d:\n%s\n"
+             "  available on %s: %.2f GiB", mcfg.name, mcfg.num_params() / 1e9, precision, chunk_size, chunk_k,
+             est.table(), device.type, avail / 2**30)
+    if cfg.get("dry_run"):
+        return {"model_config": mcfg, "memory": est}
+    if cfg.get("check_memory", True) and est.total > avail:
+        raise InsufficientMemoryError(
+            f"model={cfg.model.preset} needs about {est.total / 2**30:.1f} GiB to train "
+            f"(weights {est.weights / 2**30:.1f}, gradients {est.grads / 2**30:.1f}, {optim.name} state "
+            f"{est.optimizer / 2**30:.1f}, activations {est.activations / 2**30:.1f}) but {device.type} has "
+            f"{avail / 2**30:.1f} GiB available. Use a machine with more memory, a smaller model "
+            f"(model=tiny, model=qwen0.5b), a smaller chunk.size, trainer.precision=bf16-true, optim=sgd, or "
+            f"check_memory=false "
+            f"to try anyway.")
+
+    data_cfg = DataConfig.from_dict(OmegaConf.to_container(cfg.data, resolve=True))
+    datamodule = ChunkFlowDataModule(data_cfg, chunk_size=chunk_size, vocab_size=mcfg.vocab_size)
+    max_steps = int(cfg.trainer.max_steps)
+    module = ChunkFlowLM(mcfg, optim, attention=str(cfg.model.attention), loss_chunk=int(cfg.model.loss_chunk),
+                         pretrained=cfg.model.get("pretrained"), init_std=float(cfg.model.init_std),
+                         total_steps=max_steps if max_steps > 0 else 1000)
+    strategy = ChunkFlowStrategy(chunk_k=chunk_k, offload_state=bool(cfg.chunk.offload_state), device=device)
+
+    output_dir = _output_dir(cfg)
+    logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else None
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs.update(accelerator=accelerator, devices=1)
+    trainer = L.Trainer(**trainer_kwargs, strategy=strategy, logger=logger if logger is not None else False,
+                        callbacks=_instantiate_all(cfg.get("callbacks")), use_distributed_sampler=False,
+                        default_root_dir=output_dir)
+    if logger is not None:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    return {"trainer": trainer, "module": module, "datamodule": datamodule, "model_config": mcfg}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except (InsufficientMemoryError, ValueError, FileNotFoundError, NotImplementedError) as e:
+        log.error("%s", e)
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
