@@ -25,15 +25,19 @@ the whole prefix and own keys 0..i.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 IGNORE_INDEX = -100
 
 
-@dataclass(frozen=True, order=True)
-class Segment:
-    """Tokens ``[start, end)`` of sequence ``seq`` (an index into the global batch)."""
+class Segment(NamedTuple):
+    """Tokens ``[start, end)`` of sequence ``seq`` (an index into the global batch).
+
+    A NamedTuple (immutable, hashable, ordered) so Lightning's ``apply_to_collection`` can rebuild it
+    when a precision plugin walks the batch.
+    """
 
     seq: int
     start: int

@@ -1,0 +1,144 @@
+"""``DataConfig``: the typed boundary built from the Hydra ``data`` group.
+
+Library code receives this dataclass, never the whole Hydra config. Every field is validated in
+``__post_init__`` so a bad value fails at start-up with the key name, not deep inside a worker.
+
+Where the tokenised cache lives (``cache_dir``): ``None`` means ``$CHUNKFLOW_CACHE`` if set, else
+``$XDG_CACHE_HOME/chunkflow_pl/tokenized`` (``~/.cache/chunkflow_pl/tokenized``). A home cache rather
+than the data file's directory, because data directories are often read-only or shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chunkflow_pl.utils.sizes import parse_size
+
+KINDS = ("synthetic", "jsonl", "text", "chat")
+TRAIN_ON = ("assistant", "all")
+ON_BAD_RECORD = ("error", "skip")
+
+
+@dataclass
+class DataConfig:
+    """Everything the data pipeline needs. ``vocab_size`` and ``chunk.size`` come from the model and
+    chunk groups and are passed to the datamodule separately.
+
+    kind:              "synthetic" (generated long-tail data), "jsonl" (pre-tokenised records
+                       ``{"input_ids": [...], "labels": [...]?}``), "text" (``{"text": ...}``) or
+                       "chat" (``{"messages": [{"role", "content"}, ...]}``).
+    path:              file or list of files (.jsonl or .parquet); not used by "synthetic".
+    tokenizer:         local Hugging Face tokenizer directory, for "text" and "chat".
+    train_on:          "assistant" (chat: only assistant turns are supervised) or "all".
+    global_batch_size: sequences per optimizer step, over all data-parallel ranks.
+    shuffle, seed:     per-epoch permutation seeded by ``seed + epoch``; ``seed`` also drives the
+                       synthetic generator.
+    num_workers:       DataLoader worker processes (0 = build batches in the training process).
+    tokenize_workers:  processes for the one-off tokenisation (None = automatic: up to 8 for big
+                       inputs, in-process for small ones; 0 = in-process).
+    on_bad_record:     "error" (default: stop with file/line/field) or "skip" (skip, count, warn).
+    cache_dir:         where tokenised caches are written (see the module docstring).
+    num_sequences, max_len, min_len: synthetic data size and length range; sizes accept ``8k``.
+    """
+
+    kind: str = "synthetic"
+    path: str | list[str] | None = None
+    tokenizer: str | None = None
+    train_on: str = "assistant"
+    global_batch_size: int = 16
+    shuffle: bool = True
+    seed: int = 1234
+    num_workers: int = 0
+    tokenize_workers: int | None = None
+    on_bad_record: str = "error"
+    cache_dir: str | None = None
+    num_sequences: int = 2000
+    max_len: int | str = "8k"
+    min_len: int | str = 2
+    paths: list[str] = field(init=False, repr=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        _choice("data.kind", self.kind, KINDS)
+        _choice("data.train_on", self.train_on, TRAIN_ON)
+        _choice("data.on_bad_record", self.on_bad_record, ON_BAD_RECORD)
+        self.max_len = parse_size(self.max_len, key="data.max_len")
+        self.min_len = parse_size(self.min_len, key="data.min_len")
+        if self.min_len > self.max_len:
+            raise ValueError(f"data.min_len={self.min_len} is larger than data.max_len={self.max_len}")
+        _positive_int("data.global_batch_size", self.global_batch_size)
+        _positive_int("data.num_sequences", self.num_sequences)
+        _int("data.seed", self.seed)
+        _int("data.num_workers", self.num_workers, minimum=0)
+        if self.tokenize_workers is not None:
+            _int("data.tokenize_workers", self.tokenize_workers, minimum=0)
+        if not isinstance(self.shuffle, bool):
+            raise ValueError(f"data.shuffle={self.shuffle!r} must be true or false")
+
+        # OmegaConf hands lists over as ListConfig: normalise to a list of str.
+        raw = self.path
+        if raw is None or raw == "":
+            self.paths = []
+        elif isinstance(raw, str | os.PathLike):
+            self.paths = [str(raw)]
+        else:
+            self.paths = [str(p) for p in raw]
+        if self.kind != "synthetic":
+            if not self.paths or any(p in ("", "???") for p in self.paths):
+                raise ValueError(
+                    f"data.kind={self.kind} needs data.path: a .jsonl or .parquet file or a list of them, "
+                    f"e.g. data.path=/data/train.jsonl"
+                )
+            for p in self.paths:
+                if not p.endswith((".jsonl", ".parquet")):
+                    raise ValueError(f"data.path entry {p!r}: expected a .jsonl or .parquet file")
+        if self.kind in ("text", "chat") and (not self.tokenizer or self.tokenizer == "???"):
+            raise ValueError(
+                f"data.kind={self.kind} needs data.tokenizer: a local Hugging Face tokenizer directory "
+                f"(e.g. the model checkpoint dir holding tokenizer.json); nothing is downloaded"
+            )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
+        """Build from the Hydra ``data`` group (a dict or DictConfig); unknown keys are an error."""
+        if hasattr(d, "_metadata"):  # an OmegaConf DictConfig: resolve interpolations first
+            from omegaconf import OmegaConf
+
+            d = OmegaConf.to_container(d, resolve=True)  # type: ignore[assignment]
+        accepted = accepted_keys()
+        unknown = [k for k in d.keys() if k not in accepted]
+        if unknown:
+            raise ValueError(f"unknown key data.{unknown[0]}; accepted keys: {', '.join(sorted(accepted))}")
+        return cls(**{str(k): v for k, v in d.items()})
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        if os.environ.get("CHUNKFLOW_CACHE"):
+            return Path(os.environ["CHUNKFLOW_CACHE"]).expanduser()
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+        return Path(base).expanduser() / "chunkflow_pl" / "tokenized"
+
+
+def accepted_keys() -> set[str]:
+    return {f.name for f in dataclasses.fields(DataConfig) if f.init}
+
+
+def _choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _int(key: str, value: object, minimum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key}={value!r} must be an integer")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{key}={value} must be >= {minimum}")
+
+
+def _positive_int(key: str, value: object) -> None:
+    _int(key, value, minimum=1)

@@ -1,0 +1,255 @@
+"""``ChunkFlowDataModule``: sources -> tokenised store -> per-rank ``StepBatch`` per global batch.
+
+Loader: torchdata's ``StatefulDataLoader`` over ``GlobalBatchDataset`` with ``batch_size=None``
+(each item already is a batch) and ``GlobalBatchSampler`` (keys ``(epoch, i)``). The datamodule
+shards by data-parallel rank itself; it does not rely on Lightning's sampler injection (and the
+sampler looks like a ``DistributedSampler`` so Lightning leaves it alone either way).
+
+Resuming (mid-epoch, exact): two mechanisms carry the same loader state, and both are safe together:
+
+* Lightning's fit loop saves ``StatefulDataLoader.state_dict()`` in the checkpoint
+  (``loops.fit_loop.state_dict.combined_loader``) and loads it back into the new loader when it
+  restarts mid-epoch; Lightning itself never skips batches.
+* This datamodule's ``state_dict()`` holds the same loader state (plus the epoch and a fingerprint of
+  the batching); ``load_state_dict()`` keeps it until ``train_dataloader()`` builds the loader.
+
+``StatefulDataLoader.load_state_dict`` *replaces* the pending state (it does not advance anything),
+so loading the same snapshot twice is idempotent: no double skip. A snapshot taken at the end of a
+pass resumes at the start of the next epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from chunkflow_pl.data.cache import SourceSpec, build_cache, cache_entry_dir, load_cached_store
+from chunkflow_pl.data.config import DataConfig
+from chunkflow_pl.data.dataset import BatchingSpec, GlobalBatchDataset, GlobalBatchSampler
+from chunkflow_pl.data.sources import TokenStore
+from chunkflow_pl.data.sources.synthetic import SyntheticStore
+from chunkflow_pl.data.types import StepBatch
+
+log = logging.getLogger(__name__)
+
+
+def _keep(batch: StepBatch) -> StepBatch:
+    """collate_fn: the item already is the batch (module-level so worker processes can pickle it)."""
+    return batch
+
+
+class ResumableLoader(StatefulDataLoader):
+    """``StatefulDataLoader`` that keeps its position when its iterator is dropped mid-pass.
+
+    Lightning's fit teardown resets ``loader._iterator = None`` (to stop workers). A checkpoint
+    written after ``fit`` returns (``trainer.save_checkpoint``) would then record "start of a new
+    pass" and a resumed run would replay the epoch from its first batch. Dropping an unfinished
+    iterator here first stores its state as the state of the next pass.
+    """
+
+    @property
+    def _iterator(self) -> Any:
+        return self.__dict__.get("_live_iterator")
+
+    @_iterator.setter
+    def _iterator(self, value: Any) -> None:
+        old = self.__dict__.get("_live_iterator")
+        if value is None and old is not None and not old._finished and self.__dict__.get("next_iter_state") is None:
+            self.next_iter_state = old.state_dict()
+        self.__dict__["_live_iterator"] = value
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # an explicit position (or {} = from the start) replaces whatever the dropped iterator left
+        self.__dict__["_live_iterator"] = None
+        self.next_iter_state = None
+        super().load_state_dict(state_dict)
+
+
+def make_store(data: DataConfig, vocab_size: int | None) -> TokenStore:
+    """The ``TokenStore`` for a data config (builds the tokenised cache on first use)."""
+    if data.kind == "synthetic":
+        if vocab_size is None:
+            raise ValueError("synthetic data needs the model's vocab_size")
+        return SyntheticStore(data.num_sequences, int(data.max_len), int(data.min_len), vocab_size, data.seed)
+    return load_cached_store(source_spec(data, vocab_size), data.resolved_cache_dir(), data.tokenize_workers)
+
+
+def source_spec(data: DataConfig, vocab_size: int | None) -> SourceSpec:
+    return SourceSpec(
+        kind=data.kind,
+        paths=tuple(data.paths),
+        tokenizer=data.tokenizer,
+        train_on=data.train_on,
+        vocab_size=vocab_size,
+        on_bad_record=data.on_bad_record,
+    )
+
+
+class ChunkFlowDataModule(pl.LightningDataModule):
+    """Each training item is one ``StepBatch``: this rank's share of one global batch.
+
+    ``dp_rank``/``dp_size``: None = taken in ``setup()`` from ``trainer.strategy.dp_rank/dp_size``
+    when the strategy has them, else ``trainer.global_rank/world_size``, else 0/1.
+    ``limit_batches``: cap on global batches per epoch (None = all).
+    """
+
+    def __init__(
+        self,
+        data: DataConfig,
+        chunk_size: int,
+        vocab_size: int,
+        dp_rank: int | None = None,
+        dp_size: int | None = None,
+        limit_batches: int | None = None,
+    ) -> None:
+        super().__init__()
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        self.data = data
+        self.chunk_size = int(chunk_size)
+        self.vocab_size = int(vocab_size)
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.limit_batches = limit_batches
+        self.store: TokenStore | None = None
+        self.dataset: GlobalBatchDataset | None = None
+        self._loader: ResumableLoader | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._tokenized_here = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def prepare_data(self) -> None:
+        # Lightning runs this on one process per node before setup(): tokenise once, not per rank.
+        if self.data.kind != "synthetic":
+            spec, root = source_spec(self.data, self.vocab_size), self.data.resolved_cache_dir()
+            self._tokenized_here = not (cache_entry_dir(spec, root) / "meta.json").is_file()
+            build_cache(spec, root, self.data.tokenize_workers)
+
+    def setup(self, stage: str | None = None) -> None:
+        self._resolve_dp()
+        if self.store is None:
+            self.store = make_store(self.data, self.vocab_size)
+        assert self.dp_rank is not None and self.dp_size is not None
+        self.dataset = GlobalBatchDataset(
+            self.store,
+            BatchingSpec(
+                global_batch_size=self.data.global_batch_size,
+                chunk_size=self.chunk_size,
+                dp_rank=self.dp_rank,
+                dp_size=self.dp_size,
+                shuffle=self.data.shuffle,
+                seed=self.data.seed,
+                limit_batches=self.limit_batches,
+            ),
+        )
+
+    def _resolve_dp(self) -> None:
+        trainer = getattr(self, "trainer", None)
+        if self.dp_rank is not None and self.dp_size is not None:
+            return
+        rank, size = 0, 1
+        if trainer is not None:
+            strategy = trainer.strategy
+            if getattr(strategy, "dp_size", None) is not None and getattr(strategy, "dp_rank", None) is not None:
+                rank, size = int(strategy.dp_rank), int(strategy.dp_size)
+            else:
+                rank, size = int(trainer.global_rank), int(trainer.world_size)
+        self.dp_rank = rank if self.dp_rank is None else self.dp_rank
+        self.dp_size = size if self.dp_size is None else self.dp_size
+
+    def train_dataloader(self) -> ResumableLoader:
+        if self.dataset is None:
+            self.setup("fit")
+        assert self.dataset is not None
+        pending, self._pending_state = self._pending_state, None
+        if pending is not None:
+            self._check_fingerprint(pending)
+        sampler = GlobalBatchSampler(len(self.dataset), epoch=self._start_epoch(pending))
+        with warnings.catch_warnings():
+            # torchdata 0.11 calls a deprecated torch API in its constructor; not actionable here
+            warnings.filterwarnings("ignore", message=".*set_vital.*")
+            loader = ResumableLoader(
+                self.dataset,
+                batch_size=None,
+                sampler=sampler,
+                num_workers=self.data.num_workers,
+                collate_fn=_keep,
+            )
+        if pending is not None and pending.get("loader"):
+            loader.load_state_dict(pending["loader"])
+        self._loader = loader
+        return loader
+
+    def _start_epoch(self, pending: dict[str, Any] | None) -> int:
+        if pending is not None and "epoch" in pending:
+            return int(pending["epoch"])
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.current_epoch)  # restored from the checkpoint before loaders are built
+        return 0
+
+    # ------------------------------------------------------------------ state
+    def _fingerprint(self) -> dict[str, Any]:
+        n = len(self.store) if self.store is not None else None
+        return {
+            "num_sequences": n,
+            "global_batch_size": self.data.global_batch_size,
+            "shuffle": self.data.shuffle,
+            "seed": self.data.seed,
+            "limit_batches": self.limit_batches,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Loader position (StatefulDataLoader state) + epoch, enough to resume mid-epoch exactly."""
+        if self._loader is None:
+            return dict(self._pending_state) if self._pending_state else {}
+        sampler = self._loader.sampler
+        assert isinstance(sampler, GlobalBatchSampler)
+        return {"loader": self._loader.state_dict(), "epoch": sampler.epoch, "fingerprint": self._fingerprint()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the state until the loader is built (or apply it now if it already is)."""
+        if not state_dict:
+            return
+        self._pending_state = dict(state_dict)
+        if self.store is not None:
+            self._check_fingerprint(self._pending_state)
+        if self._loader is not None:
+            pending, self._pending_state = self._pending_state, None
+            if pending.get("loader"):
+                self._loader.load_state_dict(pending["loader"])
+            self._loader.sampler.set_epoch(self._start_epoch(pending))
+
+    def _check_fingerprint(self, state: dict[str, Any]) -> None:
+        saved, now = state.get("fingerprint", {}), self._fingerprint()
+        diff = {k: (saved[k], now[k]) for k in saved if k in now and saved[k] != now[k]}
+        if diff:
+            raise ValueError(
+                f"cannot resume the data position: the batching changed since the checkpoint "
+                f"(saved vs now: {diff}); restore the same data config, or drop the datamodule state "
+                f"to start the data from the beginning"
+            )
+
+    # ------------------------------------------------------------------ info
+    @property
+    def num_batches_per_epoch(self) -> int:
+        if self.dataset is None:
+            self.setup("fit")
+        assert self.dataset is not None
+        return len(self.dataset)
+
+    @property
+    def skipped_records(self) -> int:
+        """Bad records skipped under ``data.on_bad_record=skip`` (0 for synthetic data)."""
+        return int(getattr(self.store, "skipped_records", 0))
+
+    @property
+    def cache_hit(self) -> bool:
+        """True when the tokenised cache already existed (nothing was tokenised in this process)."""
+        return bool(getattr(self.store, "cache_hit", False)) and not self._tokenized_here
