@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from typing import Any
 
 import hydra
@@ -30,8 +31,8 @@ log = logging.getLogger("chunkflow_pl")
 def model_config(node: DictConfig) -> ModelConfig:
     if node.get("pretrained"):
         return ModelConfig.from_hf_dir(node.pretrained)
-    overrides = node.get("overrides")
-    return get_preset(node.preset, **(OmegaConf.to_container(overrides) if overrides is not None else {}))
+    overrides = OmegaConf.to_container(node.get("overrides") or OmegaConf.create({}))
+    return get_preset(node.preset, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _accelerator(name: str) -> tuple[str, torch.device]:
@@ -61,9 +62,15 @@ def _instantiate_all(node: DictConfig | None) -> list[Any]:
     return out
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Compose model, data, strategy, logger and callbacks from ``cfg``; fit; return the live objects."""
+def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
+    """Compose model, data, strategy, logger and callbacks from ``cfg``; fit; return the live objects.
+
+    ``callbacks`` are added to those of ``cfg.callbacks`` (for programmatic use and tests).
+    """
     L.seed_everything(int(cfg.seed), workers=True)
+    # The module keeps batches on the host on purpose (the executor moves one chunk at a time).
+    warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
+    warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
     mcfg = model_config(cfg.model)
     chunk_size = parse_size(cfg.chunk.size, key="chunk.size")
     chunk_k = int(cfg.chunk.k)
@@ -104,7 +111,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs.update(accelerator=accelerator, devices=1)
     trainer = L.Trainer(**trainer_kwargs, strategy=strategy, logger=logger if logger is not None else False,
-                        callbacks=_instantiate_all(cfg.get("callbacks")), use_distributed_sampler=False,
+                        callbacks=_instantiate_all(cfg.get("callbacks")) + list(callbacks or []),
+                        use_distributed_sampler=False,
                         default_root_dir=output_dir)
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
