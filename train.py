@@ -29,10 +29,14 @@ log = logging.getLogger("chunkflow_pl")
 
 
 def model_config(node: DictConfig) -> ModelConfig:
-    if node.get("pretrained"):
-        return ModelConfig.from_hf_dir(node.pretrained)
     overrides = OmegaConf.to_container(node.get("overrides") or OmegaConf.create({}))
-    return get_preset(node.preset, **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if node.get("pretrained"):
+        if overrides:
+            raise ValueError(f"model.overrides {sorted(overrides)} cannot change the architecture of "
+                             f"model.pretrained={node.pretrained} (its config.json defines it); drop them")
+        return ModelConfig.from_hf_dir(node.pretrained)
+    return get_preset(node.preset, **overrides)
 
 
 def _accelerator(name: str) -> tuple[str, torch.device]:
@@ -81,7 +85,10 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     precision = str(cfg.trainer.precision)
     accelerator, device = _accelerator(str(cfg.trainer.accelerator))
 
-    est = estimate_training_memory(mcfg, chunk_size, chunk_k, precision, optim.name, int(cfg.model.loss_chunk))
+    max_len = cfg.data.get("max_len")
+    max_len = parse_size(max_len, key="data.max_len") if max_len is not None else None
+    est = estimate_training_memory(mcfg, chunk_size, chunk_k, precision, optim.name, int(cfg.model.loss_chunk),
+                                   max_seq_len=max_len)
     avail = available_memory(device.type)
     log.info("model %s: %.3f B parameters; estimated training memory at %s, chunk.size=%d, k=%d:\n%s\n"
              "  available on %s: %.2f GiB", mcfg.name, mcfg.num_params() / 1e9, precision, chunk_size, chunk_k,
@@ -90,9 +97,10 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         return {"model_config": mcfg, "memory": est}
     if cfg.get("check_memory", True) and est.total > avail:
         raise InsufficientMemoryError(
-            f"model={cfg.model.preset} needs about {est.total / 2**30:.1f} GiB to train "
+            f"model={mcfg.name} needs about {est.total / 2**30:.1f} GiB to train "
             f"(weights {est.weights / 2**30:.1f}, gradients {est.grads / 2**30:.1f}, {optim.name} state "
-            f"{est.optimizer / 2**30:.1f}, activations {est.activations / 2**30:.1f}) but {device.type} has "
+            f"{est.optimizer / 2**30:.1f}, activations {est.activations / 2**30:.1f}, K/V state "
+            f"{est.state / 2**30:.1f}) but {device.type} has "
             f"{avail / 2**30:.1f} GiB available. Use a machine with more memory, a smaller model "
             f"(model=tiny, model=qwen0.5b), a smaller chunk.size, trainer.precision=bf16-true, optim=sgd, or "
             f"check_memory=false "
@@ -101,9 +109,12 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     data_cfg = DataConfig.from_dict(OmegaConf.to_container(cfg.data, resolve=True))
     datamodule = ChunkFlowDataModule(data_cfg, chunk_size=chunk_size, vocab_size=mcfg.vocab_size)
     max_steps = int(cfg.trainer.max_steps)
+    if max_steps <= 0 and optim.schedule == "cosine":
+        raise ValueError("optim.schedule=cosine needs trainer.max_steps > 0 (the decay length); set "
+                         "trainer.max_steps or use optim.schedule=constant")
     module = ChunkFlowLM(mcfg, optim, attention=str(cfg.model.attention), loss_chunk=int(cfg.model.loss_chunk),
                          pretrained=cfg.model.get("pretrained"), init_std=float(cfg.model.init_std),
-                         total_steps=max_steps if max_steps > 0 else 1000)
+                         total_steps=max(max_steps, 1))
     strategy = ChunkFlowStrategy(chunk_k=chunk_k, offload_state=bool(cfg.chunk.offload_state), device=device)
 
     output_dir = _output_dir(cfg)

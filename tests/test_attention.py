@@ -102,3 +102,27 @@ def test_flash_matches_sdpa_on_gpu():
     ref = naive(q.double().cpu(), k.double().cpu(), v.double().cpu(), lens, pre, pk.double().cpu(),
                 pv.double().cpu())
     torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_math_fallback_equals_fused_cpu_kernel_in_float64(causal):
+    """The off-CPU fallback (used without flash-attn) computes the same forward/backward, in float64 too."""
+    from chunkflow_pl.model import attention as A
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 9, 8, dtype=torch.float64)
+    k, v = torch.randn(1, 4, 9, 8, dtype=torch.float64), torch.randn(1, 4, 9, 8, dtype=torch.float64)
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=0.3)
+    o2, lse2 = A._blockwise_fwd_math(q, k, v, causal, 0.3)
+    torch.testing.assert_close(o2, o, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(lse2, lse, rtol=1e-13, atol=1e-13)
+    do = torch.randn_like(o)
+    ref = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, o, lse, 0.0, causal,
+                                                                              scale=0.3)
+    for a, b in zip(A._blockwise_bwd_math(do, q, k, v, o, lse, causal, 0.3), ref):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+def test_auto_picks_sdpa_for_full_precision_and_on_cpu():
+    assert resolve_backend("auto", torch.device("cpu"), "bf16-mixed") == "sdpa"
+    assert resolve_backend("auto", torch.device("cuda"), "32-true") == "sdpa"  # flash-attn has no fp32 kernel

@@ -174,3 +174,24 @@ def test_every_preset_composes_with_a_memory_report(tmp_path):
 def test_bad_chunk_size_names_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"chunk\.size='32kb'.*32k, 256K, 1m"):
         train(compose_cfg(tmp_path, "chunk.size=32kb"))
+
+
+SMALL = ["data.num_sequences=64", "data.max_len=600", "data.global_batch_size=8", "chunk.size=256",
+         "model.overrides.num_layers=1", "model.overrides.hidden_size=32", "model.overrides.num_heads=2",
+         "model.overrides.num_kv_heads=1", "model.overrides.intermediate_size=64", "trainer.accelerator=cpu"]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_reduced_precision_trains_with_split_sequences(tmp_path, precision):
+    out = train(compose_cfg(tmp_path, f"trainer.precision={precision}", "trainer.max_steps=2", "data.min_len=300",
+                            *SMALL))
+    stats = out["module"].last_stats
+    assert stats.recomputed_chunks >= 0 and stats.tokens > 0
+    assert torch.isfinite(torch.tensor(stats.loss_sum)) and stats.loss_sum > 0
+
+
+def test_cosine_without_max_steps_and_overrides_with_pretrained_are_clear_errors(tmp_path, hf_dir):
+    with pytest.raises(ValueError, match="trainer.max_steps > 0"):
+        train(compose_cfg(tmp_path, "trainer.max_steps=-1", "trainer.max_epochs=1", *SMALL))
+    with pytest.raises(ValueError, match="cannot change the architecture"):
+        train(compose_cfg(tmp_path, f"model.pretrained={hf_dir}", "model.overrides.num_layers=3"))

@@ -69,11 +69,13 @@ class VarlenMeta:
         return out
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
+def resolve_backend(name: str, device: torch.device, precision: str = "32-true") -> str:
+    """``auto``: flash-attn on CUDA in half precision when installed (it has no fp32/fp64 kernels), else sdpa."""
     if name not in BACKENDS:
         raise ValueError(f"model.attention={name!r} is unknown; choose one of {BACKENDS}")
+    half = str(precision).startswith(("bf16", "16"))
     if name == "auto":
-        return "flash" if device.type == "cuda" and _flash_available() else "sdpa"
+        return "flash" if device.type == "cuda" and half and _flash_available() else "sdpa"
     if name == "flash" and device.type != "cuda":
         raise ValueError("model.attention=flash needs a CUDA device; use model.attention=sdpa (or auto) on CPU")
     return name
@@ -139,6 +141,8 @@ def _fold_groups(g_1HLD: torch.Tensor, groups: int) -> torch.Tensor:
     return g.transpose(0, 1)
 
 
+# Off CPU without flash-attn, the math fallback below materialises one (chunk x block keys) score matrix
+# per call: correct, but it does not keep the O(chunk) memory bound. On CUDA use model.attention=flash.
 def _fused_fwd(q, k, v, causal: bool, scale: float):
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
@@ -154,12 +158,16 @@ def _fused_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
 
 
 def _causal_mask(lq: int, lk: int, device) -> torch.Tensor:
-    # Bottom-right aligned; only used by the non-CPU math fallback on small blocks.
+    # Bottom-right aligned; only used by the non-CPU math fallback.
     return torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _blockwise_fwd_math(q, k, v, causal, scale):
-    s = (q @ k.transpose(-1, -2)).float() * scale
+    s = _acc(q @ k.transpose(-1, -2)) * scale
     if causal:
         s = s.masked_fill(~_causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
@@ -168,13 +176,13 @@ def _blockwise_fwd_math(q, k, v, causal, scale):
 
 
 def _blockwise_bwd_math(do, q, k, v, o, lse, causal, scale):
-    s = (q @ k.transpose(-1, -2)).float() * scale
+    s = _acc(q @ k.transpose(-1, -2)) * scale
     if causal:
         s = s.masked_fill(~_causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
     p = torch.exp(s - lse[..., None])
     dv = p.to(q.dtype).transpose(-1, -2) @ do
-    dp = (do @ v.transpose(-1, -2)).float()
-    delta = (do.float() * o.float()).sum(-1, keepdim=True)
+    dp = _acc(do @ v.transpose(-1, -2))
+    delta = (_acc(do) * _acc(o)).sum(-1, keepdim=True)
     ds = (p * (dp - delta) * scale).to(q.dtype)
     return ds @ k, ds.transpose(-1, -2) @ q, dv
 
@@ -189,10 +197,10 @@ class _PrefixCausalAttention(torch.autograd.Function):
         o, lse = _fused_fwd(q, _to_bhld(k_LHD, groups), _to_bhld(v_LHD, groups), True, scale)
         if pk_PHD is not None:
             op, lsep = _fused_fwd(q, _to_bhld(pk_PHD, groups), _to_bhld(pv_PHD, groups), False, scale)
+            acc = torch.promote_types(o.dtype, torch.float32)  # merge in >= fp32, cast once
             lse_new = torch.logaddexp(lse, lsep)
-            o = o * torch.exp(lse - lse_new)[..., None].to(o.dtype) + op * torch.exp(lsep - lse_new)[
-                ..., None
-            ].to(op.dtype)
+            o = (o.to(acc) * torch.exp(lse - lse_new)[..., None].to(acc)
+                 + op.to(acc) * torch.exp(lsep - lse_new)[..., None].to(acc)).to(q.dtype)
             lse = lse_new
         o = o.contiguous()
         ctx.scale, ctx.groups, ctx.has_prefix = scale, groups, pk_PHD is not None

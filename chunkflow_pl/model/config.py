@@ -29,11 +29,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(
-                f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}"
+                f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads} "
+                "(set them with model.overrides.hidden_size / model.overrides.num_heads)"
             )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.num_kv_heads}"
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} "
+                "(set them with model.overrides.num_heads / model.overrides.num_kv_heads)"
             )
         if (self.hidden_size // self.num_heads) % 2:
             raise ValueError("head_dim = hidden_size / num_heads must be even for RoPE")

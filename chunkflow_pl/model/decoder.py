@@ -51,6 +51,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x_THD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
+    # Under autocast q/k come out of the projections in bf16 while cos/sin follow the fp32 residual
+    # stream: cast so q, k and v share one dtype (the fused kernels require it).
+    cos_TD, sin_TD = cos_TD.to(x_THD.dtype), sin_TD.to(x_THD.dtype)
     return (x_THD * cos_TD[:, None, :]) + (_rotate_half(x_THD) * sin_TD[:, None, :])
 
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from chunkflow_pl.model.config import ModelConfig
 
 GiB = 1024**3
-_BYTES = {"64": 8, "32": 4, "16": 2, "bf16": 2}
 
 
 def precision_bytes(precision: str) -> tuple[int, int]:
@@ -29,15 +28,17 @@ class MemoryEstimate:
     grads: int
     optimizer: int
     activations: int
+    state: int = 0  # K/V state of the longest sequence: pieces + gradient accumulators + one prefix copy
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.activations
+        return self.weights + self.grads + self.optimizer + self.activations + self.state
 
     def table(self) -> str:
         rows = [("parameters", f"{self.params / 1e9:.3f} B"), ("weights", _g(self.weights)),
                 ("gradients", _g(self.grads)), ("optimizer state", _g(self.optimizer)),
-                ("activations (chunk x k)", _g(self.activations)), ("total", _g(self.total))]
+                ("activations (chunk x k)", _g(self.activations)), ("K/V state (longest seq)", _g(self.state)),
+                ("total", _g(self.total))]
         return "\n".join(f"  {k:<26}{v:>12}" for k, v in rows)
 
 
@@ -46,7 +47,8 @@ def _g(n: int) -> str:
 
 
 def estimate_training_memory(cfg: ModelConfig, chunk_size: int, k: int, precision: str,
-                             optimizer: str = "adamw", loss_chunk: int = 4096) -> MemoryEstimate:
+                             optimizer: str = "adamw", loss_chunk: int = 4096,
+                             max_seq_len: int | None = None) -> MemoryEstimate:
     wb, ab = precision_bytes(precision)
     n = cfg.num_params()
     opt_states = {"adamw": 2, "sgd": 1}.get(optimizer, 2)
@@ -56,8 +58,12 @@ def estimate_training_memory(cfg: ModelConfig, chunk_size: int, k: int, precisio
     per_token_layer = (4 * d + d + kv + 3 * f) * ab
     act = k * chunk_size * cfg.num_layers * per_token_layer
     act += min(chunk_size, loss_chunk) * cfg.vocab_size * 4 * 2  # one slice of fp32 logits + grad
+    state = 0
+    if max_seq_len is not None and max_seq_len > chunk_size:
+        # k/v pieces + their fp32 gradient accumulators + the prefix copy a live chunk holds
+        state = max_seq_len * cfg.num_layers * kv * (ab + 4 + ab)
     return MemoryEstimate(params=n, weights=n * wb, grads=n * wb, optimizer=n * max(wb, 4) * opt_states,
-                          activations=act)
+                          activations=act, state=state)
 
 
 class InsufficientMemoryError(MemoryError):

@@ -15,11 +15,11 @@ same kernels on the same inputs make it bit-identical.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from chunkflow_pl.data.types import ChunkBatch, StepBatch
+from chunkflow_pl.data.types import IGNORE_INDEX, ChunkBatch, Segment, StepBatch
 from chunkflow_pl.model.attention import VarlenMeta
 from chunkflow_pl.schedule.actions import Action, Op
 from chunkflow_pl.schedule.state import StateStore
@@ -34,7 +34,6 @@ class StepStats:
     recomputed_chunks: int = 0
     peak_state_bytes: int = 0
     max_live_activations: int = 0
-    per_chunk_loss: dict[int, float] = field(default_factory=dict)
     # Summed over data-parallel ranks by the strategy (equal to the local values on one device).
     global_loss_sum: float = 0.0
     global_tokens: int = 0
@@ -76,12 +75,17 @@ class ChunkExecutor:
             self._on_device[c] = cb
         return cb
 
-    def _continues(self, seg) -> bool:
+    def _continues(self, seg: Segment) -> bool:
         return seg.end < self.batch.seq_lens[seg.seq]
+
+    @staticmethod
+    def _with_prefix(cb: ChunkBatch) -> list[Segment]:
+        """Segments that attend to a stored prefix, in the order their prefixes are concatenated."""
+        return [s for s in cb.segments if s.start > 0 and s.length > 0]
 
     def _prefix(self, cb: ChunkBatch, requires_grad: bool):
         """Per layer: the prefixes of the chunk's continuing segments, concatenated in segment order."""
-        segs = [s for s in cb.segments if s.start > 0 and s.length > 0]
+        segs = self._with_prefix(cb)
         if not segs:
             return None
         leaves = []
@@ -146,7 +150,7 @@ class ChunkExecutor:
         if outputs:
             torch.autograd.backward(outputs, grads)
         if live.prefix_leaves is not None:
-            segs = [s for s in cb.segments if s.start > 0 and s.length > 0]
+            segs = self._with_prefix(cb)
             for layer, (pk, pv) in enumerate(live.prefix_leaves):
                 if pk.grad is None:
                     continue
@@ -159,9 +163,8 @@ class ChunkExecutor:
             if s.start == 0:
                 self.store.free(s.seq)
         self.stats.loss_sum += float(live.loss.detach()) / self.scale
-        self.stats.per_chunk_loss[c] = float(live.loss.detach()) / self.scale
         self.stats.tokens += cb.num_tokens
-        self.stats.label_tokens += int((cb.labels_T != -100).sum())
+        self.stats.label_tokens += int((cb.labels_T != IGNORE_INDEX).sum())
         self.stats.chunks += 1
         self._on_device.pop(c, None)
 

@@ -5,6 +5,7 @@ of the sequence's processed pieces, and a gradient accumulator over the whole se
 
     pieces[l]        [(start_0, k_0, v_0), (start_1, k_1, v_1), ...]   each [n_i, Hkv, D], written once
     dk[l], dv[l]     [L, Hkv, D]    d loss / d keys, values; later chunks add into [0, their start)
+                                    (kept in >= fp32: many chunks add into the same rows)
 
 Pieces are written once and never modified: a prefix handed to a chunk may be saved by autograd,
 and an in-place write into a shared buffer would invalidate it. ``L`` (the sequence length) is known
@@ -80,7 +81,9 @@ class StateStore:
         st = self._seqs[seq]
         if st.dk[layer] is None:
             like = st.pieces[layer][0][1]
-            st.dk[layer] = torch.zeros((st.seq_len, *like.shape[1:]), dtype=like.dtype, device=like.device)
+            # Sums over up to L / chunk.size later chunks: accumulate in >= fp32 even for bf16 state.
+            acc = torch.promote_types(like.dtype, torch.float32)
+            st.dk[layer] = torch.zeros((st.seq_len, *like.shape[1:]), dtype=acc, device=like.device)
             st.dv[layer] = torch.zeros_like(st.dk[layer])
             self._account(2 * st.dk[layer].numel() * st.dk[layer].element_size())
         n = dk.shape[0]
@@ -92,8 +95,9 @@ class StateStore:
         st = self._seqs.get(seq)
         if st is None or st.dk[layer] is None:
             return None
-        return (st.dk[layer][start:end].to(self.device, non_blocking=True),
-                st.dv[layer][start:end].to(self.device, non_blocking=True))
+        dtype = st.pieces[layer][0][1].dtype
+        return (st.dk[layer][start:end].to(self.device, dtype, non_blocking=True),
+                st.dv[layer][start:end].to(self.device, dtype, non_blocking=True))
 
     def free(self, seq: int) -> None:
         st = self._seqs.pop(seq, None)

@@ -48,7 +48,11 @@ class ChunkFlowLM(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        backend = resolve_backend(self.attention, self.device)
+        # Lightning calls this before moving the module: ask the strategy where it will run.
+        trainer = self._trainer
+        device = trainer.strategy.root_device if trainer is not None else self.device
+        precision = str(trainer.precision) if trainer is not None else "32-true"
+        backend = resolve_backend(self.attention, device, precision)
         self.model = Qwen2Decoder(self.model_cfg, attention_backend=backend, loss_chunk=self.loss_chunk)
         if self.pretrained:
             load_pretrained(self.model, self.pretrained, self.model_cfg)
