@@ -87,15 +87,17 @@ def build_graph(chunks: Sequence[Sequence[Segment]], seq_lens: Sequence[int]) ->
             bwd[p].add(c)
 
     graph_fwd = tuple(frozenset(d) for d in fwd)
-    _raise_on_cycle(graph_fwd, bwd)
     components, component_of = _components(graph_fwd)
-    return ChunkGraph(
+    graph = ChunkGraph(
         num_chunks=len(chunks),
         fwd_deps=graph_fwd,
         bwd_deps=tuple(frozenset(d) for d in bwd),
         components=components,
         component_of=component_of,
     )
+    for members in components:  # a cycle lies inside one component; forward_order raises on it
+        forward_order(graph, members)
+    return graph
 
 
 def forward_order(graph: ChunkGraph, members: Sequence[int]) -> list[int]:
@@ -121,23 +123,6 @@ def forward_order(graph: ChunkGraph, members: Sequence[int]) -> list[int]:
         stuck = sorted(c for c, n in waiting.items() if n > 0)
         raise ValueError(f"dependency cycle among chunks {stuck}")
     return order
-
-
-def _raise_on_cycle(fwd: tuple[frozenset[int], ...], bwd: list[set[int]]) -> None:
-    # Kahn's algorithm over the whole graph: whatever never becomes ready sits on or behind a cycle.
-    waiting = [len(d) for d in fwd]
-    ready = [c for c, n in enumerate(waiting) if n == 0]
-    seen = 0
-    while ready:
-        c = ready.pop()
-        seen += 1
-        for n in bwd[c]:
-            waiting[n] -= 1
-            if waiting[n] == 0:
-                ready.append(n)
-    if seen != len(fwd):
-        stuck = [c for c, n in enumerate(waiting) if n > 0]
-        raise ValueError(f"dependency cycle among chunks {stuck}")
 
 
 def _components(fwd: tuple[frozenset[int], ...]) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
