@@ -146,7 +146,7 @@ def test_default_config_learns_and_logs(tmp_path):
     assert len(loss) == 40
     assert sum(loss[-5:]) / 5 < loss[0] - 0.5, loss  # the Markov-chain data is learnable
     keys = set(rows[0])
-    for k in ("train/lr", "train/tokens_per_s", "train/tokens_seen", "train/chunks_per_step"):
+    for k in ("train/lr", "train/tokens_per_s", "train/tokens_seen", "train/chunks_per_step", "train/grad_norm"):
         assert k in keys
     hparams = (next(tmp_path.glob("csv/version_*/hparams.yaml"))).read_text()
     assert "chunk:" in hparams and "global_batch_size" in hparams  # the resolved config was logged

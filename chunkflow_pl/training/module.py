@@ -73,6 +73,8 @@ class ChunkFlowLM(L.LightningModule):
         sched = self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
         stats = self.trainer.strategy.run_chunk_step(self.model, batch)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else 0
         if self.optim_cfg.grad_clip > 0:
             self.clip_gradients(opt, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
         lr = opt.param_groups[0]["lr"]
@@ -83,6 +85,7 @@ class ChunkFlowLM(L.LightningModule):
         loss = stats.global_loss_sum / max(batch.num_label_tokens, 1)
         self.log("train/loss", loss, prog_bar=True, batch_size=1)
         self.log("train/lr", lr, batch_size=1)
+        self.log("train/grad_norm", float(grad_norm), batch_size=1)
         self.log("train/chunks_per_step", float(batch.num_chunks_global or stats.chunks), batch_size=1)
         self.log("train/recomputed_chunks", float(stats.recomputed_chunks), batch_size=1)
         self.log("train/label_tokens", float(batch.num_label_tokens), batch_size=1)
