@@ -132,6 +132,16 @@ def _to_bhld(x_LHD: torch.Tensor, groups: int) -> torch.Tensor:
     return x.contiguous()
 
 
+def _fold_q(x_1HLD: torch.Tensor, groups: int) -> torch.Tensor:
+    """[1, Hq, L, ...] -> [1, Hkv, groups*L, ...]: the query heads sharing a kv head become one longer
+    query sequence. Exact for the unmasked prefix block, and the prefix is never expanded to Hq heads."""
+    return x_1HLD.reshape(1, x_1HLD.shape[1] // groups, groups * x_1HLD.shape[2], *x_1HLD.shape[3:])
+
+
+def _unfold_q(x_1HLD: torch.Tensor, groups: int) -> torch.Tensor:
+    return x_1HLD.reshape(1, x_1HLD.shape[1] * groups, x_1HLD.shape[2] // groups, *x_1HLD.shape[3:])
+
+
 def _fold_groups(g_1HLD: torch.Tensor, groups: int) -> torch.Tensor:
     """Gradient w.r.t. expanded kv heads [1, Hq, L, D] -> [L, Hkv, D] (sum over each group)."""
     _, hq, L, D = g_1HLD.shape
@@ -196,7 +206,8 @@ class _PrefixCausalAttention(torch.autograd.Function):
         q = _to_bhld(q_LHD, 1)
         o, lse = _fused_fwd(q, _to_bhld(k_LHD, groups), _to_bhld(v_LHD, groups), True, scale)
         if pk_PHD is not None:
-            op, lsep = _fused_fwd(q, _to_bhld(pk_PHD, groups), _to_bhld(pv_PHD, groups), False, scale)
+            op, lsep = _fused_fwd(_fold_q(q, groups), _to_bhld(pk_PHD, 1), _to_bhld(pv_PHD, 1), False, scale)
+            op, lsep = _unfold_q(op, groups), _unfold_q(lsep, groups)
             acc = torch.promote_types(o.dtype, torch.float32)  # merge in >= fp32, cast once
             lse_new = torch.logaddexp(lse, lsep)
             o = (o.to(acc) * torch.exp(lse - lse_new)[..., None].to(acc)
@@ -218,9 +229,10 @@ class _PrefixCausalAttention(torch.autograd.Function):
         dq_LHD = dq[0].transpose(0, 1)
         dpk = dpv = None
         if ctx.has_prefix:
-            dq2, dpk_e, dpv_e = _fused_bwd(do, q, _to_bhld(pk_PHD, g), _to_bhld(pv_PHD, g), o, lse, False, scale)
-            dq_LHD = dq_LHD + dq2[0].transpose(0, 1)
-            dpk, dpv = _fold_groups(dpk_e, g), _fold_groups(dpv_e, g)
+            dq2, dpk, dpv = _fused_bwd(_fold_q(do, g), _fold_q(q, g), _to_bhld(pk_PHD, 1), _to_bhld(pv_PHD, 1),
+                                       _fold_q(o, g), _fold_q(lse, g), False, scale)
+            dq_LHD = dq_LHD + _unfold_q(dq2, g)[0].transpose(0, 1)
+            dpk, dpv = _fold_groups(dpk, 1), _fold_groups(dpv, 1)
         return dq_LHD, _fold_groups(dk, g), _fold_groups(dv, g), dpk, dpv, None
 
 

@@ -43,7 +43,6 @@ class StepStats:
 class _Live:
     loss: torch.Tensor  # already divided by the global label-token count
     kv: list[tuple[torch.Tensor, torch.Tensor]]
-    prefix_leaves: list[tuple[torch.Tensor, torch.Tensor]] | None
 
 
 class ChunkExecutor:
@@ -84,24 +83,41 @@ class ChunkExecutor:
         return [s for s in cb.segments if s.start > 0 and s.length > 0]
 
     def _prefix(self, cb: ChunkBatch, requires_grad: bool):
-        """Per layer: the prefixes of the chunk's continuing segments, concatenated in segment order."""
+        """Per layer: the prefixes of the chunk's continuing segments, concatenated in segment order.
+
+        Each is a detached leaf (a view of the store when one segment has a prefix). Its gradient is
+        handed to the store as soon as autograd has accumulated it, layer by layer, so no prefix-sized
+        gradient outlives its layer's backward.
+        """
         segs = self._with_prefix(cb)
         if not segs:
             return None
         leaves = []
         for layer in range(self.model.cfg.num_layers):
             ks, vs = zip(*(self.store.prefix(s.seq, layer, s.start) for s in segs))
-            k = torch.cat(ks) if len(ks) > 1 else ks[0]
-            v = torch.cat(vs) if len(vs) > 1 else vs[0]
-            k = k.detach().requires_grad_(requires_grad)
-            v = v.detach().requires_grad_(requires_grad)
+            k = (torch.cat(ks) if len(ks) > 1 else ks[0]).detach().requires_grad_(requires_grad)
+            v = (torch.cat(vs) if len(vs) > 1 else vs[0]).detach().requires_grad_(requires_grad)
+            if requires_grad:
+                k.register_post_accumulate_grad_hook(self._grad_to_store(segs, layer, "k"))
+                v.register_post_accumulate_grad_hook(self._grad_to_store(segs, layer, "v"))
             leaves.append((k, v))
         return leaves
+
+    def _grad_to_store(self, segs: list[Segment], layer: int, which: str):
+        def hook(leaf: torch.Tensor) -> None:
+            p0 = 0
+            for s in segs:
+                g = leaf.grad[p0 : p0 + s.start]
+                self.store.add_grad(s.seq, layer, *((g, None) if which == "k" else (None, g)))
+                p0 += s.start
+            leaf.grad = None
+
+        return hook
 
     def _run_forward(self, c: int, grad: bool, write_state: bool) -> _Live | None:
         cb = self._chunk(c)
         if cb.num_tokens == 0:  # padding micro-step of a data-parallel rank: no work
-            return _Live(loss=torch.zeros((), device=self.device), kv=[], prefix_leaves=None) if grad else None
+            return _Live(loss=torch.zeros((), device=self.device), kv=[]) if grad else None
         meta = VarlenMeta.from_lengths([s.length for s in cb.segments], [s.start for s in cb.segments])
         prefix = self._prefix(cb, requires_grad=grad)
         with torch.set_grad_enabled(grad):
@@ -116,7 +132,7 @@ class ChunkExecutor:
                 offset += s.length
         if not grad:
             return None
-        return _Live(loss=loss, kv=kv, prefix_leaves=prefix)
+        return _Live(loss=loss, kv=kv)
 
     # ---- actions -----------------------------------------------------------------------------
     def forward(self, c: int, keep: bool) -> None:
@@ -148,16 +164,7 @@ class ChunkExecutor:
                         grads += [g[0], g[1]]
             offset += s.length
         if outputs:
-            torch.autograd.backward(outputs, grads)
-        if live.prefix_leaves is not None:
-            segs = self._with_prefix(cb)
-            for layer, (pk, pv) in enumerate(live.prefix_leaves):
-                if pk.grad is None:
-                    continue
-                p0 = 0
-                for s in segs:
-                    self.store.add_grad(s.seq, layer, pk.grad[p0:p0 + s.start], pv.grad[p0:p0 + s.start])
-                    p0 += s.start
+            torch.autograd.backward(outputs, grads)  # prefix gradients reach the store through hooks
         # The chunk holding a sequence's first piece is the last of that sequence to run backward.
         for s in cb.segments:
             if s.start == 0:

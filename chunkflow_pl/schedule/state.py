@@ -1,17 +1,17 @@
 """Key/value state of split sequences, and the gradient flowing back into it.
 
-For every sequence split across chunks and every layer the store holds the keys/values (after RoPE)
-of the sequence's processed pieces, and a gradient accumulator over the whole sequence::
+For every sequence split across chunks and every layer the store holds::
 
-    pieces[l]        [(start_0, k_0, v_0), (start_1, k_1, v_1), ...]   each [n_i, Hkv, D], written once
+    k[l], v[l]       [L, Hkv, D]    keys/values (after RoPE) of the processed tokens [0, filled)
     dk[l], dv[l]     [L, Hkv, D]    d loss / d keys, values; later chunks add into [0, their start)
                                     (kept in >= fp32: many chunks add into the same rows)
 
-Pieces are written once and never modified: a prefix handed to a chunk may be saved by autograd,
-and an in-place write into a shared buffer would invalidate it. ``L`` (the sequence length) is known
-before the step, so the accumulator is allocated once. With ``offload=True`` state lives in host
-memory (pinned on CUDA) and is copied to the compute device per chunk. A sequence's entry is freed
-once the backward of its first chunk is done.
+``L`` (the sequence length) is known before the step, so each buffer is allocated once. Tokens are
+written once, in order, and never modified: a chunk's prefix is handed out as the view ``k[l][:start]``
+(no copy), and autograd may save that view. Writes go through ``.data`` so they do not bump the version
+counter of views saved earlier; they only ever touch rows at or after ``filled``, which no saved
+prefix covers. With ``offload=True`` state lives in host memory (pinned on CUDA) and is copied to the
+compute device per chunk. A sequence's entry is freed once the backward of its first chunk is done.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ import torch
 @dataclass
 class _SeqState:
     seq_len: int
-    pieces: list[list[tuple[int, torch.Tensor, torch.Tensor]]]
+    filled: int = 0
+    k: list[torch.Tensor] = field(default_factory=list)
+    v: list[torch.Tensor] = field(default_factory=list)
     dk: list[torch.Tensor | None] = field(default_factory=list)
     dv: list[torch.Tensor | None] = field(default_factory=list)
 
@@ -38,64 +40,62 @@ class StateStore:
         self._bytes = 0
         self.peak_bytes = 0
 
-    def _to_storage(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
-        if not self.offload:
-            return t.clone()
-        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.device.type == "cuda")
-        return host.copy_(t, non_blocking=True)
+    @property
+    def _storage(self) -> torch.device:
+        return torch.device("cpu") if self.offload else self.device
 
     def _account(self, delta: int) -> None:
         self._bytes += delta
         self.peak_bytes = max(self.peak_bytes, self._bytes)
 
+    def _buffer(self, like: torch.Tensor, rows: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        pin = self.offload and self.device.type == "cuda"
+        t = torch.zeros((rows, *like.shape[1:]), dtype=dtype or like.dtype, device=self._storage, pin_memory=pin)
+        self._account(t.numel() * t.element_size())
+        return t
+
     def write(self, seq: int, seq_len: int, start: int, kv_per_layer: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Store keys/values of tokens ``[start, start + n)`` of ``seq`` for every layer."""
         st = self._seqs.get(seq)
         if st is None:
-            st = _SeqState(seq_len, [[] for _ in range(self.num_layers)],
-                           [None] * self.num_layers, [None] * self.num_layers)
+            k0 = kv_per_layer[0][0]
+            st = _SeqState(seq_len, k=[self._buffer(k0, seq_len) for _ in range(self.num_layers)],
+                           v=[self._buffer(k0, seq_len) for _ in range(self.num_layers)],
+                           dk=[None] * self.num_layers, dv=[None] * self.num_layers)
             self._seqs[seq] = st
+        if start != st.filled:
+            raise RuntimeError(f"state of sequence {seq}: tokens from {start} written after [0, {st.filled})")
+        n = kv_per_layer[0][0].shape[0]
         for layer, (k, v) in enumerate(kv_per_layer):
-            pieces = st.pieces[layer]
-            expected = pieces[-1][0] + pieces[-1][1].shape[0] if pieces else 0
-            if start != expected:
-                raise RuntimeError(f"state of sequence {seq}: piece at {start} written after tokens [0, {expected})")
-            pieces.append((start, self._to_storage(k), self._to_storage(v)))
-            self._account(2 * k.numel() * k.element_size())
+            st.k[layer].data[start : start + n].copy_(k.detach(), non_blocking=True)
+            st.v[layer].data[start : start + n].copy_(v.detach(), non_blocking=True)
+        st.filled = start + n
 
     def prefix(self, seq: int, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values of tokens ``[0, end)`` on the compute device (a new tensor or a write-once piece)."""
-        pieces = self._seqs[seq].pieces[layer]
-        ks = [k for s, k, _ in pieces if s < end]
-        vs = [v for s, _, v in pieces if s < end]
-        got = sum(k.shape[0] for k in ks)
-        if got != end:
-            raise RuntimeError(f"state of sequence {seq} holds {got} tokens, a chunk needs a prefix of {end}")
-        k = torch.cat(ks) if len(ks) > 1 else ks[0]
-        v = torch.cat(vs) if len(vs) > 1 else vs[0]
-        return k.to(self.device, non_blocking=True), v.to(self.device, non_blocking=True)
+        """Keys/values of tokens ``[0, end)`` on the compute device (a view unless offloaded)."""
+        st = self._seqs[seq]
+        if end > st.filled:
+            raise RuntimeError(f"state of sequence {seq} holds {st.filled} tokens, a chunk needs a prefix of {end}")
+        return (st.k[layer][:end].to(self.device, non_blocking=True),
+                st.v[layer][:end].to(self.device, non_blocking=True))
 
-    def add_grad(self, seq: int, layer: int, dk: torch.Tensor, dv: torch.Tensor) -> None:
-        """Accumulate the gradient of the prefix ``[0, len(dk))`` coming from a later chunk."""
+    def add_grad(self, seq: int, layer: int, dk: torch.Tensor | None, dv: torch.Tensor | None) -> None:
+        """Accumulate the gradient of the prefix ``[0, n)`` coming from a later chunk (either may be None)."""
         st = self._seqs[seq]
         if st.dk[layer] is None:
-            like = st.pieces[layer][0][1]
-            # Sums over up to L / chunk.size later chunks: accumulate in >= fp32 even for bf16 state.
-            acc = torch.promote_types(like.dtype, torch.float32)
-            st.dk[layer] = torch.zeros((st.seq_len, *like.shape[1:]), dtype=acc, device=like.device)
-            st.dv[layer] = torch.zeros_like(st.dk[layer])
-            self._account(2 * st.dk[layer].numel() * st.dk[layer].element_size())
-        n = dk.shape[0]
-        st.dk[layer][:n].add_(dk.to(st.dk[layer].device))
-        st.dv[layer][:n].add_(dv.to(st.dv[layer].device))
+            acc = torch.promote_types(st.k[layer].dtype, torch.float32)
+            st.dk[layer] = self._buffer(st.k[layer], st.seq_len, acc)
+            st.dv[layer] = self._buffer(st.k[layer], st.seq_len, acc)
+        for g, buf in ((dk, st.dk[layer]), (dv, st.dv[layer])):
+            if g is not None:
+                buf[: g.shape[0]].add_(g.to(buf.device))
 
     def grad(self, seq: int, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Accumulated gradient of tokens ``[start, end)``; None if no later chunk sent any."""
         st = self._seqs.get(seq)
         if st is None or st.dk[layer] is None:
             return None
-        dtype = st.pieces[layer][0][1].dtype
+        dtype = st.k[layer].dtype
         return (st.dk[layer][start:end].to(self.device, dtype, non_blocking=True),
                 st.dv[layer][start:end].to(self.device, dtype, non_blocking=True))
 
@@ -103,14 +103,9 @@ class StateStore:
         st = self._seqs.pop(seq, None)
         if st is None:
             return
-        for layer in range(self.num_layers):
-            for _, k, v in st.pieces[layer]:
-                self._bytes -= k.numel() * k.element_size() + v.numel() * v.element_size()
-            if st.dk[layer] is not None:
-                self._bytes -= 2 * st.dk[layer].numel() * st.dk[layer].element_size()
-
-    def __contains__(self, seq: int) -> bool:
-        return seq in self._seqs
+        for t in (*st.k, *st.v, *st.dk, *st.dv):
+            if t is not None:
+                self._bytes -= t.numel() * t.element_size()
 
     def __len__(self) -> int:
         return len(self._seqs)
