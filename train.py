@@ -120,6 +120,10 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     output_dir = _output_dir(cfg)
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else None
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_kwargs.get("devices", 1) not in (1, "1", "auto") or int(trainer_kwargs.get("num_nodes", 1)) != 1:
+        raise NotImplementedError(f"trainer.devices={trainer_kwargs.get('devices')} "
+                                  f"trainer.num_nodes={trainer_kwargs.get('num_nodes')}: ChunkFlowStrategy runs on "
+                                  f"one device so far; set trainer.devices=1 trainer.num_nodes=1")
     trainer_kwargs.update(accelerator=accelerator, devices=1)
     trainer = L.Trainer(**trainer_kwargs, strategy=strategy, logger=logger if logger is not None else False,
                         callbacks=_instantiate_all(cfg.get("callbacks")) + list(callbacks or []),

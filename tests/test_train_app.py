@@ -193,5 +193,7 @@ def test_reduced_precision_trains_with_split_sequences(tmp_path, precision):
 def test_cosine_without_max_steps_and_overrides_with_pretrained_are_clear_errors(tmp_path, hf_dir):
     with pytest.raises(ValueError, match="trainer.max_steps > 0"):
         train(compose_cfg(tmp_path, "trainer.max_steps=-1", "trainer.max_epochs=1", *SMALL))
+    with pytest.raises(NotImplementedError, match="trainer.devices=1"):
+        train(compose_cfg(tmp_path, "trainer.devices=2", *SMALL))
     with pytest.raises(ValueError, match="cannot change the architecture"):
         train(compose_cfg(tmp_path, f"model.pretrained={hf_dir}", "model.overrides.num_layers=3"))
