@@ -127,9 +127,9 @@ def attention(
 def _to_bhld(x_LHD: torch.Tensor, groups: int) -> torch.Tensor:
     """[L, H, D] -> [1, H*groups, L, D]; kv head h serves query heads h*groups .. h*groups+groups-1."""
     x = x_LHD.transpose(0, 1).unsqueeze(0)
-    if groups > 1:
-        x = x.repeat_interleave(groups, dim=1)
-    return x.contiguous()
+    # No copy otherwise: the fused CPU kernel reads strided q/k/v (last dim contiguous) directly, and a
+    # layout copy of the prefix would be O(sequence) per layer.
+    return x.repeat_interleave(groups, dim=1) if groups > 1 else x
 
 
 def _fold_q(x_1HLD: torch.Tensor, groups: int) -> torch.Tensor:
