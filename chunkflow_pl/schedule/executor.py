@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chunkflow_pl.data.types import IGNORE_INDEX, ChunkBatch, Segment, StepBatch
+from chunkflow_pl.data.types import ChunkBatch, Segment, StepBatch
 from chunkflow_pl.model.attention import VarlenMeta
 from chunkflow_pl.schedule.actions import Action, Op
 from chunkflow_pl.schedule.state import StateStore
@@ -29,7 +29,6 @@ from chunkflow_pl.schedule.state import StateStore
 class StepStats:
     loss_sum: float = 0.0  # summed token cross-entropy of this rank's chunks (not normalised)
     tokens: int = 0
-    label_tokens: int = 0
     chunks: int = 0
     recomputed_chunks: int = 0
     peak_state_bytes: int = 0
@@ -171,7 +170,6 @@ class ChunkExecutor:
                 self.store.free(s.seq)
         self.stats.loss_sum += float(live.loss.detach()) / self.scale
         self.stats.tokens += cb.num_tokens
-        self.stats.label_tokens += int((cb.labels_T != IGNORE_INDEX).sum())
         self.stats.chunks += 1
         self._on_device.pop(c, None)
 
