@@ -106,8 +106,7 @@ class ChunkExecutor:
         def hook(leaf: torch.Tensor) -> None:
             p0 = 0
             for s in segs:
-                g = leaf.grad[p0 : p0 + s.start]
-                self.store.add_grad(s.seq, layer, *((g, None) if which == "k" else (None, g)))
+                self.store.add_grad(s.seq, layer, which, leaf.grad[p0 : p0 + s.start])
                 p0 += s.start
             leaf.grad = None
 

@@ -48,9 +48,11 @@ class StateStore:
         self._bytes += delta
         self.peak_bytes = max(self.peak_bytes, self._bytes)
 
-    def _buffer(self, like: torch.Tensor, rows: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def _buffer(self, like: torch.Tensor, rows: int, dtype: torch.dtype | None = None,
+                zero: bool = False) -> torch.Tensor:
         pin = self.offload and self.device.type == "cuda"
-        t = torch.zeros((rows, *like.shape[1:]), dtype=dtype or like.dtype, device=self._storage, pin_memory=pin)
+        new = torch.zeros if zero else torch.empty  # k/v rows >= filled are never read: no fill needed
+        t = new((rows, *like.shape[1:]), dtype=dtype or like.dtype, device=self._storage, pin_memory=pin)
         self._account(t.numel() * t.element_size())
         return t
 
@@ -79,16 +81,15 @@ class StateStore:
         return (st.k[layer][:end].to(self.device, non_blocking=True),
                 st.v[layer][:end].to(self.device, non_blocking=True))
 
-    def add_grad(self, seq: int, layer: int, dk: torch.Tensor | None, dv: torch.Tensor | None) -> None:
-        """Accumulate the gradient of the prefix ``[0, n)`` coming from a later chunk (either may be None)."""
+    def add_grad(self, seq: int, layer: int, which: str, g: torch.Tensor) -> None:
+        """Add ``g``, the gradient of the ``which`` ("k" or "v") prefix ``[0, len(g))`` from a later chunk."""
         st = self._seqs[seq]
         if st.dk[layer] is None:
             acc = torch.promote_types(st.k[layer].dtype, torch.float32)
-            st.dk[layer] = self._buffer(st.k[layer], st.seq_len, acc)
-            st.dv[layer] = self._buffer(st.k[layer], st.seq_len, acc)
-        for g, buf in ((dk, st.dk[layer]), (dv, st.dv[layer])):
-            if g is not None:
-                buf[: g.shape[0]].add_(g.to(buf.device))
+            st.dk[layer] = self._buffer(st.k[layer], st.seq_len, acc, zero=True)
+            st.dv[layer] = self._buffer(st.k[layer], st.seq_len, acc, zero=True)
+        buf = st.dk[layer] if which == "k" else st.dv[layer]
+        buf[: g.shape[0]].add_(g.to(buf.device))
 
     def grad(self, seq: int, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Accumulated gradient of tokens ``[start, end)``; None if no later chunk sent any."""
