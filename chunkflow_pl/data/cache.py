@@ -13,8 +13,8 @@ leaves a half-written cache that looks valid)::
         meta.json    sources, counts, skipped records
 
 ``key`` hashes everything the content depends on: absolute path, size and mtime of every source
-file, the tokenizer files, kind, train_on, vocab_size and on_bad_record (a cache built while skipping
-bad records must not satisfy a run that asked to stop on them).
+file, the tokenizer files, kind, train_on, vocab_size, max_len and on_bad_record (a cache built while
+skipping bad records must not satisfy a run that asked to stop on them).
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ class SourceSpec:
     train_on: str
     vocab_size: int | None  # None: no range check (e.g. the stats command)
     on_bad_record: str
+    max_len: int | None = None  # longest sequence the model accepts (max_position_embeddings); None: no check
 
 
 # ----------------------------------------------------------------------------------------- encoding
@@ -102,6 +103,10 @@ class RecordEncoder:
                 check_ids_in_vocab(ids, spec.vocab_size, path, raw.line, field, unit)
             except DataError as e:
                 raise DataError(f"{e} (does data.tokenizer match the model?)") from None
+        if spec.max_len is not None and len(ids) > spec.max_len:
+            raise record_error(path, raw.line, field, f"has {len(ids)} tokens, more than the model's "
+                               f"max_position_embeddings={spec.max_len}; drop or split the record, or raise the limit "
+                               f"(model.overrides.max_position_embeddings, or config.json of model.pretrained)", unit)
         # supervised = has a next-token target: some label after the first is not -100
         sup = labels if labels is not None else ids
         if len(ids) < 2 or all(x == -100 for x in sup[1:]):
@@ -146,7 +151,7 @@ def _batched(it: Iterable[RawRecord], n: int) -> Iterator[list[RawRecord]]:
 def cache_key(spec: SourceSpec) -> str:
     check_files(spec.paths)
     h = hashlib.sha256()
-    parts: list[Any] = [CACHE_VERSION, spec.kind, spec.train_on, spec.vocab_size, spec.on_bad_record]
+    parts: list[Any] = [CACHE_VERSION, spec.kind, spec.train_on, spec.vocab_size, spec.on_bad_record, spec.max_len]
     for p in spec.paths:
         st = os.stat(p)
         parts.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])

@@ -30,7 +30,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from chunkflow_pl.data.cache import SourceSpec, build_cache, cache_entry_dir, load_cached_store
 from chunkflow_pl.data.config import DataConfig
 from chunkflow_pl.data.dataset import BatchingSpec, GlobalBatchDataset, GlobalBatchSampler
-from chunkflow_pl.data.sources import TokenStore
+from chunkflow_pl.data.sources import DataError, TokenStore
 from chunkflow_pl.data.sources.synthetic import SyntheticStore
 from chunkflow_pl.data.types import StepBatch
 
@@ -69,16 +69,24 @@ class ResumableLoader(StatefulDataLoader):
         super().load_state_dict(state_dict)
 
 
-def make_store(data: DataConfig, vocab_size: int | None) -> TokenStore:
-    """The ``TokenStore`` for a data config (builds the tokenised cache on first use)."""
+def make_store(data: DataConfig, vocab_size: int | None, max_seq_len: int | None = None) -> TokenStore:
+    """The ``TokenStore`` for a data config (builds the tokenised cache on first use). Records longer
+    than ``max_seq_len`` are bad records (error, or skipped with ``data.on_bad_record=skip``)."""
     if data.kind == "synthetic":
         if vocab_size is None:
             raise ValueError("synthetic data needs the model's vocab_size")
-        return SyntheticStore(data.num_sequences, int(data.max_len), int(data.min_len), vocab_size, data.seed)
-    return load_cached_store(source_spec(data, vocab_size), data.resolved_cache_dir(), data.tokenize_workers)
+        store = SyntheticStore(data.num_sequences, int(data.max_len), int(data.min_len), vocab_size, data.seed)
+        longest = int(store.lengths.max())
+        if max_seq_len is not None and longest > max_seq_len:
+            raise DataError(f"synthetic sequence {int(store.lengths.argmax())} has {longest} tokens, more than the "
+                            f"model's max_position_embeddings={max_seq_len}; lower data.max_len or raise "
+                            f"model.overrides.max_position_embeddings")
+        return store
+    spec = source_spec(data, vocab_size, max_seq_len)
+    return load_cached_store(spec, data.resolved_cache_dir(), data.tokenize_workers)
 
 
-def source_spec(data: DataConfig, vocab_size: int | None) -> SourceSpec:
+def source_spec(data: DataConfig, vocab_size: int | None, max_seq_len: int | None = None) -> SourceSpec:
     return SourceSpec(
         kind=data.kind,
         paths=tuple(data.paths),
@@ -86,6 +94,7 @@ def source_spec(data: DataConfig, vocab_size: int | None) -> SourceSpec:
         train_on=data.train_on,
         vocab_size=vocab_size,
         on_bad_record=data.on_bad_record,
+        max_len=max_seq_len,
     )
 
 
@@ -95,6 +104,8 @@ class ChunkFlowDataModule(pl.LightningDataModule):
     ``dp_rank``/``dp_size``: None = taken in ``setup()`` from ``trainer.strategy.dp_rank/dp_size``
     when the strategy has them, else ``trainer.global_rank/world_size``, else 0/1.
     ``limit_batches``: cap on global batches per epoch (None = all).
+    ``max_seq_len``: the longest sequence the model takes (its max_position_embeddings); longer
+    records are bad records. None: no limit.
     """
 
     def __init__(
@@ -105,6 +116,7 @@ class ChunkFlowDataModule(pl.LightningDataModule):
         dp_rank: int | None = None,
         dp_size: int | None = None,
         limit_batches: int | None = None,
+        max_seq_len: int | None = None,
     ) -> None:
         super().__init__()
         if chunk_size < 1:
@@ -117,6 +129,7 @@ class ChunkFlowDataModule(pl.LightningDataModule):
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.limit_batches = limit_batches
+        self.max_seq_len = max_seq_len
         self.store: TokenStore | None = None
         self.dataset: GlobalBatchDataset | None = None
         self._loader: ResumableLoader | None = None
@@ -127,14 +140,13 @@ class ChunkFlowDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         # Lightning runs this on one process per node before setup(): tokenise once, not per rank.
         if self.data.kind != "synthetic":
-            spec, root = source_spec(self.data, self.vocab_size), self.data.resolved_cache_dir()
+            spec, root = source_spec(self.data, self.vocab_size, self.max_seq_len), self.data.resolved_cache_dir()
             self._tokenized_here = not (cache_entry_dir(spec, root) / "meta.json").is_file()
             build_cache(spec, root, self.data.tokenize_workers)
 
     def setup(self, stage: str | None = None) -> None:
         self._resolve_dp()
-        if self.store is None:
-            self.store = make_store(self.data, self.vocab_size)
+        self._ensure_store()
         assert self.dp_rank is not None and self.dp_size is not None
         self.dataset = GlobalBatchDataset(
             self.store,
@@ -148,6 +160,15 @@ class ChunkFlowDataModule(pl.LightningDataModule):
                 limit_batches=self.limit_batches,
             ),
         )
+
+    def _ensure_store(self) -> TokenStore:
+        if self.store is None:
+            self.store = make_store(self.data, self.vocab_size, self.max_seq_len)
+        return self.store
+
+    def longest_sequence(self) -> int:
+        """Tokens in the longest sequence of the data (tokenises record files first if needed)."""
+        return int(self._ensure_store().lengths.max())
 
     def _resolve_dp(self) -> None:
         trainer = getattr(self, "trainer", None)

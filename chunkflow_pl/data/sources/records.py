@@ -33,7 +33,7 @@ class RawRecord:
 
     file_index: int
     line: int  # 1-based line (JSONL) or row (Parquet)
-    payload: str | dict
+    payload: bytes | str | dict
 
 
 def location_unit(path: str) -> str:
@@ -65,19 +65,14 @@ def iter_raw_records(paths: Sequence[str], on_empty_file: str = "error") -> Iter
             log.warning("%s: file is empty (no records); skipped (data.on_bad_record=skip)", path)
 
 
-def _iter_jsonl(path: str) -> Iterator[tuple[int, str]]:
-    with open(path, encoding="utf-8", errors="strict") as f:
-        line_no = 0
-        while True:
-            try:
-                text = f.readline()
-            except UnicodeDecodeError as e:
-                raise record_error(path, line_no + 1, None, f"not valid UTF-8 ({e.reason})") from e
-            if not text:
-                return
-            line_no += 1
-            if text.strip():
-                yield line_no, text
+def _iter_jsonl(path: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw bytes) of every non-blank line. Lines are split in binary and decoded one by
+    one later (``decode_record``): a bad byte is then reported on its own line and can be skipped like
+    any other bad record (a text-mode reader decodes ahead in blocks and fails lines early)."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if raw.strip():
+                yield line_no, raw
 
 
 def _iter_parquet(path: str) -> Iterator[tuple[int, dict]]:
@@ -99,8 +94,16 @@ def decode_record(raw: RawRecord, path: str) -> dict[str, Any]:
     unit = location_unit(path)
     if isinstance(raw.payload, dict):
         return raw.payload
+    text = raw.payload
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad = text[e.start : e.start + 1].hex()
+            raise record_error(path, raw.line, None, f"not valid UTF-8 (byte 0x{bad} at byte {e.start + 1} of the "
+                                                     f"line: {e.reason})", unit) from e
     try:
-        rec = json.loads(raw.payload)
+        rec = json.loads(text)
     except json.JSONDecodeError as e:
         raise record_error(path, raw.line, None, f"malformed JSON ({e.msg} at column {e.colno})", unit) from e
     if not isinstance(rec, dict):
