@@ -10,7 +10,6 @@ than the data file's directory, because data directories are often read-only or 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from chunkflow_pl.utils.sizes import parse_size
+from chunkflow_pl.utils.typed_config import from_dict
 
 KINDS = ("synthetic", "jsonl", "text", "chat")
 TRAIN_ON = ("assistant", "all")
@@ -105,15 +105,7 @@ class DataConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
         """Build from the Hydra ``data`` group (a dict or DictConfig); unknown keys are an error."""
-        if hasattr(d, "_metadata"):  # an OmegaConf DictConfig: resolve interpolations first
-            from omegaconf import OmegaConf
-
-            d = OmegaConf.to_container(d, resolve=True)  # type: ignore[assignment]
-        accepted = accepted_keys()
-        unknown = [k for k in d.keys() if k not in accepted]
-        if unknown:
-            raise ValueError(f"unknown key data.{unknown[0]}; accepted keys: {', '.join(sorted(accepted))}")
-        return cls(**{str(k): v for k, v in d.items()})
+        return from_dict(cls, d, "data")
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:
@@ -122,10 +114,6 @@ class DataConfig:
             return Path(os.environ["CHUNKFLOW_CACHE"]).expanduser()
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
         return Path(base).expanduser() / "chunkflow_pl" / "tokenized"
-
-
-def accepted_keys() -> set[str]:
-    return {f.name for f in dataclasses.fields(DataConfig) if f.init}
 
 
 def _choice(key: str, value: object, allowed: tuple[str, ...]) -> None:

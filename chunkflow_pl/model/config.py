@@ -7,9 +7,12 @@ ours (random weights, fast on a laptop CPU).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from chunkflow_pl.utils.typed_config import SIZE, check_fields, from_dict
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,7 @@ class ModelConfig:
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
-    max_position_embeddings: int = 32768
+    max_position_embeddings: int = field(default=32768, metadata=SIZE)
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -143,10 +146,44 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def get_preset(name: str, **overrides: Any) -> ModelConfig:
+    """The preset ``name`` with fields replaced by ``overrides`` (checked like ``model.overrides``)."""
     if name not in PRESETS:
-        raise ValueError(f"model preset {name!r} is unknown; choose one of {sorted(PRESETS)}")
-    valid = {f.name for f in fields(ModelConfig)}
-    bad = sorted(set(overrides) - valid)
-    if bad:
-        raise ValueError(f"unknown model field(s) {bad}; accepted: {sorted(valid)}")
-    return replace(PRESETS[name], **overrides)
+        raise ValueError(f"model={name!r} is unknown; choose one of {', '.join(sorted(PRESETS))}")
+    return replace(PRESETS[name], **check_fields(ModelConfig, overrides, "model.overrides"))
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The Hydra ``model`` group: which architecture (a preset with field overrides, or the
+    ``config.json`` of a Hugging Face checkpoint directory) and how to run it.
+
+    preset:     a key of ``PRESETS``; overrides: ``ModelConfig`` fields to replace (null = keep).
+    pretrained: Hugging Face checkpoint directory; its config.json defines the architecture.
+    attention:  auto (flash-attn on CUDA when installed, else sdpa), sdpa or flash.
+    loss_chunk: tokens per slice of the LM head + cross-entropy (full logits never exist at once).
+    init_std:   std of the random initialisation (ignored with pretrained).
+    """
+
+    preset: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
+    attention: str = "auto"
+    loss_chunk: int = field(default=4096, metadata=SIZE)
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if not self.init_std > 0:
+            raise ValueError(f"model.init_std={self.init_std} must be positive")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelSettings:
+        return from_dict(cls, d, "model")
+
+    def architecture(self) -> ModelConfig:
+        overrides = {k: v for k, v in self.overrides.items() if v is not None}
+        if self.pretrained:
+            if overrides:
+                raise ValueError(f"model.overrides {sorted(overrides)} cannot change the architecture of "
+                                 f"model.pretrained={self.pretrained} (its config.json defines it); drop them")
+            return ModelConfig.from_hf_dir(self.pretrained)
+        return get_preset(self.preset, **overrides)
