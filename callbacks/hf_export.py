@@ -8,6 +8,7 @@ import lightning as L
 import torch
 
 from chunkflow_pl.model.hf_io import save_hf
+from chunkflow_pl.training.nonfinite import assert_finite
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -24,6 +25,7 @@ class HFExport(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if not self.hf_dir or not trainer.is_global_zero:
             return
+        assert_finite(pl_module.model.named_parameters(), f"the Hugging Face export export.hf_dir={self.hf_dir}")
         out = save_hf(pl_module.model, pl_module.model_cfg, self.hf_dir, dtype=self.dtype,
                       tokenizer_dir=self.tokenizer_dir)
         log.info("exported Hugging Face checkpoint to %s", out)

@@ -7,6 +7,7 @@ Lightning still drives the optimizer step, precision plugin, gradient clipping a
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
@@ -18,7 +19,17 @@ from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.decoder import Qwen2Decoder
 from chunkflow_pl.model.hf_io import load_pretrained
 from chunkflow_pl.schedule.executor import StepStats
+from chunkflow_pl.training.nonfinite import (
+    NonFiniteError,
+    assert_finite,
+    describe,
+    grad_norm,
+    nonfinite_tensors,
+    step_is_finite,
+)
 from chunkflow_pl.training.optim import OptimConfig, build_optimizer, lr_lambda
+
+log = logging.getLogger(__name__)
 
 
 class ChunkFlowLM(L.LightningModule):
@@ -44,6 +55,8 @@ class ChunkFlowLM(L.LightningModule):
         self.model: Qwen2Decoder | None = None
         self.last_stats: StepStats | None = None
         self.tokens_seen = 0
+        self.skipped_steps = 0  # non-finite steps skipped (optim.on_nonfinite=skip)
+        self.consecutive_skips = 0
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -73,25 +86,57 @@ class ChunkFlowLM(L.LightningModule):
         sched = self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
         stats = self.trainer.strategy.run_chunk_step(self.model, batch)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else 0
+        self.last_stats = stats
+        loss = stats.global_loss_sum / max(batch.num_label_tokens, 1)
+        norm = float(grad_norm(self.model.parameters()))
+        # Decided before the optimizer step, from global values every rank shares: weights stay finite.
+        if not step_is_finite(loss, norm):
+            self._nonfinite_step(opt, batch, loss, norm)
+            return
+        self.consecutive_skips = 0
         if self.optim_cfg.grad_clip > 0:
             self.clip_gradients(opt, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
-        self.last_stats = stats
         self.tokens_seen += stats.global_tokens
-        loss = stats.global_loss_sum / max(batch.num_label_tokens, 1)
         self.log("train/loss", loss, prog_bar=True, batch_size=1)
         self.log("train/lr", lr, batch_size=1)
-        self.log("train/grad_norm", float(grad_norm), batch_size=1)
+        self.log("train/grad_norm", norm, batch_size=1)
         self.log("train/chunks_per_step", float(batch.num_chunks_global or stats.chunks), batch_size=1)
         self.log("train/recomputed_chunks", float(stats.recomputed_chunks), batch_size=1)
         self.log("train/label_tokens", float(batch.num_label_tokens), batch_size=1)
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
+
+    def _nonfinite_step(self, opt, batch: StepBatch, loss: float, norm: float) -> None:
+        """optim.on_nonfinite: raise (error) or drop the step's gradients and count it (skip)."""
+        what = f"{describe(self.global_step + 1, loss, norm)} (global batch {batch.step_index})"
+        opt.zero_grad(set_to_none=True)
+        if self.optim_cfg.on_nonfinite == "error":
+            raise NonFiniteError(
+                f"{what}; stopped before the optimizer step: the weights and every checkpoint written are those of "
+                f"step {self.global_step}. Lower optim.lr, check the data, or set optim.on_nonfinite=skip to skip "
+                f"such steps")
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        bad = nonfinite_tensors(self.model.named_parameters())
+        if bad:
+            raise NonFiniteError(f"{what} and the weights themselves are non-finite ({', '.join(bad[:4])}): skipping "
+                                 f"cannot recover; resume from the last good checkpoint with a lower optim.lr")
+        if self.consecutive_skips >= self.optim_cfg.max_consecutive_skips:
+            raise NonFiniteError(f"{what}: {self.consecutive_skips} steps in a row were non-finite "
+                                 f"(optim.max_consecutive_skips={self.optim_cfg.max_consecutive_skips}); the model is "
+                                 f"not recovering: lower optim.lr or check the data")
+        log.warning("%s; skipped it (optim.on_nonfinite=skip): %d skipped so far", what, self.skipped_steps)
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["chunkflow"] = {"tokens_seen": self.tokens_seen, "model_cfg": self.model_cfg.as_dict()}
+        # Lightning writes the file after this hook: raising here keeps the previous checkpoint intact.
+        assert_finite(self.model.named_parameters(), f"a checkpoint at step {self.global_step}")
+        checkpoint["chunkflow"] = {"tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+                                   "model_cfg": self.model_cfg.as_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.tokens_seen = int(checkpoint.get("chunkflow", {}).get("tokens_seen", 0))
+        state = checkpoint.get("chunkflow", {})
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))

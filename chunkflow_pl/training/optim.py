@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from chunkflow_pl.training.nonfinite import ON_NONFINITE
+from chunkflow_pl.utils.typed_config import from_dict
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
@@ -24,6 +28,8 @@ class OptimConfig:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 = off
+    on_nonfinite: str = "error"  # error | skip: a step whose loss or gradient norm is NaN/inf (training/nonfinite.py)
+    max_consecutive_skips: int = 10  # with skip: this many skipped steps in a row stop the run
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -34,17 +40,14 @@ class OptimConfig:
             raise ValueError(f"optim.lr={self.lr} must be positive")
         if self.grad_clip < 0:
             raise ValueError(f"optim.grad_clip={self.grad_clip} must be >= 0 (0 turns clipping off)")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"optim.on_nonfinite={self.on_nonfinite!r} is unknown; choose one of {ON_NONFINITE}")
+        if self.max_consecutive_skips < 1:
+            raise ValueError(f"optim.max_consecutive_skips={self.max_consecutive_skips} must be >= 1")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> OptimConfig:
-        valid = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - valid)
-        if bad:
-            raise ValueError(f"unknown optim field(s) {bad}; accepted: {sorted(valid)}")
-        d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(float(b) for b in d["betas"])
-        return cls(**d)
+    def from_dict(cls, d: Mapping[str, Any]) -> OptimConfig:
+        return from_dict(cls, d, "optim")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
