@@ -1,11 +1,15 @@
 """Train with ChunkFlow: ``python train.py [overrides]`` (Hydra). See README.md for the config groups.
 
-``train(cfg)`` composes the typed pieces and calls ``Trainer.fit``; tests call it directly.
+``train(cfg)`` composes the typed pieces and calls ``Trainer.fit``; tests call it directly. ``run(cfg)``
+maps its outcome to the exit code (README "Exit codes"): 0 done, 1 error, 128 + signal when stopped
+by SIGTERM/SIGUSR1 after saving a resumable checkpoint.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 import sys
 import warnings
 from typing import Any
@@ -16,27 +20,35 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.preemption import Preempted, Preemption
+from chunkflow_pl.config import ChunkConfig, ParallelConfig
 from chunkflow_pl.data.config import DataConfig
 from chunkflow_pl.data.datamodule import ChunkFlowDataModule
-from chunkflow_pl.model.config import ModelConfig, get_preset
+from chunkflow_pl.model.attention import resolve_backend
+from chunkflow_pl.model.config import ModelSettings
 from chunkflow_pl.model.memory import InsufficientMemoryError, available_memory, estimate_training_memory
+from chunkflow_pl.schedule.executor import StepInterrupted
 from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
 from chunkflow_pl.training.module import ChunkFlowLM
+from chunkflow_pl.training.nonfinite import NonFiniteError
 from chunkflow_pl.training.optim import OptimConfig
-from chunkflow_pl.utils.sizes import parse_size
+from chunkflow_pl.utils.checkpoint import check_checkpoint_file
+from chunkflow_pl.utils.run_dir import remove_preemption_checkpoints, resume_policy, this_run_dir_name
 
 log = logging.getLogger("chunkflow_pl")
+# hydra.run.dir: outputs/${chunkflow_run_dir:} (chunkflow_pl/utils/run_dir.py: one folder per run)
+OmegaConf.register_new_resolver("chunkflow_run_dir", this_run_dir_name, replace=True)
 
-
-def model_config(node: DictConfig) -> ModelConfig:
-    overrides = OmegaConf.to_container(node.get("overrides") or OmegaConf.create({}))
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if node.get("pretrained"):
-        if overrides:
-            raise ValueError(f"model.overrides {sorted(overrides)} cannot change the architecture of "
-                             f"model.pretrained={node.pretrained} (its config.json defines it); drop them")
-        return ModelConfig.from_hf_dir(node.pretrained)
-    return get_preset(node.preset, **overrides)
+# Lightning.Trainer arguments train.py sets itself, and where the user sets them instead.
+TRAINER_RESERVED = {
+    "strategy": "ChunkFlowStrategy, built from the chunk and parallel groups",
+    "logger": "the logger group (logger=csv|wandb|none)",
+    "callbacks": "the callbacks group",
+    "default_root_dir": "output_dir (or hydra.run.dir)",
+    "use_distributed_sampler": "the datamodule, which shards by data-parallel rank itself",
+}
+# Errors that end a run with exit code 1 and a one-line message instead of a traceback.
+USER_ERRORS = (InsufficientMemoryError, ValueError, FileNotFoundError, NotImplementedError, NonFiniteError)
 
 
 def _accelerator(name: str) -> tuple[str, torch.device]:
@@ -49,6 +61,27 @@ def _accelerator(name: str) -> tuple[str, torch.device]:
     if name != "cpu":
         raise ValueError(f"trainer.accelerator={name!r} is not supported; use auto, cpu or gpu")
     return "cpu", torch.device("cpu")
+
+
+def trainer_options(node: DictConfig) -> dict[str, Any]:
+    """The ``trainer`` group as ``lightning.Trainer`` keyword arguments; unknown keys, keys train.py sets and
+    values of the wrong type fail here with the key named (instead of a TypeError inside Lightning)."""
+    kwargs = OmegaConf.to_container(node, resolve=True)
+    params = inspect.signature(L.Trainer.__init__).parameters
+    accepted = sorted(k for k in params if k != "self" and k not in TRAINER_RESERVED)
+    for key in kwargs:
+        if key in TRAINER_RESERVED:
+            raise ValueError(f"trainer.{key} is set by train.py ({TRAINER_RESERVED[key]}); remove it")
+        if key not in params:
+            raise ValueError(f"unknown key trainer.{key}; accepted keys: {', '.join(accepted)}")
+    for key in ("max_steps", "max_epochs", "log_every_n_steps", "num_nodes"):
+        if key in kwargs and (isinstance(kwargs[key], bool) or not isinstance(kwargs[key], int)):
+            raise ValueError(f"trainer.{key}={kwargs[key]!r} must be an integer")
+    if kwargs.get("devices", 1) not in (1, "1", "auto") or kwargs.get("num_nodes", 1) != 1:
+        raise NotImplementedError(f"trainer.devices={kwargs.get('devices')} trainer.num_nodes="
+                                  f"{kwargs.get('num_nodes')}: ChunkFlowStrategy runs on one device so far; set "
+                                  f"trainer.devices=1 trainer.num_nodes=1")
+    return kwargs
 
 
 def _output_dir(cfg: DictConfig) -> str:
@@ -69,32 +102,46 @@ def _instantiate_all(node: DictConfig | None) -> list[Any]:
 def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Compose model, data, strategy, logger and callbacks from ``cfg``; fit; return the live objects.
 
-    ``callbacks`` are added to those of ``cfg.callbacks`` (for programmatic use and tests).
+    ``callbacks`` are added to those of ``cfg.callbacks`` (for programmatic use and tests). Raises
+    ``Preempted`` when SIGTERM/SIGUSR1 stopped training (a resumable checkpoint was saved).
     """
     L.seed_everything(int(cfg.seed), workers=True)
     # The module keeps batches on the host on purpose (the executor moves one chunk at a time).
     warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
     warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
-    mcfg = model_config(cfg.model)
-    chunk_size = parse_size(cfg.chunk.size, key="chunk.size")
-    chunk_k = int(cfg.chunk.k)
-    dp, pp = int(cfg.parallel.dp), int(cfg.parallel.pp)
-    if dp * pp != 1:
-        raise NotImplementedError(f"parallel.dp={dp} parallel.pp={pp}: only dp=1 pp=1 is implemented so far")
-    optim = OptimConfig.from_dict(OmegaConf.to_container(cfg.optim))
-    precision = str(cfg.trainer.precision)
-    accelerator, device = _accelerator(str(cfg.trainer.accelerator))
+    # Every group is typed: unknown keys and wrong types fail here, naming the key.
+    model = ModelSettings.from_dict(cfg.model)
+    mcfg = model.architecture()
+    chunk = ChunkConfig.from_dict(cfg.chunk)
+    parallel = ParallelConfig.from_dict(cfg.parallel)
+    if parallel.world_size != 1:
+        raise NotImplementedError(f"parallel.dp={parallel.dp} parallel.pp={parallel.pp}: only dp=1 pp=1 is "
+                                  f"implemented so far")
+    optim = OptimConfig.from_dict(cfg.optim)
+    trainer_kwargs = trainer_options(cfg.trainer)
+    data_cfg = DataConfig.from_dict(cfg.data)
+    precision = str(trainer_kwargs.get("precision", "32-true"))
+    accelerator, device = _accelerator(str(trainer_kwargs.get("accelerator", "auto")))
+    resolve_backend(model.attention, device, precision)  # a bad model.attention fails now, not after tokenising
+    if trainer_kwargs.get("max_steps", -1) <= 0 and optim.schedule == "cosine":
+        raise ValueError("optim.schedule=cosine needs trainer.max_steps > 0 (the decay length); set "
+                         "trainer.max_steps or use optim.schedule=constant")
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        check_checkpoint_file(ckpt_path)
 
-    max_len = cfg.data.get("max_len")
-    max_len = parse_size(max_len, key="data.max_len") if max_len is not None else None
-    est = estimate_training_memory(mcfg, chunk_size, chunk_k, precision, optim.name, int(cfg.model.loss_chunk),
-                                   max_seq_len=max_len)
+    # Records longer than the model takes are bad records; the K/V state estimate uses the real longest one.
+    datamodule = ChunkFlowDataModule(data_cfg, chunk_size=chunk.size, vocab_size=mcfg.vocab_size,
+                                     max_seq_len=mcfg.max_position_embeddings)
+    longest = datamodule.longest_sequence()
+    est = estimate_training_memory(mcfg, chunk.size, chunk.k, precision, optim.name, model.loss_chunk,
+                                   max_seq_len=longest)
     avail = available_memory(device.type)
-    log.info("model %s: %.3f B parameters; estimated training memory at %s, chunk.size=%d, k=%d:\n%s\n"
-             "  available on %s: %.2f GiB", mcfg.name, mcfg.num_params() / 1e9, precision, chunk_size, chunk_k,
-             est.table(), device.type, avail / 2**30)
+    log.info("model %s: %.3f B parameters; estimated training memory at %s, chunk.size=%d, k=%d, longest sequence "
+             "%d tokens:\n%s\n  available on %s: %.2f GiB", mcfg.name, mcfg.num_params() / 1e9, precision, chunk.size,
+             chunk.k, longest, est.table(), device.type, avail / 2**30)
     if cfg.get("dry_run"):
-        return {"model_config": mcfg, "memory": est}
+        return {"model_config": mcfg, "memory": est, "longest_sequence": longest}
     if cfg.get("check_memory", True) and est.total > avail:
         raise InsufficientMemoryError(
             f"model={mcfg.name} needs about {est.total / 2**30:.1f} GiB to train "
@@ -106,42 +153,54 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
             f"check_memory=false "
             f"to try anyway.")
 
-    data_cfg = DataConfig.from_dict(OmegaConf.to_container(cfg.data, resolve=True))
-    datamodule = ChunkFlowDataModule(data_cfg, chunk_size=chunk_size, vocab_size=mcfg.vocab_size)
-    max_steps = int(cfg.trainer.max_steps)
-    if max_steps <= 0 and optim.schedule == "cosine":
-        raise ValueError("optim.schedule=cosine needs trainer.max_steps > 0 (the decay length); set "
-                         "trainer.max_steps or use optim.schedule=constant")
-    module = ChunkFlowLM(mcfg, optim, attention=str(cfg.model.attention), loss_chunk=int(cfg.model.loss_chunk),
-                         pretrained=cfg.model.get("pretrained"), init_std=float(cfg.model.init_std),
-                         total_steps=max(max_steps, 1))
-    strategy = ChunkFlowStrategy(chunk_k=chunk_k, offload_state=bool(cfg.chunk.offload_state), device=device)
+    module = ChunkFlowLM(mcfg, optim, attention=model.attention, loss_chunk=model.loss_chunk,
+                         pretrained=model.pretrained, init_std=model.init_std,
+                         total_steps=max(int(trainer_kwargs.get("max_steps", 1)), 1))
+    strategy = ChunkFlowStrategy(chunk_k=chunk.k, offload_state=chunk.offload_state, device=device)
 
     output_dir = _output_dir(cfg)
+    # Never overwrite another run's checkpoints; a folder is reused only to resume (README "Output folders").
+    ckpt_path = resume_policy(output_dir, ckpt_path, os.environ)
+    if ckpt_path and ckpt_path != cfg.get("ckpt_path"):
+        log.warning("resuming from %s in %s", ckpt_path, output_dir)
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else None
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if trainer_kwargs.get("devices", 1) not in (1, "1", "auto") or int(trainer_kwargs.get("num_nodes", 1)) != 1:
-        raise NotImplementedError(f"trainer.devices={trainer_kwargs.get('devices')} "
-                                  f"trainer.num_nodes={trainer_kwargs.get('num_nodes')}: ChunkFlowStrategy runs on "
-                                  f"one device so far; set trainer.devices=1 trainer.num_nodes=1")
     trainer_kwargs.update(accelerator=accelerator, devices=1)
+    preemption = Preemption()
     trainer = L.Trainer(**trainer_kwargs, strategy=strategy, logger=logger if logger is not None else False,
-                        callbacks=_instantiate_all(cfg.get("callbacks")) + list(callbacks or []),
+                        callbacks=[preemption, *_instantiate_all(cfg.get("callbacks")), *(callbacks or [])],
                         use_distributed_sampler=False,
                         default_root_dir=output_dir)
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        # weights_only: a checkpoint can only hold tensors and plain containers, never code to run.
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except StepInterrupted as e:
+        if preemption.signum is None:
+            raise
+        raise Preempted(preemption.signum, preemption.checkpoint, preemption.detail) from e
+    remove_preemption_checkpoints(output_dir)  # spent: this run completed
     return {"trainer": trainer, "module": module, "datamodule": datamodule, "model_config": mcfg}
+
+
+def run(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> int:
+    """``train(cfg)`` with its outcome as an exit code; errors are one line on stderr, not a traceback."""
+    try:
+        train(cfg, callbacks)
+    except Preempted as e:
+        log.warning("%s", e)
+        print(f"preempted: {e}", file=sys.stderr)
+        return e.exit_code
+    except USER_ERRORS as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    try:
-        train(cfg)
-    except (InsufficientMemoryError, ValueError, FileNotFoundError, NotImplementedError) as e:
-        log.error("%s", e)
-        sys.exit(f"error: {e}")
+    sys.exit(run(cfg))
 
 
 if __name__ == "__main__":

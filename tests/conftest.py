@@ -15,12 +15,12 @@ if str(ROOT) not in sys.path:  # train.py and callbacks/ live at the repo root
 
 
 def tiny_hf_config(tie: bool = False, vocab: int = 97, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                   hidden: int = 32, theta: float = 10000.0):
+                   hidden: int = 32, theta: float = 10000.0, max_positions: int = 4096):
     from transformers import Qwen2Config
 
     return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=48, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tie,
-                       rope_theta=theta, max_position_embeddings=4096, attn_implementation="sdpa")
+                       rope_theta=theta, max_position_embeddings=max_positions, attn_implementation="sdpa")
 
 
 def widen_hf_norm_precision(hf_model) -> None:

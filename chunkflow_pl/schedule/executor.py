@@ -15,6 +15,7 @@ same kernels on the same inputs make it bit-identical.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,11 @@ from chunkflow_pl.data.types import ChunkBatch, Segment, StepBatch
 from chunkflow_pl.model.attention import VarlenMeta
 from chunkflow_pl.schedule.actions import Action, Op
 from chunkflow_pl.schedule.state import StateStore
+
+
+class StepInterrupted(Exception):
+    """``should_stop`` returned True between two actions: the step was abandoned part-way (its
+    gradients are partial and must be dropped; the weights were not touched)."""
 
 
 @dataclass
@@ -48,8 +54,9 @@ class ChunkExecutor:
     """Executes actions for the chunks of one ``StepBatch`` on ``model`` (a ``Qwen2Decoder``)."""
 
     def __init__(self, model: torch.nn.Module, batch: StepBatch, device: torch.device,
-                 offload_state: bool = False) -> None:
+                 offload_state: bool = False, should_stop: Callable[[], bool] | None = None) -> None:
         self.model = model
+        self.should_stop = should_stop  # checked between actions (e.g. a pre-emption signal arrived)
         self.batch = batch
         self.device = torch.device(device)
         self.store = StateStore(model.cfg.num_layers, self.device, offload=offload_state)
@@ -173,7 +180,9 @@ class ChunkExecutor:
         self._on_device.pop(c, None)
 
     def run(self, actions: list[Action]) -> StepStats:
-        for a in actions:
+        for i, a in enumerate(actions):
+            if self.should_stop is not None and self.should_stop():
+                raise StepInterrupted(f"step stopped before action {i} of {len(actions)} ({a.op.name} chunk {a.chunk})")
             if a.op is Op.FORWARD:
                 self.forward(a.chunk, a.keep)
             elif a.op is Op.RECOMPUTE:

@@ -8,6 +8,8 @@ precision, clipping, checkpointing) is Lightning's ``SingleDeviceStrategy``.
 
 from __future__ import annotations
 
+import pickle
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +30,8 @@ class ChunkFlowStrategy(SingleDeviceStrategy):
             raise ValueError(f"chunk.k={chunk_k} must be >= 1 (chunks whose activations are kept)")
         self.chunk_k = int(chunk_k)
         self.offload_state = bool(offload_state)
+        # Checked between chunk actions; True abandons the step with StepInterrupted (pre-emption).
+        self.should_stop: Callable[[], bool] | None = None
 
     @property
     def dp_rank(self) -> int:
@@ -44,10 +48,20 @@ class ChunkFlowStrategy(SingleDeviceStrategy):
                              "apply; use trainer.precision=bf16-mixed (or 32-true)")
         super().setup(trainer)
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # name the file, not a torch traceback
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"ckpt_path={checkpoint_path}: cannot be loaded ({first}); a checkpoint may hold only "
+                             f"tensors and plain containers (loaded with weights_only={weights_only}). Resume from "
+                             f"a checkpoint this project wrote") from e
+
     def run_chunk_step(self, model: torch.nn.Module, batch: StepBatch) -> StepStats:
         """Forward/backward every chunk of ``batch``; gradients accumulate in ``model``'s ``.grad``."""
         actions = plan_single_device([c.segments for c in batch.chunks], batch.seq_lens, self.chunk_k)
-        stats = ChunkExecutor(model, batch, self.root_device, offload_state=self.offload_state).run(actions)
+        stats = ChunkExecutor(model, batch, self.root_device, offload_state=self.offload_state,
+                              should_stop=self.should_stop).run(actions)
         stats.global_loss_sum = stats.loss_sum
         stats.global_tokens = stats.tokens
         return stats

@@ -1,0 +1,153 @@
+"""SIGTERM / SIGUSR1: stop at the next chunk boundary, save a resumable checkpoint, exit non-zero.
+
+Schedulers announce the end of a job with a signal (SLURM: SIGTERM on pre-emption or cancel, and
+``#SBATCH --signal=USR1@90`` before the time limit; torchrun forwards SIGTERM). A step on a long
+sequence can run for minutes, so waiting for the step to end may outlast the grace period. Instead::
+
+    signal arrives          -> the handler only sets a flag (nothing else is safe inside a handler)
+    between chunk actions   -> the executor sees the flag and raises StepInterrupted: the step is
+                               abandoned, its partial gradients dropped; weights, optimizer and lr
+                               schedule are still those after the last completed step
+    between steps           -> the next on_train_batch_start raises StepInterrupted
+    on_exception            -> the data position is set back to before the interrupted global batch,
+                               so a resumed run redoes it; the checkpoint goes to
+                               <output_dir>/hpc_ckpt_<N>.ckpt (Lightning's name for it)
+    SIGUSR1 in a SLURM job  -> ``scontrol requeue <job id>`` (as Lightning's own SLURM handler does)
+    train.py                -> exit code 128 + signal number (143 for SIGTERM, 138 for SIGUSR1)
+
+The resumed run (``ckpt_path=<output_dir>/hpc_ckpt_<N>.ckpt``, or automatically when it starts in the
+same output folder: a SLURM requeue, a torchrun restart) reproduces the uninterrupted run bit for bit.
+These handlers replace Lightning's for the duration of training (Lightning's SIGTERM handler ends
+the run after the current step with exit code 0; its SIGUSR1 handler saves in the middle of a step).
+Multi-rank runs must agree on the stop before abandoning a step (issue 8); this handles one process.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+import signal
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from chunkflow_pl.schedule.executor import StepInterrupted
+
+log = logging.getLogger(__name__)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after saving a resumable checkpoint (``checkpoint``)."""
+
+    def __init__(self, signum: int, checkpoint: str | None, detail: str) -> None:
+        name = signal.Signals(signum).name
+        where = f"saved {checkpoint}; resume with ckpt_path={checkpoint}" if checkpoint else "no checkpoint saved"
+        super().__init__(f"stopped on {name} ({detail}); {where}")
+        self.signum = signum
+        self.checkpoint = checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def next_preemption_path(folder: str | Path) -> str:
+    """``<folder>/hpc_ckpt_<N+1>.ckpt`` after the highest existing N (the names Lightning resumes from)."""
+    nums = [int(m.group(1)) for p in Path(folder).glob("hpc_ckpt_*.ckpt") if (m := re.search(r"_(\d+)\.ckpt$", p.name))]
+    return str(Path(folder) / f"hpc_ckpt_{max(nums, default=0) + 1}.ckpt")
+
+
+class Preemption(L.Callback):
+    def __init__(self, requeue_on_sigusr1: bool = True) -> None:
+        self.requeue_on_sigusr1 = requeue_on_sigusr1
+        self.signum: int | None = None
+        self.checkpoint: str | None = None
+        self.detail = ""
+        self._position: dict[str, Any] | None = None  # data position after the last completed step
+        self._previous: dict[int, Any] = {}
+
+    # ---- signals ---------------------------------------------------------------------------
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def stop_requested(self) -> bool:
+        return self.signum is not None
+
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("not in the main thread: SIGTERM/SIGUSR1 will not save a checkpoint")
+            return
+        for s in SIGNALS:
+            self._previous[s] = signal.signal(s, self._handler)
+
+    def _restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    # ---- Lightning hooks -------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after Lightning registered its own handlers (Trainer._run), so these win
+        self._install()
+        trainer.strategy.should_stop = self.stop_requested
+        self._position = self._data_position(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.stop_requested():
+            raise StepInterrupted("before the step")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._position = self._data_position(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        try:
+            if isinstance(exception, StepInterrupted) and self.signum is not None:
+                self.detail = f"{exception} of step {trainer.global_step + 1}"
+                self._save(trainer, pl_module)
+        finally:
+            self._restore()
+
+    @staticmethod
+    def _data_position(trainer: L.Trainer) -> dict[str, Any] | None:
+        dm = trainer.datamodule
+        return copy.deepcopy(dm.state_dict()) if dm is not None else None
+
+    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for opt in trainer.optimizers:  # the abandoned step's partial gradients
+            opt.zero_grad(set_to_none=True)
+        if self._position is not None:  # redo the interrupted global batch on resume
+            trainer.datamodule.load_state_dict(copy.deepcopy(self._position))
+        path = next_preemption_path(trainer.default_root_dir)
+        trainer.save_checkpoint(path)
+        self.checkpoint = path
+        log.warning("%s: saved %s (step %d complete)", signal.Signals(self.signum).name, path, trainer.global_step)
+        if self.signum == signal.SIGUSR1 and self.requeue_on_sigusr1 and trainer.is_global_zero:
+            _requeue_slurm_job()
+
+
+def _requeue_slurm_job() -> None:
+    """``scontrol requeue`` this SLURM job (nothing outside SLURM)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if not job:
+        return
+    try:
+        r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.error("could not requeue SLURM job %s: %s", job, e)
+        return
+    if r.returncode == 0:
+        log.warning("requeued SLURM job %s", job)
+    else:
+        log.error("scontrol requeue %s failed (%d): %s", job, r.returncode, r.stderr.strip())
