@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import statistics
-import time
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chunkflow_pl.data.balance import DEFAULT_A_ATTN
 from chunkflow_pl.data.packing import (
     _bfd,
     bfd_chunk_count,
@@ -131,18 +130,15 @@ def test_edges() -> None:
         build_chunk_plan([-1], 4)
 
 
-def test_fast_on_lmsys_like_batch() -> None:
+def test_lmsys_like_batches_with_a_long_tail_stay_within_the_bound() -> None:
+    """Speed of the same case: benchmarks/data_speed.py."""
     rng = np.random.default_rng(0)
-    times = []
     for _ in range(20):
         lengths = lmsys_like(rng, 256)
         lengths[0] = 200_000
-        t0 = time.perf_counter()
         plan = build_chunk_plan(lengths, 4096)
-        times.append(time.perf_counter() - t0)
         check_plan(lengths, 4096, plan)
         assert len(plan.chunks) <= lower_bound_chunks(lengths, 4096) + 1
-    assert statistics.median(times) < 0.010
 
 
 def test_length_histogram_boundaries() -> None:
@@ -160,8 +156,15 @@ def test_summarize_global_batches() -> None:
     assert summary["lower_bound_per_batch"] == [math.ceil(45 / 16), math.ceil(100 / 16), 0]
     assert summary["chunks_per_batch"] == [len(build_chunk_plan(b, 16).chunks) for b in batches]
     assert summary["chain_length_histogram"] == {2: 1, 7: 1}  # 30 -> 16+14, 100 -> 6 full + 4
-    assert 0 < summary["mean_packing_efficiency"] <= 1
-    assert summary["dp_imbalance_max"] >= summary["dp_imbalance_mean"] >= 1.0
+    assert summary["micro_steps_per_batch"] == [2, 7, 0]
+    # by hand: batch 0 = chunks [30:0-16] [30:16-30] [10+5], batch 1 = 6 x 16 + 4, batch 2 empty (1.0 by convention)
+    assert summary["mean_packing_efficiency"] == pytest.approx((45 / 48 + 100 / 112 + 1.0) / 3, rel=1e-12)
+    # dp=2: batch 0 puts the chain (30 tokens, 136 + 329 causal pairs) on one rank, [10+5] (55 + 15) on the
+    # other; batch 1 is one chain, so one rank gets everything: max/mean = 2
+    a = DEFAULT_A_ATTN
+    batch0 = (30 + 465 * a) / ((45 + 535 * a) / 2)
+    assert summary["dp_imbalance_max"] == 2.0
+    assert summary["dp_imbalance_mean"] == pytest.approx((batch0 + 2.0 + 1.0) / 3, rel=1e-12)
     assert summary["length_histogram"]["<1K"] == 5
     table = format_table(summary)
     assert "chunks_per_batch" in table and "<1K: 5" in table

@@ -215,12 +215,8 @@ def test_parallel_tokenisation_matches_inline(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- synthetic
-def test_synthetic_lengths_long_tail_and_fast():
-    import time
-
-    t = time.perf_counter()
+def test_synthetic_lengths_long_tail():  # speed: benchmarks/data_speed.py
     lengths = synthetic_lengths(100_000, 256 * 1024, 2, seed=7)
-    assert time.perf_counter() - t < 1.0
     assert lengths.min() >= 2 and lengths.max() <= 256 * 1024
     assert (lengths < 4096).mean() > 0.99
     assert (lengths > 32 * 1024).sum() > 50  # the rare tail exists
@@ -286,3 +282,42 @@ def test_conf_yaml_files_load():
         assert DataConfig.from_dict(raw).kind == name
     with pytest.raises(ValueError, match=r"data\.path"):
         DataConfig.from_dict(OmegaConf.load(conf / "jsonl.yaml"))
+
+
+# ------------------------------------------------------------------------------------- bad bytes, lengths
+def _file_with_bad_byte(tmp_path: Path, bad_line: int = 31, n: int = 40) -> Path:
+    """~650-byte lines: the bad byte sits past the first 8 KiB a text-mode reader decodes ahead."""
+    lines = [json.dumps({"input_ids": [i % VOCAB] * 100, "id": "x" * 300}).encode() for i in range(n)]
+    lines[bad_line - 1] = lines[bad_line - 1].replace(b'"xx', b'"\xffx', 1)
+    f = tmp_path / "bytes.jsonl"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    return f
+
+
+def test_non_utf8_byte_is_reported_on_its_own_line(tmp_path):
+    f = _file_with_bad_byte(tmp_path)
+    column = f.read_bytes().split(b"\n")[30].index(b"\xff") + 1
+    with pytest.raises(DataError, match=rf"bytes\.jsonl:31: not valid UTF-8 \(byte 0xff at byte {column} of the line"):
+        load([f], tmp_path)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_non_utf8_record_is_skipped_in_skip_mode(tmp_path, workers):
+    store = load_cached_store(spec([_file_with_bad_byte(tmp_path)], on_bad="skip"), tmp_path / "c", workers=workers)
+    assert store.skipped_records == 1 and len(store) == 39
+    assert [int(store.location(i).rsplit(":", 1)[1]) for i in range(len(store))] == [*range(1, 31), *range(32, 41)]
+    assert "bytes.jsonl:31: not valid UTF-8" in store.meta["first_errors"][0]
+
+
+def test_record_longer_than_the_model_accepts(tmp_path):
+    f = write_jsonl(tmp_path / "long.jsonl", [RECORDS[0], {"input_ids": [1] * 50}, RECORDS[1]])
+    too_long = SourceSpec("jsonl", (str(f),), None, "all", VOCAB, "error", max_len=40)
+    with pytest.raises(DataError, match=r"long\.jsonl:2: field 'input_ids' has 50 tokens, more than the model's "
+                                        r"max_position_embeddings=40; .*model\.overrides\.max_position_embeddings"):
+        load_cached_store(too_long, tmp_path / "c", workers=0)
+    skipped = load_cached_store(SourceSpec("jsonl", (str(f),), None, "all", VOCAB, "skip", max_len=40),
+                                tmp_path / "c", workers=0)
+    assert skipped.lengths.tolist() == [4, 3] and skipped.skipped_records == 1
+    fits = load_cached_store(SourceSpec("jsonl", (str(f),), None, "all", VOCAB, "error", max_len=50),
+                             tmp_path / "c", workers=0)
+    assert fits.lengths.tolist() == [4, 50, 3]  # a separate cache entry: the limit is part of the key

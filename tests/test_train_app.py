@@ -164,11 +164,21 @@ def test_qwen7b_composes_and_fails_with_an_actionable_memory_message(tmp_path):
     assert "needs about" in out and "GiB" in out and "model=tiny" in out
 
 
-def test_every_preset_composes_with_a_memory_report(tmp_path):
+@pytest.mark.parametrize("precision,dtype", [("64-true", torch.float64), ("32-true", torch.float32),
+                                             ("bf16-mixed", torch.float32), ("bf16-true", torch.bfloat16)])
+def test_every_preset_composes_and_the_estimate_counts_the_real_weights(tmp_path, precision, dtype):
+    """The estimate's weights and gradients are the bytes of the decoder each preset builds (on the meta device,
+    in the dtype Lightning keeps the weights in for that precision)."""
+    from chunkflow_pl.model.decoder import Qwen2Decoder
+
     for preset in ("tiny", "qwen0.5b", "qwen1.5b", "qwen3b", "qwen7b", "qwen14b", "qwen32b", "qwen72b"):
-        res = train(compose_cfg(tmp_path, f"model={preset}", "dry_run=true", "chunk.size=32k"))
+        res = train(compose_cfg(tmp_path, f"model={preset}", "dry_run=true", "chunk.size=32k",
+                                f"trainer.precision={precision}"))
         assert res["model_config"].name == preset
-        assert res["memory"].weights == res["model_config"].num_params() * 4
+        with torch.device("meta"):
+            model = Qwen2Decoder(res["model_config"]).to(dtype)
+        real = sum(p.numel() * p.element_size() for p in model.parameters())
+        assert res["memory"].weights == real and res["memory"].grads == real, preset
 
 
 def test_bad_chunk_size_names_the_key(tmp_path):
@@ -181,13 +191,39 @@ SMALL = ["data.num_sequences=64", "data.max_len=600", "data.global_batch_size=8"
          "model.overrides.num_kv_heads=1", "model.overrides.intermediate_size=64", "trainer.accelerator=cpu"]
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
-def test_reduced_precision_trains_with_split_sequences(tmp_path, precision):
-    out = train(compose_cfg(tmp_path, f"trainer.precision={precision}", "trainer.max_steps=2", "data.min_len=300",
-                            *SMALL))
-    stats = out["module"].last_stats
-    assert stats.recomputed_chunks >= 0 and stats.tokens > 0
-    assert torch.isfinite(torch.tensor(stats.loss_sum)) and stats.loss_sum > 0
+class _StepRecord(L.Callback):
+    """Per step: exact loss and recomputed chunks; the first step's gradient (fp32 copy)."""
+
+    def __init__(self) -> None:
+        self.loss, self.recomputed, self.grad = [], [], None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.loss.append(pl_module.last_stats.global_loss_sum / batch.num_label_tokens)
+        self.recomputed.append(pl_module.last_stats.recomputed_chunks)
+        if self.grad is None:
+            self.grad = torch.cat([p.grad.float().flatten() for p in pl_module.model.parameters()])
+
+
+def test_reduced_precision_follows_the_float32_run_with_split_sequences(tmp_path):
+    """bf16-mixed and bf16-true on sequences split into dependent chunks (k=1: recompute + state gradients)
+    track the float32 run: same plan, first-step gradient in the same direction, losses within bf16 rounding."""
+    runs = {}
+    for precision in ("32-true", "bf16-mixed", "bf16-true"):
+        runs[precision] = rec = _StepRecord()
+        train(compose_cfg(tmp_path / precision, f"trainer.precision={precision}", "trainer.max_steps=4",
+                          "data.min_len=300", "optim.warmup_steps=0", "optim.lr=1e-2", "optim.grad_clip=0", *SMALL),
+              callbacks=[rec])
+    ref = runs["32-true"]
+    assert all(r > 0 for r in ref.recomputed)  # chains were split and recomputed
+    assert ref.loss[-1] < ref.loss[0] - 0.2  # and the model learns
+    for precision in ("bf16-mixed", "bf16-true"):
+        got = runs[precision]
+        assert got.recomputed == ref.recomputed, precision
+        cos = F.cosine_similarity(got.grad, ref.grad, dim=0)
+        assert cos > 0.999, f"{precision}: first-step gradient cosine {cos:.5f} to float32"
+        assert abs(got.grad.norm() / ref.grad.norm() - 1) < 0.01, precision
+        for step, (a, b) in enumerate(zip(got.loss, ref.loss, strict=True)):
+            assert abs(a - b) / b < 1e-3, f"{precision} step {step + 1}: loss {a} vs float32 {b}"
 
 
 def test_cosine_without_max_steps_and_overrides_with_pretrained_are_clear_errors(tmp_path, hf_dir):
@@ -197,3 +233,33 @@ def test_cosine_without_max_steps_and_overrides_with_pretrained_are_clear_errors
         train(compose_cfg(tmp_path, "trainer.devices=2", *SMALL))
     with pytest.raises(ValueError, match="cannot change the architecture"):
         train(compose_cfg(tmp_path, f"model.pretrained={hf_dir}", "model.overrides.num_layers=3"))
+
+
+def test_record_longer_than_the_model_takes_is_an_error_or_skipped(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [torch.arange(n) % 97 for n in (30, 100, 20, 40)])
+    common = [f"model.pretrained={_tiny_checkpoint(tmp_path, max_positions=64)}", "data=jsonl", f"data.path={f}",
+              f"data.cache_dir={tmp_path / 'cache'}", "data.global_batch_size=3", "chunk.size=32",
+              "trainer.max_steps=1"]
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: field 'input_ids' has 100 tokens, more than the model's "
+                                         r"max_position_embeddings=64"):
+        train(compose_cfg(tmp_path / "a", *common))
+    out = train(compose_cfg(tmp_path / "b", *common, "data.on_bad_record=skip"))
+    assert out["datamodule"].skipped_records == 1 and out["datamodule"].store.lengths.tolist() == [30, 20, 40]
+
+
+def _tiny_checkpoint(tmp_path: Path, max_positions: int) -> Path:
+    hf = make_hf_model(tie=True, dtype=torch.float32, layers=1, max_positions=max_positions)
+    hf.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def test_memory_estimate_counts_the_state_of_the_longest_sequence_of_the_data(tmp_path):
+    """The K/V state term follows the data's real longest sequence (jsonl data has no data.max_len)."""
+    states = {}
+    for n in (8192, 65536):
+        f = write_jsonl(tmp_path / f"d{n}.jsonl", [torch.arange(m) % 97 for m in (5, n, 300)])
+        res = train(compose_cfg(tmp_path, "dry_run=true", "data=jsonl", f"data.path={f}", "chunk.size=1k",
+                                f"data.cache_dir={tmp_path / 'cache'}", "model.overrides.max_position_embeddings=64k"))
+        assert res["longest_sequence"] == n
+        states[n] = res["memory"].state
+    assert states[8192] > 0 and states[65536] == 8 * states[8192]  # linear in the longest sequence
