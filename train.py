@@ -192,6 +192,7 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> int:
         print(f"preempted: {e}", file=sys.stderr)
         return e.exit_code
     except USER_ERRORS as e:
+        log.debug("traceback", exc_info=True)
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 1

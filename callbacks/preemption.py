@@ -96,12 +96,14 @@ class Preemption(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after Lightning registered its own handlers (Trainer._run), so these win
         self._install()
+        if trainer.received_sigterm and self.signum is None:  # arrived while Lightning's handler was in place
+            self.signum = signal.SIGTERM
         trainer.strategy.should_stop = self.stop_requested
         self._position = self._data_position(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.stop_requested():
-            raise StepInterrupted("before the step")
+            raise StepInterrupted("before its first action")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._position = self._data_position(trainer)
@@ -112,7 +114,7 @@ class Preemption(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         try:
             if isinstance(exception, StepInterrupted) and self.signum is not None:
-                self.detail = f"{exception} of step {trainer.global_step + 1}"
+                self.detail = f"in step {trainer.global_step + 1}, {exception}"
                 self._save(trainer, pl_module)
         finally:
             self._restore()

@@ -71,6 +71,22 @@ def test_presets_match_transformers_exactly(name):
     assert cfg.num_params() == sum(p.numel() for p in hf.parameters())
 
 
+# Parameters of the published checkpoints: metadata.total_size of each model.safetensors.index.json (bf16 bytes)
+# / 2, e.g. https://huggingface.co/Qwen/Qwen2.5-32B/raw/main/model.safetensors.index.json = 65527752704. The
+# model cards round (32B: "32.5B"); the checkpoints are exact. 0.5B / 1.5B ship one file without an index:
+# their cards' rounded sizes (0.49B, 1.54B).
+PUBLISHED_EXACT = {"qwen3b": 6171877376 // 2, "qwen7b": 15231233024 // 2, "qwen14b": 29540067328 // 2,
+                   "qwen32b": 65527752704 // 2, "qwen72b": 145412407296 // 2}
+PUBLISHED_ROUNDED = {"qwen0.5b": 0.49, "qwen1.5b": 1.54}
+
+
+def test_presets_have_the_published_checkpoints_sizes():
+    for name, n in PUBLISHED_EXACT.items():
+        assert PRESETS[name].num_params() == n, name
+    for name, billions in PUBLISHED_ROUNDED.items():
+        assert round(PRESETS[name].num_params() / 1e9, 2) == billions, name
+
+
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ValueError, match="model='qwen9b' is unknown; choose one of .*qwen7b"):
         get_preset("qwen9b")

@@ -192,7 +192,7 @@ SMALL = ["data.num_sequences=64", "data.max_len=600", "data.global_batch_size=8"
 
 
 class _StepRecord(L.Callback):
-    """Per step: exact loss and recomputed chunks; the first step's gradient (fp32 copy)."""
+    """Per step: exact loss and recomputed chunks; the first step's gradients (fp32 copies, by name)."""
 
     def __init__(self) -> None:
         self.loss, self.recomputed, self.grad = [], [], None
@@ -201,12 +201,13 @@ class _StepRecord(L.Callback):
         self.loss.append(pl_module.last_stats.global_loss_sum / batch.num_label_tokens)
         self.recomputed.append(pl_module.last_stats.recomputed_chunks)
         if self.grad is None:
-            self.grad = torch.cat([p.grad.float().flatten() for p in pl_module.model.parameters()])
+            self.grad = {n: p.grad.float().clone() for n, p in pl_module.model.named_parameters()}
 
 
 def test_reduced_precision_follows_the_float32_run_with_split_sequences(tmp_path):
     """bf16-mixed and bf16-true on sequences split into dependent chunks (k=1: recompute + state gradients)
-    track the float32 run: same plan, first-step gradient in the same direction, losses within bf16 rounding."""
+    track the float32 run: same plan, every parameter's first-step gradient within bf16 rounding (~1% measured;
+    dropping the state gradients between chunks in bf16 makes k/v projections ~56% off), same losses."""
     runs = {}
     for precision in ("32-true", "bf16-mixed", "bf16-true"):
         runs[precision] = rec = _StepRecord()
@@ -219,9 +220,9 @@ def test_reduced_precision_follows_the_float32_run_with_split_sequences(tmp_path
     for precision in ("bf16-mixed", "bf16-true"):
         got = runs[precision]
         assert got.recomputed == ref.recomputed, precision
-        cos = F.cosine_similarity(got.grad, ref.grad, dim=0)
-        assert cos > 0.999, f"{precision}: first-step gradient cosine {cos:.5f} to float32"
-        assert abs(got.grad.norm() / ref.grad.norm() - 1) < 0.01, precision
+        for name, g in ref.grad.items():
+            err = (got.grad[name] - g).norm() / g.norm()
+            assert err < 0.05, f"{precision} {name}: first-step gradient {err:.3f} relative to float32"
         for step, (a, b) in enumerate(zip(got.loss, ref.loss, strict=True)):
             assert abs(a - b) / b < 1e-3, f"{precision} step {step + 1}: loss {a} vs float32 {b}"
 

@@ -182,7 +182,7 @@ class ChunkExecutor:
     def run(self, actions: list[Action]) -> StepStats:
         for i, a in enumerate(actions):
             if self.should_stop is not None and self.should_stop():
-                raise StepInterrupted(f"step stopped before action {i} of {len(actions)} ({a.op.name} chunk {a.chunk})")
+                raise StepInterrupted(f"before action {i} of {len(actions)} ({a.op.name.lower()} chunk {a.chunk})")
             if a.op is Op.FORWARD:
                 self.forward(a.chunk, a.keep)
             elif a.op is Op.RECOMPUTE:
