@@ -23,6 +23,7 @@ from chunkflow_pl.model.memory import InsufficientMemoryError, available_memory,
 from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
 from chunkflow_pl.training.module import ChunkFlowLM
 from chunkflow_pl.training.optim import OptimConfig
+from chunkflow_pl.utils.reproducibility import CNR_DEFAULT, CNR_ENV, mkl_cnr_mode
 from chunkflow_pl.utils.sizes import parse_size
 
 log = logging.getLogger("chunkflow_pl")
@@ -72,6 +73,10 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     ``callbacks`` are added to those of ``cfg.callbacks`` (for programmatic use and tests).
     """
     L.seed_everything(int(cfg.seed), workers=True)
+    if mkl_cnr_mode() == "OFF":
+        log.warning("MKL runs without conditional numerical reproducibility (something ran a CPU matrix product "
+                    "before chunkflow_pl was imported): two runs of this command may differ in the last bits. "
+                    "Set %s=%s in the environment.", CNR_ENV, CNR_DEFAULT)
     # The module keeps batches on the host on purpose (the executor moves one chunk at a time).
     warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
     warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")

@@ -19,6 +19,7 @@ from torch import nn
 from chunkflow_pl.model.attention import VarlenMeta, attention
 from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.loss import chunked_cross_entropy
+from chunkflow_pl.model.rope import RotaryTable
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -34,15 +35,6 @@ class RMSNorm(nn.Module):
         x32 = x.to(torch.promote_types(dtype, torch.float32))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
-
-
-def rope_cos_sin(position_ids_T: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, ...]:
-    """cos/sin [T, D]. Angles in float32 whatever the model dtype (as Hugging Face computes them)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids_T.device)
-                                .float() / head_dim))
-    freqs_TD2 = position_ids_T.float()[:, None] * inv_freq[None, :]
-    emb_TD = torch.cat((freqs_TD2, freqs_TD2), dim=-1)
-    return emb_TD.cos().to(dtype), emb_TD.sin().to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -115,6 +107,7 @@ class Qwen2Decoder(nn.Module):
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.num_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta)  # host-side table, not a parameter or buffer
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -139,7 +132,9 @@ class Qwen2Decoder(nn.Module):
         return_kv: bool = False,
     ) -> tuple[torch.Tensor, list[KV] | None]:
         x_TD = self.embed(input_ids_T)
-        cos_TD, sin_TD = rope_cos_sin(position_ids_T, self.cfg.head_dim, self.cfg.rope_theta, x_TD.dtype)
+        # Positions of segment b are prefix_b .. prefix_b + len_b - 1: the table size is known without a sync.
+        num_positions = max((p + q for p, q in zip(meta.prefix_lens, meta.seqlens_q)), default=0)
+        cos_TD, sin_TD = self.rope.cos_sin(position_ids_T, num_positions, x_TD.dtype)
         new_kv: list[KV] = []
         for i, layer in enumerate(self.layers.values()):
             prefix = prefix_kv[i] if prefix_kv is not None else None
