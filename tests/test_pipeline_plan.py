@@ -110,7 +110,10 @@ def test_planner_gives_valid_plans(case: tuple[Chunks, list[int]], pp: int, k: i
         pos = [forwards[0].index(c) for c in order]
         assert pos == list(range(pos[0], pos[0] + len(order)))  # a unit's forwards are contiguous, in order
         bpos = [backwards[0].index(c) for c in reversed(order)]
-        assert bpos == list(range(bpos[0], bpos[0] + len(order)))  # backwards: contiguous, reversed
+        assert bpos == sorted(bpos)  # backwards in reverse forward order
+        # ... and no other chain's backward in between (one chain's state gradient at a time)
+        between = {graph.component_of[c] for c in backwards[0][bpos[0]:bpos[-1] + 1]}
+        assert all(len(graph.components[g]) == 1 for g in between - {graph.component_of[order[0]]})
         for s in range(pp):
             kept = [a.chunk for a in plan.compute(s) if a.op is Op.FORWARD and a.keep and a.chunk in members]
             assert kept == order[max(0, len(order) - k):]  # only the last k forwards keep activations

@@ -9,7 +9,7 @@ from chunkflow_pl.model.config import get_preset
 from chunkflow_pl.schedule.actions import Op
 from chunkflow_pl.schedule.cost import CostModel, MeasuredCost, even_stage_layers
 from chunkflow_pl.schedule.pipeline_planner import plan_pipeline
-from chunkflow_pl.schedule.simulator import ideal_step_time, simulate
+from chunkflow_pl.schedule.simulator import lower_bound, simulate
 from chunkflow_pl.schedule.timeline import COLORS, TimedEvent, draw_timeline, timeline_stats
 
 CHAIN = [[Segment(0, 0, 4)], [Segment(0, 4, 8)], [Segment(0, 8, 12)]]  # one sequence of 12 tokens in 3 chunks
@@ -45,7 +45,12 @@ def test_memory_peaks_of_a_chain_with_k1() -> None:
     assert r.peak_live == (2, 2, 1)  # stage 0 and 1 also hold standalone chunk 3 while the chain drains
     assert r.peak_boundary_tokens == (0, 8, 8)  # two dropped 4-token inputs held; stage 0 keeps token ids
     assert r.peak_state_tokens == (8, 8, 8)  # keys/values of the two continued pieces, on every stage
-    assert r.step_time >= ideal_step_time(plan, chunks, cost)
+    busiest, path = lower_bound(plan, chunks, lens, cost)
+    assert busiest == 3.75 + 2 + 2 * 3.75  # any stage: forwards of 1, 1, 1, 0.75; 2 recomputes; backwards
+    # critical path: F0 F1 F2 on stage 0 and F2 on stages 1, 2 (5), then the chain's backward wave, 3
+    # backwards of 2 through 3 stages, pipelined: 5 + 2 * (3 + 3 - 1) (recomputes run off the path)
+    assert path == 15.0
+    assert r.step_time >= max(busiest, path)
 
 
 def test_from_model_splits_layers_and_puts_the_head_on_the_last_stage() -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from chunkflow_pl.data.types import Segment
 from chunkflow_pl.schedule.actions import Action, Op
 from chunkflow_pl.schedule.cost import ActionCost
+from chunkflow_pl.schedule.graph import build_graph
 from chunkflow_pl.schedule.pipeline_actions import Channel, Comm, PipelinePlan
 from chunkflow_pl.schedule.timeline import TimedEvent, timeline_stats
 
@@ -131,9 +132,39 @@ class _StageMemory:
         self.peak_state = max(self.peak_state, sum(self.state.values()))
 
 
-def ideal_step_time(plan: PipelinePlan, chunks: Sequence[Sequence[Segment]], cost: ActionCost) -> float:
-    """The busiest stage's compute time: no schedule of this plan's actions can be shorter."""
+def lower_bound(
+    plan: PipelinePlan, chunks: Sequence[Sequence[Segment]], seq_lens: Sequence[int], cost: ActionCost
+) -> tuple[float, float]:
+    """Two floors under any schedule of this plan's actions: ``(busiest stage, critical path)``.
+
+    The busiest stage's compute time; and the longest dependency path (forward through the stages
+    and along each sequence's pieces, the loss, backward back down and along the pieces in
+    reverse, messages included, recomputes anywhere after their forward), ignoring that a stage
+    runs one action at a time.
+    """
+    graph = build_graph(chunks, seq_lens)
+    pp = plan.pp
     busiest = 0.0
-    for s in range(plan.pp):
-        busiest = max(busiest, math.fsum(cost.op_time(a.op, s, a.chunk, chunks[a.chunk]) for a in plan.compute(s)))
-    return busiest
+    dropped = [set() for _ in range(pp)]
+    for s in range(pp):
+        acts = plan.compute(s)
+        busiest = max(busiest, math.fsum(cost.op_time(a.op, s, a.chunk, chunks[a.chunk]) for a in acts))
+        dropped[s] = {a.chunk for a in acts if a.op is Op.RECOMPUTE}
+    order = [a.chunk for a in plan.compute(0) if a.op is Op.FORWARD]  # a valid forward order
+    msg = {c: cost.comm_time(sum(seg.length for seg in chunks[c])) for c in order}
+    f_end: dict[tuple[int, int], float] = {}
+    for c in order:
+        for s in range(pp):
+            start = max([f_end[(c, s - 1)] + msg[c]] if s else [0.0])
+            start = max([start] + [f_end[(p, s)] for p in graph.fwd_deps[c] if (p, s) in f_end])
+            f_end[(c, s)] = start + cost.op_time(Op.FORWARD, s, c, chunks[c])
+    b_end: dict[tuple[int, int], float] = {}
+    for c in reversed(order):  # reverse forward order is a valid backward order
+        for s in reversed(range(pp)):
+            ready = f_end[(c, s)]
+            if c in dropped[s]:
+                ready += cost.op_time(Op.RECOMPUTE, s, c, chunks[c])
+            start = max([ready] + ([b_end[(c, s + 1)] + msg[c]] if s < pp - 1 else []))
+            start = max([start] + [b_end[(m, s)] for m in graph.bwd_deps[c] if (m, s) in b_end])
+            b_end[(c, s)] = start + cost.op_time(Op.BACKWARD, s, c, chunks[c])
+    return busiest, max(b_end.values(), default=0.0)

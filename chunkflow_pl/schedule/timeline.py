@@ -74,13 +74,15 @@ def draw_timeline(
     title: str | None = None,
     labels: bool = True,
     legend: bool = True,
+    time_axis: float | None = None,
     dpi: int = 100,
     width_in: float = 12.0,
 ) -> Path:
     """Write a Gantt chart (stage x time; forward, backward, recompute, idle coloured) to a PNG file.
 
     Stage 0 is the top row. ``labels`` writes chunk numbers into bars wide enough to hold them;
-    ``legend`` adds a colour key below the axis.
+    ``legend`` adds a colour key; ``time_axis`` sets the axis length (default: the step's end), so
+    charts of two plans can share one scale.
     Bars are drawn without antialiasing (and, with ``labels=False``, without edges), so each op's
     pixels carry its exact colour.
     """
@@ -108,7 +110,7 @@ def draw_timeline(
             if e.end - e.start >= min_width:
                 ax.text((e.start + e.end) / 2, e.stage, str(e.chunk), ha="center", va="center", fontsize=7,
                         color="white")
-    ax.set_xlim(0, step)
+    ax.set_xlim(0, max(step, time_axis or 0.0))
     ax.set_ylim(n - 0.5, -0.5)
     ax.set_yticks(range(n), [f"stage {s}" for s in range(n)])
     ax.set_xlabel("time")
