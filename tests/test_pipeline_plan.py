@@ -171,6 +171,16 @@ def test_open_chain_limit_lets_standalone_chunks_fill_the_gap() -> None:
     assert max(r1.peak_state_tokens) == 8 < max(rn.peak_state_tokens) == 16  # 2 stored pieces per chain
 
 
+def test_a_chains_kept_chunk_waits_for_the_previous_chains_recomputes() -> None:
+    # Chains 0 -> 1 -> 2 and 3 -> 4, both open at once. On the last stage (cap 1) chunk 4's forward
+    # must wait until chunk 0 is recomputed and done, or R0 would find no slot: a deadlock.
+    chunks = [[Segment(0, 0, 4)], [Segment(0, 4, 8)], [Segment(0, 8, 12)], [Segment(1, 0, 4)], [Segment(1, 4, 8)]]
+    plan = plan_pipeline(chunks, [12, 8], pp=2, k=1, cost=unit_cost(2), max_open_chains=None)
+    check_pipeline_plan(plan, chunks, [12, 8])
+    assert plan.text().splitlines()[1] == (
+        "stage 1: <A0 F0(drop) <A1 F1(drop) <A2 F2 B2 >G2 <A3 F3(drop) R1 B1 >G1 R0 B0 >G0 <A4 F4 B4 >G4 R3 B3 >G3")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -298,3 +308,31 @@ def test_checker_catches_every_single_action_removed_from_a_planner_plan() -> No
             del stages[s][i]
             with pytest.raises(PlanError):
                 check_pipeline(stages, EXAMPLE, EXAMPLE_LENS, plan.caps)
+
+
+def test_planning_runs_without_torch() -> None:
+    # DESIGN.md: schedule planning is pure python. Block torch and plan, check and simulate a real batch.
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["torch"] = None  # any "import torch" now raises ImportError
+from chunkflow_pl.data.balance import assign_to_ranks
+from chunkflow_pl.data.packing import build_chunk_plan
+from chunkflow_pl.model.config import get_preset
+from chunkflow_pl.schedule.cost import CostModel
+from chunkflow_pl.schedule.pipeline_checker import check_pipeline_plan
+from chunkflow_pl.schedule.pipeline_planner import plan_pipeline
+from chunkflow_pl.schedule.simulator import simulate
+lengths = [300, 20, 45, 7, 130, 64]
+chunk_plan = build_chunk_plan(lengths, 64)
+chunks = [chunk_plan.chunks[c] for c in assign_to_ranks(chunk_plan, 1).per_rank[0]]
+cost = CostModel.from_model(get_preset("qwen7b"), 4)
+plan = plan_pipeline(chunks, lengths, 4, 1, cost=cost)
+check_pipeline_plan(plan, chunks, lengths)
+print(simulate(plan, chunks, lengths, cost).step_time > 0)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
