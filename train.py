@@ -29,10 +29,11 @@ from chunkflow_pl.model.config import ModelSettings
 from chunkflow_pl.model.memory import InsufficientMemoryError, available_memory, estimate_training_memory
 from chunkflow_pl.schedule.executor import StepInterrupted
 from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
+from chunkflow_pl.strategy.dims import ParallelDims, world_from_launch
 from chunkflow_pl.training.module import ChunkFlowLM
 from chunkflow_pl.training.nonfinite import NonFiniteError
 from chunkflow_pl.training.optim import OptimConfig
-from chunkflow_pl.utils.checkpoint import check_checkpoint_file
+from chunkflow_pl.utils.reproducibility import CNR_DEFAULT, CNR_ENV, mkl_cnr_mode
 from chunkflow_pl.utils.run_dir import remove_preemption_checkpoints, resume_policy, this_run_dir_name
 
 log = logging.getLogger("chunkflow_pl")
@@ -77,10 +78,6 @@ def trainer_options(node: DictConfig) -> dict[str, Any]:
     for key in ("max_steps", "max_epochs", "log_every_n_steps", "num_nodes"):
         if key in kwargs and (isinstance(kwargs[key], bool) or not isinstance(kwargs[key], int)):
             raise ValueError(f"trainer.{key}={kwargs[key]!r} must be an integer")
-    if kwargs.get("devices", 1) not in (1, "1", "auto") or kwargs.get("num_nodes", 1) != 1:
-        raise NotImplementedError(f"trainer.devices={kwargs.get('devices')} trainer.num_nodes="
-                                  f"{kwargs.get('num_nodes')}: ChunkFlowStrategy runs on one device so far; set "
-                                  f"trainer.devices=1 trainer.num_nodes=1")
     return kwargs
 
 
@@ -106,6 +103,10 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     ``Preempted`` when SIGTERM/SIGUSR1 stopped training (a resumable checkpoint was saved).
     """
     L.seed_everything(int(cfg.seed), workers=True)
+    if mkl_cnr_mode() == "OFF":
+        log.warning("MKL runs without conditional numerical reproducibility (something ran a CPU matrix product "
+                    "before chunkflow_pl was imported): two runs of this command may differ in the last bits. "
+                    "Set %s=%s in the environment.", CNR_ENV, CNR_DEFAULT)
     # The module keeps batches on the host on purpose (the executor moves one chunk at a time).
     warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
     warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
@@ -114,11 +115,12 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     mcfg = model.architecture()
     chunk = ChunkConfig.from_dict(cfg.chunk)
     parallel = ParallelConfig.from_dict(cfg.parallel)
-    if parallel.world_size != 1:
-        raise NotImplementedError(f"parallel.dp={parallel.dp} parallel.pp={parallel.pp}: only dp=1 pp=1 is "
-                                  f"implemented so far")
     optim = OptimConfig.from_dict(cfg.optim)
     trainer_kwargs = trainer_options(cfg.trainer)
+    devices, num_nodes, _ = world_from_launch(trainer_kwargs.get("devices", "auto"),
+                                              int(trainer_kwargs.get("num_nodes", 1)), parallel.dp, parallel.pp,
+                                              dict(os.environ))
+    dims = ParallelDims(dp=parallel.dp, pp=parallel.pp, world_size=devices * num_nodes, num_layers=mcfg.num_layers)
     data_cfg = DataConfig.from_dict(cfg.data)
     precision = str(trainer_kwargs.get("precision", "32-true"))
     accelerator, device = _accelerator(str(trainer_kwargs.get("accelerator", "auto")))
@@ -126,12 +128,11 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     if trainer_kwargs.get("max_steps", -1) <= 0 and optim.schedule == "cosine":
         raise ValueError("optim.schedule=cosine needs trainer.max_steps > 0 (the decay length); set "
                          "trainer.max_steps or use optim.schedule=constant")
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path:
-        check_checkpoint_file(ckpt_path)
+    strategy = ChunkFlowStrategy(dims, chunk_k=chunk.k, offload_state=chunk.offload_state)
 
     # Records longer than the model takes are bad records; the K/V state estimate uses the real longest one.
     datamodule = ChunkFlowDataModule(data_cfg, chunk_size=chunk.size, vocab_size=mcfg.vocab_size,
+                                     dp_rank=lambda: strategy.dp_rank, dp_size=dims.dp,
                                      max_seq_len=mcfg.max_position_embeddings)
     longest = datamodule.longest_sequence()
     est = estimate_training_memory(mcfg, chunk.size, chunk.k, precision, optim.name, model.loss_chunk,
@@ -156,15 +157,14 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     module = ChunkFlowLM(mcfg, optim, attention=model.attention, loss_chunk=model.loss_chunk,
                          pretrained=model.pretrained, init_std=model.init_std,
                          total_steps=max(int(trainer_kwargs.get("max_steps", 1)), 1))
-    strategy = ChunkFlowStrategy(chunk_k=chunk.k, offload_state=chunk.offload_state, device=device)
 
     output_dir = _output_dir(cfg)
     # Never overwrite another run's checkpoints; a folder is reused only to resume (README "Output folders").
-    ckpt_path = resume_policy(output_dir, ckpt_path, os.environ)
+    ckpt_path = resume_policy(output_dir, cfg.get("ckpt_path"), os.environ)
     if ckpt_path and ckpt_path != cfg.get("ckpt_path"):
         log.warning("resuming from %s in %s", ckpt_path, output_dir)
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else None
-    trainer_kwargs.update(accelerator=accelerator, devices=1)
+    trainer_kwargs.update(accelerator=accelerator, devices=devices, num_nodes=num_nodes)
     preemption = Preemption()
     trainer = L.Trainer(**trainer_kwargs, strategy=strategy, logger=logger if logger is not None else False,
                         callbacks=[preemption, *_instantiate_all(cfg.get("callbacks")), *(callbacks or [])],
@@ -173,7 +173,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        # weights_only: a checkpoint can only hold tensors and plain containers, never code to run.
+        # weights_only: a checkpoint holds tensors and plain containers, never code to run (the strategy's
+        # loader reads every part of its checkpoint that way).
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except StepInterrupted as e:
         if preemption.signum is None:

@@ -19,7 +19,11 @@ The resumed run (``ckpt_path=<output_dir>/hpc_ckpt_<N>.ckpt``, or automatically 
 same output folder: a SLURM requeue, a torchrun restart) reproduces the uninterrupted run bit for bit.
 These handlers replace Lightning's for the duration of training (Lightning's SIGTERM handler ends
 the run after the current step with exit code 0; its SIGUSR1 handler saves in the middle of a step).
-Multi-rank runs must agree on the stop before abandoning a step (issue 8); this handles one process.
+
+Several ranks: a signal reaches the ranks at different moments, and a rank that abandons a step while
+another goes on into the step's collectives would hang both. So with more than one process the step is
+not abandoned midway: at every step start the ranks take the maximum of their signal numbers (one
+scalar all-reduce) and all stop together before the step; the checkpoint is then written by all.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 
 from chunkflow_pl.schedule.executor import StepInterrupted
 
@@ -71,6 +76,7 @@ class Preemption(L.Callback):
         self.detail = ""
         self._position: dict[str, Any] | None = None  # data position after the last completed step
         self._previous: dict[int, Any] = {}
+        self._before_step = False  # the stop was raised before the step began (not inside it)
 
     # ---- signals ---------------------------------------------------------------------------
     def _handler(self, signum: int, frame: Any) -> None:
@@ -98,12 +104,19 @@ class Preemption(L.Callback):
         self._install()
         if trainer.received_sigterm and self.signum is None:  # arrived while Lightning's handler was in place
             self.signum = signal.SIGTERM
-        trainer.strategy.should_stop = self.stop_requested
+        if trainer.world_size == 1:  # several ranks stop only between steps, together (module docstring)
+            trainer.strategy.should_stop = self.stop_requested
         self._position = self._data_position(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.world_size > 1:
+            agreed = trainer.strategy.reduce(torch.tensor(float(self.signum or 0), device=pl_module.device),
+                                             reduce_op="max")
+            if int(agreed) and self.signum is None:
+                self.signum = int(agreed)
         if self.stop_requested():
-            raise StepInterrupted("before its first action")
+            self._before_step = True
+            raise StepInterrupted(f"before step {trainer.global_step + 1}")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._position = self._data_position(trainer)
@@ -114,7 +127,8 @@ class Preemption(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         try:
             if isinstance(exception, StepInterrupted) and self.signum is not None:
-                self.detail = f"in step {trainer.global_step + 1}, {exception}"
+                inside = f"inside step {trainer.global_step + 1}, {exception}"
+                self.detail = str(exception) if self._before_step else inside
                 self._save(trainer, pl_module)
         finally:
             self._restore()

@@ -23,21 +23,30 @@ def tiny_hf_config(tie: bool = False, vocab: int = 97, layers: int = 2, heads: i
                        rope_theta=theta, max_position_embeddings=max_positions, attn_implementation="sdpa")
 
 
-def widen_hf_norm_precision(hf_model) -> None:
-    """transformers' Qwen2RMSNorm always computes in float32 (``hidden_states.to(torch.float32)``), which
-    caps a float64 comparison at ~1e-7. For float64 parity we widen only that cast to the input dtype;
-    every other op stays transformers' own. float32 parity tests use the unmodified model."""
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+def widen_hf_precision(hf_model) -> None:
+    """Float64 reference: transformers computes two things in float32 whatever the model dtype, which caps
+    a float64 comparison at ~1e-7. ``Qwen2RMSNorm`` (``hidden_states.to(torch.float32)``) and RoPE's
+    ``emb.cos()/.sin()``. For float64 parity we widen exactly those: the norm runs in the input dtype, and
+    cos/sin of transformers' own float32 angles are taken in float64 (chunkflow_pl does the same, see
+    ``model/rope.py``). Every other op stays transformers' own. float32 parity uses the unmodified model."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, Qwen2RotaryEmbedding
 
-    def forward(self, x):
+    def norm_forward(self, x):
         dtype = x.dtype
         h = x.to(torch.promote_types(dtype, torch.float32))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * h.to(dtype)
 
+    def rope_forward(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1).to(torch.promote_types(x.dtype, torch.float32))
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
     for m in hf_model.modules():
         if isinstance(m, Qwen2RMSNorm):
-            m.forward = types.MethodType(forward, m)
+            m.forward = types.MethodType(norm_forward, m)
+        elif isinstance(m, Qwen2RotaryEmbedding):
+            m.forward = types.MethodType(rope_forward, m)
 
 
 def make_hf_model(tie: bool = False, dtype=torch.float64, seed: int = 0, std: float = 0.2, **kw):
@@ -49,7 +58,7 @@ def make_hf_model(tie: bool = False, dtype=torch.float64, seed: int = 0, std: fl
         for name, p in hf.named_parameters():
             p.normal_(0.0, std) if "norm" not in name else p.uniform_(0.5, 1.5)
     if dtype == torch.float64:
-        widen_hf_norm_precision(hf)
+        widen_hf_precision(hf)
     return hf
 
 

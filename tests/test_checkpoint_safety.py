@@ -1,9 +1,12 @@
-"""Resuming never runs code stored in a checkpoint: loading is explicitly ``weights_only=True``, not
-left to torch's default (which was ``False`` before torch 2.6, the oldest torch pyproject allows)."""
+"""Resuming never runs code stored in a checkpoint: its Lightning part is read with an explicit
+``weights_only=True`` (not torch's default, which was ``False`` before torch 2.6, the oldest torch
+pyproject allows), and DCP's ``.metadata``, a plain pickle, is checked before DCP unpickles it."""
 
 from __future__ import annotations
 
 import builtins
+import pickle
+import shutil
 
 import pytest
 import torch
@@ -37,16 +40,23 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, monkeypatch):
     out = train(_cfg(tmp_path / "a", "trainer.max_steps=1"))
     good = tmp_path / "good.ckpt"
     out["trainer"].save_checkpoint(good)
-    ckpt = torch.load(good, weights_only=True)
     marker = tmp_path / "code-ran"
-    ckpt["extra"] = _Payload(str(marker))
-    evil = tmp_path / "evil.ckpt"
-    torch.save(ckpt, evil)
+
+    in_meta = tmp_path / "meta.ckpt"  # the Lightning part (loops, data position, ...)
+    shutil.copytree(good, in_meta)
+    meta = torch.load(good / "meta.pt", weights_only=True)
+    torch.save({**meta, "extra": _Payload(str(marker))}, in_meta / "meta.pt")
+    in_index = tmp_path / "index.ckpt"  # DCP's tensor index
+    shutil.copytree(good, in_index)
+    index = pickle.loads((good / ".metadata").read_bytes())
+    (in_index / ".metadata").write_bytes(pickle.dumps((_Payload(str(marker)), index)))
+
     # torch < 2.6 defaulted to weights_only=False; this makes torch 2.6+ default to it too, so only an
     # explicit weights_only=True at the load call keeps the payload from running
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    with pytest.raises(ValueError, match=rf"ckpt_path={evil}: cannot be loaded .*weights_only=True"):
-        train(_cfg(tmp_path / "b", "trainer.max_steps=2", f"ckpt_path={evil}"))
-    assert not marker.exists()
+    for evil in (in_meta, in_index):
+        with pytest.raises(ValueError, match=rf"ckpt_path={evil}"):
+            train(_cfg(tmp_path / evil.stem, "trainer.max_steps=2", f"ckpt_path={evil}"))
+        assert not marker.exists(), evil.name
     resumed = train(_cfg(tmp_path / "c", "trainer.max_steps=2", f"ckpt_path={good}"))  # a real one still loads
     assert resumed["trainer"].global_step == 2

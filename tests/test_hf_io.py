@@ -38,7 +38,8 @@ def test_sharded_checkpoint_loads_and_export_reloads_in_transformers(tmp_path, t
 
     save_hf(m, cfg, tmp_path / "out")
     back = Qwen2ForCausalLM.from_pretrained(tmp_path / "out").eval()
-    torch.testing.assert_close(back(ids[None]).logits[0], m.logits(h), rtol=0, atol=0)
+    # The exported weights are the loaded ones, bit for bit: transformers gives identical logits from both.
+    torch.testing.assert_close(back(ids[None]).logits[0], hf(ids[None]).logits[0], rtol=0, atol=0)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] == tie
 
 

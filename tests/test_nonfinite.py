@@ -8,6 +8,7 @@ import sys
 import lightning as L
 import pytest
 import torch
+from checkpoint_files import checkpoint_meta, checkpoint_weights, digest
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
@@ -26,8 +27,7 @@ def _cfg(out, *overrides):
 
 
 def _ckpt_state(path):
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return ckpt["global_step"], ckpt["state_dict"]
+    return checkpoint_meta(path)["global_step"], checkpoint_weights(path)
 
 
 def test_diverging_run_exits_1_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -102,13 +102,13 @@ def test_checkpoint_and_export_refuse_non_finite_weights(tmp_path):
     out = train(_cfg(tmp_path, "trainer.max_steps=1", f"export.hf_dir={tmp_path / 'export'}"))
     trainer, module = out["trainer"], out["module"]
     last = tmp_path / "checkpoints" / "last.ckpt"
-    before = last.read_bytes()
+    before = digest(last)
     exported = (tmp_path / "export" / "model.safetensors").read_bytes()
     with torch.no_grad():
         module.model.layers["0"].mlp.up_proj.weight[0, 0] = float("inf")
     with pytest.raises(NonFiniteError, match=r"refusing to write a checkpoint .*layers\.0\.mlp\.up_proj\.weight"):
         trainer.save_checkpoint(last)
-    assert last.read_bytes() == before
+    assert digest(last) == before
     export_cb = next(cb for cb in trainer.callbacks if type(cb).__name__ == "HFExport")
     with pytest.raises(NonFiniteError, match="refusing to write the Hugging Face export"):
         export_cb.on_fit_end(trainer, module)

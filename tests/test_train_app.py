@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, make_hf_model, widen_hf_norm_precision
+from conftest import ROOT, make_hf_model, widen_hf_precision
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
@@ -41,7 +41,7 @@ def hf_reference_step(hf_dir: Path, seqs, labels):
     from transformers import Qwen2ForCausalLM
 
     hf = Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, attn_implementation="sdpa")
-    widen_hf_norm_precision(hf)
+    widen_hf_precision(hf)
     targets = [targets_from_labels(s, y) for s, y in zip(seqs, labels)]
     n = sum(int((t != -100).sum()) for t in targets)
     loss = sum(F.cross_entropy(hf(s[None]).logits[0], t, ignore_index=-100, reduction="sum")

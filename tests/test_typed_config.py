@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -103,18 +104,26 @@ def test_typos_and_bad_values_fail_before_anything_runs(tmp_path, override, mess
         train(_cfg(tmp_path, override))
 
 
-def test_truncated_checkpoint_names_the_file(tmp_path):
-    out = train(_cfg(tmp_path / "a", "trainer.max_steps=1", "data.num_sequences=16", "data.max_len=64",
-                     "data.global_batch_size=4", "model.overrides.num_layers=1"))
+def test_damaged_checkpoint_names_the_file(tmp_path):
+    """A checkpoint cut short (a run killed while writing it, a full disk) fails in one line naming it."""
+    small = ["data.num_sequences=16", "data.max_len=64", "data.global_batch_size=4", "model.overrides.num_layers=1"]
+    out = train(_cfg(tmp_path / "a", "trainer.max_steps=1", *small))
     good = tmp_path / "good.ckpt"
     out["trainer"].save_checkpoint(good)
-    bad = tmp_path / "truncated.ckpt"
-    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(ValueError, match=rf"ckpt_path={bad}: .*truncated or corrupt"):
-        train(_cfg(tmp_path / "b", "trainer.max_steps=2", f"ckpt_path={bad}", "data.num_sequences=16",
-                   "data.max_len=64", "data.global_batch_size=4", "model.overrides.num_layers=1"))
+    damages = {"shard": lambda d: _truncate(next(d.glob("*.distcp"))), "meta": lambda d: _truncate(d / "meta.pt"),
+               "index": lambda d: (d / ".metadata").unlink()}
+    for name, damage in damages.items():
+        bad = tmp_path / f"{name}.ckpt"
+        shutil.copytree(good, bad)
+        damage(bad)
+        with pytest.raises(ValueError, match=rf"ckpt_path={bad}\b"):
+            train(_cfg(tmp_path / name, "trainer.max_steps=2", f"ckpt_path={bad}", *small))
     with pytest.raises(FileNotFoundError, match=r"ckpt_path=.*missing\.ckpt"):
-        train(_cfg(tmp_path / "c", f"ckpt_path={tmp_path / 'missing.ckpt'}"))
+        train(_cfg(tmp_path / "c", f"ckpt_path={tmp_path / 'missing.ckpt'}", *small))
+
+
+def _truncate(f):
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
 def test_command_line_typo_exits_1_with_the_key_and_no_traceback(tmp_path):

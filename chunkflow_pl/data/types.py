@@ -25,9 +25,10 @@ the whole prefix and own keys 0..i.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import torch
+if TYPE_CHECKING:  # annotations only: planning (lengths, segments) runs without torch
+    import torch
 
 IGNORE_INDEX = -100
 

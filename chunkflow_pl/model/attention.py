@@ -197,6 +197,20 @@ def _blockwise_bwd_math(do, q, k, v, o, lse, causal, scale):
     return ds @ k, ds.transpose(-1, -2) @ q, dv
 
 
+def merge_blocks(o1, lse1, o2, lse2):
+    """Merge two attention blocks over disjoint keys: ``(o, lse)`` of softmax over their union.
+
+    ``o_i`` [..., L, D], ``lse_i`` [..., L]. Weights ``w_i = exp(lse_i - lse)`` are written as
+    ``sigmoid(lse_1 - lse_2)`` and ``sigmoid(lse_2 - lse_1)``: the same numbers without a separate
+    ``exp`` (on CPU PyTorch's ``exp`` goes through MKL's vector math, whose rounding can differ from
+    process to process; ``sigmoid`` uses PyTorch's own vectorised code). Merged in >= fp32, cast once.
+    """
+    acc = torch.promote_types(o1.dtype, torch.float32)
+    d = (lse1 - lse2).to(acc)
+    o = o1.to(acc) * torch.sigmoid(d)[..., None] + o2.to(acc) * torch.sigmoid(-d)[..., None]
+    return o.to(o1.dtype), torch.logaddexp(lse1, lse2)
+
+
 class _PrefixCausalAttention(torch.autograd.Function):
     """o = softmax([q·pk | causal q·k]) [pv | v] for one segment; saves only O(L + P) tensors."""
 
@@ -208,11 +222,7 @@ class _PrefixCausalAttention(torch.autograd.Function):
         if pk_PHD is not None:
             op, lsep = _fused_fwd(_fold_q(q, groups), _to_bhld(pk_PHD, 1), _to_bhld(pv_PHD, 1), False, scale)
             op, lsep = _unfold_q(op, groups), _unfold_q(lsep, groups)
-            acc = torch.promote_types(o.dtype, torch.float32)  # merge in >= fp32, cast once
-            lse_new = torch.logaddexp(lse, lsep)
-            o = (o.to(acc) * torch.exp(lse - lse_new)[..., None].to(acc)
-                 + op.to(acc) * torch.exp(lsep - lse_new)[..., None].to(acc)).to(q.dtype)
-            lse = lse_new
+            o, lse = merge_blocks(o, lse, op, lsep)
         o = o.contiguous()
         ctx.scale, ctx.groups, ctx.has_prefix = scale, groups, pk_PHD is not None
         ctx.save_for_backward(q_LHD, k_LHD, v_LHD, pk_PHD, pv_PHD, o, lse)

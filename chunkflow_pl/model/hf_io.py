@@ -12,7 +12,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from chunkflow_pl.model.config import ModelConfig
 
@@ -78,29 +79,36 @@ def _safetensor_files(path: Path) -> list[Path]:
     return files
 
 
-def load_hf_state_dict(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our-named state dict from a Hugging Face directory (tied checkpoints drop ``lm_head``)."""
+def load_hf_state_dict(path: str | Path, cfg: ModelConfig, wanted: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """Our-named state dict from a Hugging Face directory (tied checkpoints drop ``lm_head``).
+
+    ``wanted``: our names to read (a pipeline stage's own parameters); None reads everything. Files are
+    opened lazily (``safe_open``), so a stage reads only its own tensors.
+    """
     path = Path(path)
     out: dict[str, torch.Tensor] = {}
     for f in _safetensor_files(path):
-        for hf_name, t in load_file(str(f)).items():
-            ours = from_hf_name(hf_name)
-            if ours is None:
-                continue
-            if ours == "lm_head.weight" and cfg.tie_word_embeddings:
-                continue
-            out[ours] = t
+        with safe_open(str(f), framework="pt") as st:
+            for hf_name in st.keys():
+                ours = from_hf_name(hf_name)
+                if ours is None:
+                    continue
+                if ours == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue
+                if wanted is not None and ours not in wanted:
+                    continue
+                out[ours] = st.get_tensor(hf_name)
     return out
 
 
 def load_pretrained(model: torch.nn.Module, path: str | Path, cfg: ModelConfig) -> None:
-    sd = load_hf_state_dict(path, cfg)
+    """Copy a Hugging Face checkpoint's weights into ``model`` (whole, or one pipeline stage of it)."""
     own = model.state_dict()
+    sd = load_hf_state_dict(path, cfg, wanted=set(own))
     missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
+    if missing:
         raise ValueError(f"checkpoint {path} does not match the architecture of its config.json: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+                         f"missing {[to_hf_name(k) for k in missing[:5]]}")
     for k, t in sd.items():
         if tuple(t.shape) != tuple(own[k].shape):
             raise ValueError(f"{path}: tensor {to_hf_name(k)} has shape {tuple(t.shape)}, "

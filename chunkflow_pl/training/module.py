@@ -19,14 +19,7 @@ from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.decoder import Qwen2Decoder
 from chunkflow_pl.model.hf_io import load_pretrained
 from chunkflow_pl.schedule.executor import StepStats
-from chunkflow_pl.training.nonfinite import (
-    NonFiniteError,
-    assert_finite,
-    describe,
-    grad_norm,
-    nonfinite_tensors,
-    step_is_finite,
-)
+from chunkflow_pl.training.nonfinite import NonFiniteError, describe, nonfinite_tensors, refusal, step_is_finite
 from chunkflow_pl.training.optim import OptimConfig, build_optimizer, lr_lambda
 
 log = logging.getLogger(__name__)
@@ -66,7 +59,9 @@ class ChunkFlowLM(L.LightningModule):
         device = trainer.strategy.root_device if trainer is not None else self.device
         precision = str(trainer.precision) if trainer is not None else "32-true"
         backend = resolve_backend(self.attention, device, precision)
-        self.model = Qwen2Decoder(self.model_cfg, attention_backend=backend, loss_chunk=self.loss_chunk)
+        # The strategy owns the layout: on a pipeline stage only that stage's layers are built.
+        stage = getattr(trainer.strategy, "stage_spec", None) if trainer is not None else None
+        self.model = Qwen2Decoder(self.model_cfg, attention_backend=backend, loss_chunk=self.loss_chunk, stage=stage)
         if self.pretrained:
             load_pretrained(self.model, self.pretrained, self.model_cfg)
         else:
@@ -85,17 +80,19 @@ class ChunkFlowLM(L.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
-        stats = self.trainer.strategy.run_chunk_step(self.model, batch)
+        strategy = self.trainer.strategy
+        stats = strategy.run_chunk_step(self.model, batch)
         self.last_stats = stats
+        # Sum over data parallelism, tie the head, global norm over the pipeline, clip: the strategy's job.
+        norm = float(strategy.finish_gradients(self.model, self.optim_cfg.grad_clip))
         loss = stats.global_loss_sum / max(batch.num_label_tokens, 1)
-        norm = float(grad_norm(self.model.parameters()))
-        # Decided before the optimizer step, from global values every rank shares: weights stay finite.
+        # Decided before the optimizer step from the global loss and norm, which every rank shares (summed over
+        # data parallelism, taken from the last stage, norm over the pipeline): all ranks take the same branch
+        # and the weights stay finite.
         if not step_is_finite(loss, norm):
             self._nonfinite_step(opt, batch, loss, norm)
             return
         self.consecutive_skips = 0
-        if self.optim_cfg.grad_clip > 0:
-            self.clip_gradients(opt, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
@@ -131,8 +128,12 @@ class ChunkFlowLM(L.LightningModule):
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Lightning writes the file after this hook: raising here keeps the previous checkpoint intact.
-        assert_finite(self.model.named_parameters(), f"a checkpoint at step {self.global_step}")
+        # Lightning writes the checkpoint after this hook: raising here keeps the previous one intact. Each rank
+        # holds part of the weights and the save is collective, so all ranks decide on the summed count.
+        bad = nonfinite_tensors(self.model.named_parameters())
+        total = int(self.trainer.strategy.reduce(torch.tensor(float(len(bad)), device=self.device), reduce_op="sum"))
+        if total:
+            raise refusal(f"a checkpoint at step {self.global_step}", bad, total)
         checkpoint["chunkflow"] = {"tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
                                    "model_cfg": self.model_cfg.as_dict()}
 

@@ -10,8 +10,9 @@ take the same branch without another collective. Policies (``optim.on_nonfinite`
   it (``train/skipped_steps``) and go on with the next batch; ``optim.max_consecutive_skips``
   skipped steps in a row stop the run (the model is not recovering).
 
-Writers check too (``assert_finite``): a checkpoint or Hugging Face export is never written from
-non-finite weights, whatever produced them.
+Writers check too: a checkpoint or Hugging Face export is never written from non-finite weights,
+whatever produced them (a checkpoint is written by every rank together, so the count of non-finite
+tensors is summed over ranks first and all refuse together).
 """
 
 from __future__ import annotations
@@ -28,14 +29,6 @@ class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss, gradient or weight; nothing was written from it."""
 
 
-def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
-    """L2 norm over all gradients (0 when none): the global norm once gradients are reduced."""
-    norms = [torch.linalg.vector_norm(p.grad) for p in parameters if p.grad is not None]
-    if not norms:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
-
-
 def step_is_finite(loss: float, norm: float) -> bool:
     return math.isfinite(loss) and math.isfinite(norm)
 
@@ -49,10 +42,16 @@ def nonfinite_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     return [name for name, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
+def refusal(what: str, bad: list[str], total: int | None = None) -> NonFiniteError:
+    """The error for writing ``what`` from weights of which ``bad`` (names, this rank) / ``total`` are non-finite."""
+    names = ", ".join(bad[:4]) + (", ..." if len(bad) > 4 else "")
+    return NonFiniteError(f"refusing to write {what}: {total if total is not None else len(bad)} tensors hold NaN or "
+                          f"inf ({names or 'on other ranks'}); lower optim.lr, check the data, or resume from the last "
+                          f"good checkpoint")
+
+
 def assert_finite(named: Iterable[tuple[str, torch.Tensor]], what: str) -> None:
     """Raise ``NonFiniteError`` before ``what`` is written if any tensor is non-finite."""
     bad = nonfinite_tensors(named)
     if bad:
-        raise NonFiniteError(f"refusing to write {what}: {len(bad)} tensors hold NaN or inf ({', '.join(bad[:4])}"
-                             f"{', ...' if len(bad) > 4 else ''}); lower optim.lr, check the data, or resume from "
-                             f"the last good checkpoint")
+        raise refusal(what, bad)

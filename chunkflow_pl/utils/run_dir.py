@@ -24,6 +24,7 @@ import datetime as _dt
 import functools
 import os
 import secrets
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -83,14 +84,14 @@ def resume_policy(output_dir: str | Path, ckpt_path: str | None, env: Mapping[st
     d = Path(output_dir)
     if any(d.glob(PREEMPT_GLOB)):
         return "hpc"
-    last = d / "checkpoints" / "last.ckpt"
+    last = d / "checkpoints" / "last.ckpt"  # a file, or a directory (torch.distributed.checkpoint)
     if is_restart(env):
-        return str(last) if last.is_file() else None
+        return str(last) if last.exists() else None
     held = sorted(str(p) for p in d.rglob("*.ckpt"))
     if held:
         raise OutputDirInUse(
             f"output folder {d} already holds checkpoints of another run ({', '.join(held[:3])}); to continue that "
-            f"run pass ckpt_path={held[0] if not last.is_file() else last}, to start a new one use another folder "
+            f"run pass ckpt_path={last if last.exists() else held[0]}, to start a new one use another folder "
             f"(drop hydra.run.dir / output_dir, or change CHUNKFLOW_RUN_ID)")
     return None
 
@@ -99,6 +100,6 @@ def remove_preemption_checkpoints(output_dir: str | Path) -> list[str]:
     """After the run completes: its preemption checkpoints are spent (a later start must not resume them)."""
     removed = []
     for p in Path(output_dir).glob(PREEMPT_GLOB):
-        p.unlink(missing_ok=True)
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         removed.append(str(p))
     return removed
