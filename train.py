@@ -30,6 +30,7 @@ from chunkflow_pl.model.memory import InsufficientMemoryError, available_memory,
 from chunkflow_pl.schedule.executor import StepInterrupted
 from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
 from chunkflow_pl.strategy.dims import ParallelDims, world_from_launch
+from chunkflow_pl.strategy.health import PeerFailure
 from chunkflow_pl.training.module import ChunkFlowLM
 from chunkflow_pl.training.nonfinite import NonFiniteError
 from chunkflow_pl.training.optim import OptimConfig
@@ -49,7 +50,8 @@ TRAINER_RESERVED = {
     "use_distributed_sampler": "the datamodule, which shards by data-parallel rank itself",
 }
 # Errors that end a run with exit code 1 and a one-line message instead of a traceback.
-USER_ERRORS = (InsufficientMemoryError, ValueError, FileNotFoundError, NotImplementedError, NonFiniteError)
+USER_ERRORS = (InsufficientMemoryError, ValueError, FileNotFoundError, NotImplementedError, NonFiniteError,
+               PeerFailure)
 
 
 def _accelerator(name: str) -> tuple[str, torch.device]:
@@ -198,6 +200,21 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _launcher_rank() -> int:
+    """Global rank given by an external launcher (torchrun, srun), before any process group exists."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+# Under torchrun/srun every rank runs Hydra: only rank 0 writes .hydra/, each rank logs to its own file.
+OmegaConf.register_new_resolver("chunkflow_hydra_subdir", lambda: ".hydra" if _launcher_rank() == 0 else None,
+                                replace=True)
+OmegaConf.register_new_resolver("chunkflow_rank_suffix", lambda: "" if _launcher_rank() == 0 else
+                                f"_rank{_launcher_rank()}", replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

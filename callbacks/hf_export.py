@@ -8,7 +8,7 @@ import lightning as L
 import torch
 
 from chunkflow_pl.model.hf_io import save_hf
-from chunkflow_pl.training.nonfinite import assert_finite
+from chunkflow_pl.training.nonfinite import assert_finite, strategy_sum
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -23,9 +23,17 @@ class HFExport(L.Callback):
         self.tokenizer_dir = tokenizer_dir
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if not self.hf_dir or not trainer.is_global_zero:
+        if not self.hf_dir:
             return
-        assert_finite(pl_module.model.named_parameters(), f"the Hugging Face export export.hf_dir={self.hf_dir}")
-        out = save_hf(pl_module.model, pl_module.model_cfg, self.hf_dir, dtype=self.dtype,
-                      tokenizer_dir=self.tokenizer_dir)
-        log.info("exported Hugging Face checkpoint to %s", out)
+        assert_finite(pl_module.model.named_parameters(), f"the Hugging Face export export.hf_dir={self.hf_dir}",
+                      strategy_sum(trainer.strategy, pl_module.device))
+        export = getattr(trainer.strategy, "export_hf", None)
+        if export is not None:  # every rank takes part: each pipeline stage writes its own shard
+            out = export(pl_module.model, self.hf_dir, dtype=self.dtype, tokenizer_dir=self.tokenizer_dir)
+        elif trainer.is_global_zero:
+            out = save_hf(pl_module.model, pl_module.model_cfg, self.hf_dir, dtype=self.dtype,
+                          tokenizer_dir=self.tokenizer_dir)
+        else:
+            return
+        if trainer.is_global_zero:
+            log.info("exported Hugging Face checkpoint to %s", out)

@@ -32,6 +32,7 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from chunkflow_pl.data.types import StepBatch
+from chunkflow_pl.model.hf_io import save_hf, save_hf_shard, write_hf_config
 from chunkflow_pl.model.stages import StageSpec, split_stages
 from chunkflow_pl.schedule.executor import ChunkExecutor, StepStats
 from chunkflow_pl.schedule.planner import plan_single_device
@@ -261,6 +262,37 @@ class ChunkFlowStrategy(ParallelStrategy):
             msg = describe_failure(self.global_rank, self.dims.world_size, step)
             if msg:
                 raise PeerFailure(msg) from error
+
+    # ---- Hugging Face export -----------------------------------------------------------------
+    def export_hf(self, model: torch.nn.Module, out_dir, dtype: torch.dtype | None = None,
+                  tokenizer_dir=None) -> Path:
+        """One Hugging Face checkpoint directory from all ranks (collective: every rank calls it).
+
+        One stage: global rank 0 writes ``model.safetensors``. A pipeline: data-parallel rank 0 of each
+        stage writes its shard ``model-0000s-of-0000p.safetensors`` (a tied head is written once, by the
+        first stage) and global rank 0 writes the index that joins them, so transformers loads one model.
+        """
+        out = Path(self.broadcast(str(out_dir)))
+        cfg = model.cfg
+        if self.dims.pp == 1:
+            if self.is_global_zero:
+                save_hf(model, cfg, out, dtype=dtype, tokenizer_dir=tokenizer_dir)
+            self.barrier("export_hf")
+            return out
+        weight_map: dict[str, str] = {}
+        if self.dp_rank == 0:
+            spec = self.stage_spec
+            skip = {"embed.weight"} if not spec.takes_ids else None
+            name = f"model-{self.pp_rank + 1:05d}-of-{self.dims.pp:05d}.safetensors"
+            weight_map = save_hf_shard(model, out, name, dtype=dtype, skip=skip)
+        maps: list[Any] = [None] * self.dims.world_size
+        dist.all_gather_object(maps, weight_map)
+        if self.is_global_zero:
+            merged = {k: v for m in maps for k, v in (m or {}).items()}
+            dtype_name = str(dtype if dtype is not None else next(model.parameters()).dtype).removeprefix("torch.")
+            write_hf_config(out, cfg, merged, dtype_name, tokenizer_dir=tokenizer_dir, index=True)
+        self.barrier("export_hf")
+        return out
 
     # ---- checkpoints -------------------------------------------------------------------------
     @property

@@ -19,7 +19,14 @@ from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.decoder import Qwen2Decoder
 from chunkflow_pl.model.hf_io import load_pretrained
 from chunkflow_pl.schedule.executor import StepStats
-from chunkflow_pl.training.nonfinite import NonFiniteError, describe, nonfinite_tensors, refusal, step_is_finite
+from chunkflow_pl.training.nonfinite import (
+    NonFiniteError,
+    assert_finite,
+    describe,
+    nonfinite_tensors,
+    step_is_finite,
+    strategy_sum,
+)
 from chunkflow_pl.training.optim import OptimConfig, build_optimizer, lr_lambda
 
 log = logging.getLogger(__name__)
@@ -128,12 +135,9 @@ class ChunkFlowLM(L.LightningModule):
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Lightning writes the checkpoint after this hook: raising here keeps the previous one intact. Each rank
-        # holds part of the weights and the save is collective, so all ranks decide on the summed count.
-        bad = nonfinite_tensors(self.model.named_parameters())
-        total = int(self.trainer.strategy.reduce(torch.tensor(float(len(bad)), device=self.device), reduce_op="sum"))
-        if total:
-            raise refusal(f"a checkpoint at step {self.global_step}", bad, total)
+        # Lightning writes the checkpoint after this hook: raising here keeps the previous one intact.
+        assert_finite(self.model.named_parameters(), f"a checkpoint at step {self.global_step}",
+                      strategy_sum(self.trainer.strategy, self.device))
         checkpoint["chunkflow"] = {"tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
                                    "model_cfg": self.model_cfg.as_dict()}
 

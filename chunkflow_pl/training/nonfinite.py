@@ -18,7 +18,8 @@ tensors is summed over ranks first and all refuse together).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -50,8 +51,17 @@ def refusal(what: str, bad: list[str], total: int | None = None) -> NonFiniteErr
                           f"good checkpoint")
 
 
-def assert_finite(named: Iterable[tuple[str, torch.Tensor]], what: str) -> None:
-    """Raise ``NonFiniteError`` before ``what`` is written if any tensor is non-finite."""
+def assert_finite(named: Iterable[tuple[str, torch.Tensor]], what: str,
+                  sum_over_ranks: Callable[[int], int] | None = None) -> None:
+    """Raise ``NonFiniteError`` before ``what`` is written if any tensor is non-finite. ``sum_over_ranks``: the
+    count summed over the ranks that write ``what`` together (each holds part of the weights), so that all of
+    them refuse, not one while the others wait in the collective write."""
     bad = nonfinite_tensors(named)
-    if bad:
-        raise refusal(what, bad)
+    total = sum_over_ranks(len(bad)) if sum_over_ranks is not None else len(bad)
+    if total:
+        raise refusal(what, bad, total)
+
+
+def strategy_sum(strategy: Any, device: torch.device) -> Callable[[int], int]:
+    """``sum_over_ranks`` through a Lightning strategy's ``reduce`` (identity on one process)."""
+    return lambda n: int(strategy.reduce(torch.tensor(float(n), device=device), reduce_op="sum"))
