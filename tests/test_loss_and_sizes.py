@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from meta_device import parameters_on_meta
 
 from chunkflow_pl.model.config import PRESETS, get_preset
 from chunkflow_pl.model.loss import chunked_cross_entropy
@@ -65,7 +66,9 @@ def test_presets_match_transformers_exactly(name):
     cfg = PRESETS[name]
     hf_cfg = Qwen2Config(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "torch_dtype")})
     with torch.device("meta"):
-        hf, ours = Qwen2ForCausalLM(hf_cfg), Qwen2Decoder(cfg)
+        hf = Qwen2ForCausalLM(hf_cfg)
+    with parameters_on_meta():
+        ours = Qwen2Decoder(cfg)
     hf_shapes = {n: tuple(p.shape) for n, p in hf.named_parameters()}  # a tied lm_head is listed once
     assert {to_hf_name(n): tuple(p.shape) for n, p in ours.named_parameters()} == hf_shapes
     assert cfg.num_params() == sum(p.numel() for p in hf.parameters())

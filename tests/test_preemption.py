@@ -123,7 +123,7 @@ def test_sigterm_inside_a_step_saves_and_the_resumed_run_is_bit_identical(tmp_pa
     assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
     assert "stopped on SIGTERM (inside step 3, stopped before action" in r.stderr, r.stderr[-3000:]
     ckpt = run / "hpc_ckpt_1.ckpt"
-    assert ckpt.is_file() and f"resume with ckpt_path={ckpt}" in r.stderr
+    assert ckpt.is_dir() and f"resume with ckpt_path={ckpt}" in r.stderr  # a DCP checkpoint directory
     assert _losses(tmp_path / "losses") == ref_losses[:2]  # step 3 was abandoned, not logged
 
     # resume in a new folder: step 3 (the interrupted global batch) is redone, then step 4

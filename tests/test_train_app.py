@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import ROOT, hf_reference_step, make_hf_model
 from hydra import compose, initialize_config_dir
+from meta_device import parameters_on_meta
 from safetensors.torch import load_file
 
 from train import train
@@ -159,7 +160,7 @@ def test_every_preset_composes_and_the_estimate_counts_the_real_weights(tmp_path
         res = train(compose_cfg(tmp_path, f"model={preset}", "dry_run=true", "chunk.size=32k",
                                 f"trainer.precision={precision}"))
         assert res["model_config"].name == preset
-        with torch.device("meta"):
+        with parameters_on_meta():
             model = Qwen2Decoder(res["model_config"]).to(dtype)
         real = sum(p.numel() * p.element_size() for p in model.parameters())
         assert res["memory"].weights == real and res["memory"].grads == real, preset

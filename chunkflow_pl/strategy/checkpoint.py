@@ -39,10 +39,12 @@ class _MetadataUnpickler(pickle.Unpickler):
               ("pathlib", "PureWindowsPath")}
 
     def find_class(self, module: str, name: str) -> Any:
-        obj = super().find_class(module, name)
-        dcp_class = module.startswith("torch.distributed.checkpoint.") and isinstance(obj, type)
-        if dcp_class or (module, name) in self._EXTRA or (module == "torch" and isinstance(obj, torch.dtype)):
-            return obj
+        # decide on the names before anything is imported (an import alone can run code)
+        if module.startswith("torch.distributed.checkpoint.") or module == "torch" or (module, name) in self._EXTRA:
+            obj = super().find_class(module, name)
+            if (module, name) in self._EXTRA or isinstance(obj, torch.dtype) or (module != "torch"
+                                                                                  and isinstance(obj, type)):
+                return obj
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
 
 
