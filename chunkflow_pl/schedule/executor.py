@@ -49,6 +49,8 @@ class StepStats:
     # Summed over data-parallel ranks (and taken from the last stage) by the strategy.
     global_loss_sum: float = 0.0
     global_tokens: int = 0
+    compute_s: float = 0.0  # this rank's time in the plan (before any gradient collective)
+    dp_imbalance: float = 1.0  # max / mean of compute_s over data-parallel ranks
 
 
 @dataclass
