@@ -144,3 +144,27 @@ def test_cuda_kernels_match_the_float64_reference(kernels, dtype):
         for name, a, b in zip(["o", "dq", "dk", "dv", "dpk", "dpv"], [out, *got_grads], [exp, *exp_grads]):
             err = (a.double().cpu() - b).norm() / b.norm()
             assert err < tol, f"{kernels} {dtype} {lens}/{pre} {name}: relative error {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_prefix_in_pinned_host_memory_equals_device_prefix():
+    """chunk.offload_state: a host prefix is copied per call; same numbers, its gradient lands on the host."""
+    from chunkflow_pl.model.attention import block_attention
+    from chunkflow_pl.model.attention_kernels import get_kernels
+
+    torch.manual_seed(0)
+    lens, pre = [64, 33], [100, 0]
+    dev = [torch.randn(n, h, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+           for n, h in ((97, 8), (97, 2), (97, 2), (100, 2), (100, 2))]
+    host = [t.detach().cpu().pin_memory().requires_grad_() for t in dev[3:]]
+    meta, kern = VarlenMeta.from_lengths(lens, pre), get_kernels("torch-flash")
+    do = torch.randn(97, 8, 64, device="cuda", dtype=torch.bfloat16)
+    a = block_attention(*dev[:3], meta, dev[3], dev[4], kern)
+    b = block_attention(*dev[:3], meta, host[0], host[1], kern)
+    assert torch.equal(a, b)
+    ga = torch.autograd.grad(a, dev[3:], do)
+    gb = torch.autograd.grad(b, host, do)
+    assert all(g.device.type == "cpu" for g in gb)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(y.cuda(), x, rtol=1e-2, atol=1e-2)

@@ -142,3 +142,37 @@ def test_standin_is_bottom_right_causal_like_the_cpu_reference_kernel():
     o, lse, _, _ = flash_standin._flash_attn_varlen_forward(q[:2], k[:5], v[:5], cu_q, cu_k, 2, 5, 0.0, 0.3, True)
     expected = torch.logsumexp(torch.einsum("hd,khd->hk", q[0], k[:4]) * 0.3, -1)
     torch.testing.assert_close(lse[:, 0], expected)
+
+
+class PaddedLseKernels(CpuFusedKernels):
+    """The CPU kernels with the LSE in the padded [B, Hq, ceil32(max_q)] layout of PyTorch's memory-efficient
+    CUDA kernel (and of older flash builds); padding holds NaN, so reading it anywhere poisons the result."""
+
+    name = "cpu-fused-padded-lse"
+
+    def forward(self, q, k, v, blk, causal, scale):
+        o, rows, aux = super().forward(q, k, v, blk, causal, scale)
+        padded = torch.full((len(blk), rows.shape[0], -(-blk.max_q // 32) * 32), float("nan"), dtype=rows.dtype)
+        for b, (s, e) in enumerate(zip(blk.cu_q_list, blk.cu_q_list[1:])):
+            padded[b, :, : e - s] = rows[:, s:e]
+        return o, padded, aux
+
+    def backward(self, do, q, k, v, o, lse, aux, blk, causal, scale):
+        assert lse.shape == (len(blk), q.shape[1], -(-blk.max_q // 32) * 32)
+        rows = torch.cat([lse[b, :, : e - s] for b, (s, e) in enumerate(zip(blk.cu_q_list, blk.cu_q_list[1:]))], 1)
+        return super().backward(do, q, k, v, o, rows, aux, blk, causal, scale)
+
+
+@pytest.mark.parametrize("layout", ["two-prefixed-tails", "zero-length-segments", "no-prefix"])
+def test_padded_lse_layout_round_trips_through_the_block_attention(layout):
+    from chunkflow_pl.model.attention import block_attention
+
+    lens, pre = LAYOUTS[layout]
+    q, k, v, pk, pv = inputs(lens, pre)
+    has_prefix = pk.shape[0] > 0
+    meta = VarlenMeta.from_lengths(lens, pre)
+    out = block_attention(q, k, v, meta, pk if has_prefix else None, pv if has_prefix else None, PaddedLseKernels())
+    ref = naive_used(q, k, v, pk, pv, lens, pre)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads(out, [q, k, v, pk, pv]), grads(ref, [q, k, v, pk, pv])):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)

@@ -34,6 +34,8 @@ prefix block instead, so a prefix is never expanded.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 LseSpec = tuple[tuple[int, ...], torch.dtype]
@@ -368,9 +370,14 @@ def get_kernels(name: str) -> BlockKernels:
 
 
 def torch_flash_usable(device: torch.device) -> bool:
-    if device.type != "cuda" or not torch.backends.cuda.is_flash_attention_available():
+    return device.type == "cuda" and _sm80_with_flash(device.index if device.index is not None else -1)
+
+
+@functools.cache
+def _sm80_with_flash(index: int) -> bool:
+    if not torch.backends.cuda.is_flash_attention_available():
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 8
+    return torch.cuda.get_device_capability(index if index >= 0 else None)[0] >= 8
 
 
 def select_kernels(backend: str, device: torch.device, dtype: torch.dtype) -> BlockKernels:
