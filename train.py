@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from typing import Any
@@ -22,6 +23,8 @@ from chunkflow_pl.model.attention import resolve_backend
 from chunkflow_pl.model.config import ModelConfig, get_preset
 from chunkflow_pl.model.memory import InsufficientMemoryError, available_memory, estimate_training_memory
 from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
+from chunkflow_pl.strategy.dims import ParallelDims, world_from_launch
+from chunkflow_pl.strategy.health import PeerFailure
 from chunkflow_pl.training.module import ChunkFlowLM
 from chunkflow_pl.training.optim import OptimConfig
 from chunkflow_pl.utils.reproducibility import CNR_DEFAULT, CNR_ENV, mkl_cnr_mode
@@ -85,8 +88,9 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     chunk_size = parse_size(cfg.chunk.size, key="chunk.size")
     chunk_k = int(cfg.chunk.k)
     dp, pp = int(cfg.parallel.dp), int(cfg.parallel.pp)
-    if dp * pp != 1:
-        raise NotImplementedError(f"parallel.dp={dp} parallel.pp={pp}: only dp=1 pp=1 is implemented so far")
+    devices, num_nodes, _ = world_from_launch(cfg.trainer.get("devices", "auto"), int(cfg.trainer.get("num_nodes", 1)),
+                                              dp, pp, dict(os.environ))
+    dims = ParallelDims(dp=dp, pp=pp, world_size=devices * num_nodes, num_layers=mcfg.num_layers)
     optim = OptimConfig.from_dict(OmegaConf.to_container(cfg.optim))
     precision = str(cfg.trainer.precision)
     accelerator, device = _accelerator(str(cfg.trainer.accelerator))
@@ -114,7 +118,9 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
             f"to try anyway.")
 
     data_cfg = DataConfig.from_dict(OmegaConf.to_container(cfg.data, resolve=True))
-    datamodule = ChunkFlowDataModule(data_cfg, chunk_size=chunk_size, vocab_size=mcfg.vocab_size)
+    strategy = ChunkFlowStrategy(dims, chunk_k=chunk_k, offload_state=bool(cfg.chunk.offload_state))
+    datamodule = ChunkFlowDataModule(data_cfg, chunk_size=chunk_size, vocab_size=mcfg.vocab_size,
+                                     dp_rank=lambda: strategy.dp_rank, dp_size=dims.dp)
     max_steps = int(cfg.trainer.max_steps)
     if max_steps <= 0 and optim.schedule == "cosine":
         raise ValueError("optim.schedule=cosine needs trainer.max_steps > 0 (the decay length); set "
@@ -122,16 +128,11 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     module = ChunkFlowLM(mcfg, optim, attention=str(cfg.model.attention), loss_chunk=int(cfg.model.loss_chunk),
                          pretrained=cfg.model.get("pretrained"), init_std=float(cfg.model.init_std),
                          total_steps=max(max_steps, 1))
-    strategy = ChunkFlowStrategy(chunk_k=chunk_k, offload_state=bool(cfg.chunk.offload_state), device=device)
 
     output_dir = _output_dir(cfg)
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else None
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if trainer_kwargs.get("devices", 1) not in (1, "1", "auto") or int(trainer_kwargs.get("num_nodes", 1)) != 1:
-        raise NotImplementedError(f"trainer.devices={trainer_kwargs.get('devices')} "
-                                  f"trainer.num_nodes={trainer_kwargs.get('num_nodes')}: ChunkFlowStrategy runs on "
-                                  f"one device so far; set trainer.devices=1 trainer.num_nodes=1")
-    trainer_kwargs.update(accelerator=accelerator, devices=1)
+    trainer_kwargs.update(accelerator=accelerator, devices=devices, num_nodes=num_nodes)
     trainer = L.Trainer(**trainer_kwargs, strategy=strategy, logger=logger if logger is not None else False,
                         callbacks=_instantiate_all(cfg.get("callbacks")) + list(callbacks or []),
                         use_distributed_sampler=False,
@@ -142,11 +143,26 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     return {"trainer": trainer, "module": module, "datamodule": datamodule, "model_config": mcfg}
 
 
+def _launcher_rank() -> int:
+    """Global rank given by an external launcher (torchrun, srun), before any process group exists."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+# Under torchrun/srun every rank runs Hydra: only rank 0 writes .hydra/, each rank logs to its own file.
+OmegaConf.register_new_resolver("chunkflow_hydra_subdir", lambda: ".hydra" if _launcher_rank() == 0 else None,
+                                replace=True)
+OmegaConf.register_new_resolver("chunkflow_rank_suffix", lambda: "" if _launcher_rank() == 0 else
+                                f"_rank{_launcher_rank()}", replace=True)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except (InsufficientMemoryError, ValueError, FileNotFoundError, NotImplementedError) as e:
+    except (InsufficientMemoryError, ValueError, FileNotFoundError, NotImplementedError, PeerFailure) as e:
         log.error("%s", e)
         sys.exit(f"error: {e}")
 

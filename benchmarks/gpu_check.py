@@ -396,6 +396,7 @@ def measure_point(ctx, model, L, C, offload, k=1, repeats=1):
         stats, chunks, actions = one_step(model, L, C, k, dev, offload)
         sync(dev)
         times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None  # before the norms below allocate
     grads = [p.grad.float().norm() for p in model.parameters() if p.grad is not None]
     row = {"L": L, "C": C, "k": k, "offload": offload, "chunks": len(chunks), "recomputed": stats.recomputed_chunks,
            "step_s": statistics.median(times), "times": times, "loss": stats.loss_sum / max(stats.tokens, 1),
@@ -408,8 +409,7 @@ def measure_point(ctx, model, L, C, offload, k=1, repeats=1):
     state = stats.peak_state_bytes
     row["state_gib"] = state / GiB
     row["device_state_gib"] = 0.0 if offload else state / GiB
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
+    if peak is not None:
         row.update(base_gib=base / GiB, peak_gib=peak / GiB, step_gib=(peak - base) / GiB,
                    step_minus_state_gib=(peak - base) / GiB - row["device_state_gib"])
     model.zero_grad(set_to_none=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -92,8 +93,9 @@ def source_spec(data: DataConfig, vocab_size: int | None) -> SourceSpec:
 class ChunkFlowDataModule(pl.LightningDataModule):
     """Each training item is one ``StepBatch``: this rank's share of one global batch.
 
-    ``dp_rank``/``dp_size``: None = taken in ``setup()`` from ``trainer.strategy.dp_rank/dp_size``
-    when the strategy has them, else ``trainer.global_rank/world_size``, else 0/1.
+    ``dp_size``: data-parallel ranks; ``dp_rank``: this rank's data-parallel coordinate, or a callable
+    returning it once the processes exist (the strategy's, which owns the layout: every pipeline stage of
+    a replica must get the same batch). Defaults: 0 of 1.
     ``limit_batches``: cap on global batches per epoch (None = all).
     """
 
@@ -102,8 +104,8 @@ class ChunkFlowDataModule(pl.LightningDataModule):
         data: DataConfig,
         chunk_size: int,
         vocab_size: int,
-        dp_rank: int | None = None,
-        dp_size: int | None = None,
+        dp_rank: int | Callable[[], int] = 0,
+        dp_size: int = 1,
         limit_batches: int | None = None,
     ) -> None:
         super().__init__()
@@ -114,8 +116,9 @@ class ChunkFlowDataModule(pl.LightningDataModule):
         self.data = data
         self.chunk_size = int(chunk_size)
         self.vocab_size = int(vocab_size)
-        self.dp_rank = dp_rank
-        self.dp_size = dp_size
+        self._dp_rank = dp_rank
+        self.dp_rank: int | None = None  # resolved in setup()
+        self.dp_size = int(dp_size)
         self.limit_batches = limit_batches
         self.store: TokenStore | None = None
         self.dataset: GlobalBatchDataset | None = None
@@ -150,18 +153,10 @@ class ChunkFlowDataModule(pl.LightningDataModule):
         )
 
     def _resolve_dp(self) -> None:
-        trainer = getattr(self, "trainer", None)
-        if self.dp_rank is not None and self.dp_size is not None:
-            return
-        rank, size = 0, 1
-        if trainer is not None:
-            strategy = trainer.strategy
-            if getattr(strategy, "dp_size", None) is not None and getattr(strategy, "dp_rank", None) is not None:
-                rank, size = int(strategy.dp_rank), int(strategy.dp_size)
-            else:
-                rank, size = int(trainer.global_rank), int(trainer.world_size)
-        self.dp_rank = rank if self.dp_rank is None else self.dp_rank
-        self.dp_size = size if self.dp_size is None else self.dp_size
+        rank = self._dp_rank() if callable(self._dp_rank) else self._dp_rank
+        if not 0 <= int(rank) < self.dp_size:
+            raise ValueError(f"data-parallel rank {rank} is outside [0, {self.dp_size})")
+        self.dp_rank = int(rank)
 
     def train_dataloader(self) -> ResumableLoader:
         if self.dataset is None:

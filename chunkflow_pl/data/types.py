@@ -25,11 +25,12 @@ the whole prefix and own keys 0..i.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import torch
+from chunkflow_pl.utils.constants import IGNORE_INDEX  # noqa: F401  (re-exported for the data layer)
 
-IGNORE_INDEX = -100
+if TYPE_CHECKING:  # annotations only: planning (lengths, segments) runs without torch
+    import torch
 
 
 class Segment(NamedTuple):

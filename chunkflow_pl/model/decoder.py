@@ -14,6 +14,8 @@ names never change when the model is split into pipeline stages.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +24,7 @@ from chunkflow_pl.model.attention import VarlenMeta, attention
 from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.loss import chunked_cross_entropy
 from chunkflow_pl.model.rope import RotaryTable
+from chunkflow_pl.model.stages import StageSpec
 
 KV = tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor | tuple[torch.Tensor, ...]]
 
@@ -98,24 +101,50 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen2Decoder(nn.Module):
-    """Embedding -> N x (RMSNorm, GQA attention with q/k/v bias, RMSNorm, SwiGLU) -> RMSNorm -> LM head."""
+    """Embedding -> N x (RMSNorm, GQA attention with q/k/v bias, RMSNorm, SwiGLU) -> RMSNorm -> LM head.
 
-    def __init__(self, cfg: ModelConfig, attention_backend: str = "sdpa", loss_chunk: int = 4096) -> None:
+    Built whole, or as one pipeline stage (``stage``): only that stage's modules exist, under the names
+    they have in the whole model (``layers.17.attn.q_proj.weight`` stays that on whatever stage holds
+    layer 17), so checkpoints and Hugging Face exports of the stages merge by name.
+    """
+
+    def __init__(self, cfg: ModelConfig, attention_backend: str = "sdpa", loss_chunk: int = 4096,
+                 stage: StageSpec | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.stage = stage or StageSpec.whole(cfg.num_layers)
+        if not 0 <= self.stage.first_layer <= self.stage.end_layer <= cfg.num_layers:
+            raise ValueError(f"stage {self.stage} does not fit a model of {cfg.num_layers} layers")
         self.attention_backend = attention_backend
         self.loss_chunk = loss_chunk
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.num_layers)})
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        tied_head = self.stage.has_head and cfg.tie_word_embeddings
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.stage.takes_ids or tied_head else None
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in self.stage.layer_ids})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.stage.has_head else None
+        self.lm_head = (nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+                        if self.stage.has_head and not cfg.tie_word_embeddings else None)
         self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta)  # host-side table, not a parameter or buffer
 
     @property
+    def layer_names(self) -> list[str]:
+        """Keys of this stage's layers (global layer indices as strings), in order."""
+        return list(self.layers.keys())
+
+    @property
     def head_weight(self) -> torch.Tensor:
+        if not self.stage.has_head:
+            raise RuntimeError(f"stage {self.stage} has no LM head")
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def reset_parameters(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init, identical on every stage for the parameters it holds.
+
+        Each parameter draws from its own generator seeded by (seed, its name), so a stage gets exactly
+        the values the whole model would (and a tied head on the last stage equals the first stage's
+        embedding) whatever the split.
+        """
+        # One draw from the given (or the global, seeded) generator: the same on every rank.
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
         for name, p in self.named_parameters():
             with torch.no_grad():
                 if name.endswith("norm.weight"):
@@ -123,17 +152,25 @@ class Qwen2Decoder(nn.Module):
                 elif name.endswith(".bias"):
                     p.zero_()
                 else:
-                    p.normal_(0.0, std, generator=generator)
+                    g = torch.Generator(device=p.device).manual_seed(_name_seed(seed, name))
+                    p.normal_(0.0, std, generator=g)
 
     def forward(
         self,
-        input_ids_T: torch.Tensor,
+        x: torch.Tensor,
         position_ids_T: torch.Tensor,
         meta: VarlenMeta,
         prefix_kv: list[KV] | None = None,
         return_kv: bool = False,
     ) -> tuple[torch.Tensor, list[KV] | None]:
-        x_TD = self.embed(input_ids_T)
+        """This stage's layers on one chunk.
+
+        ``x``: token ids ``input_ids_T`` [T] on the first stage, else the residual stream ``x_TD`` [T, D].
+        ``prefix_kv[i]``: prefix keys/values of this stage's ``i``-th layer (``layer_names[i]``).
+        Returns the normed hidden state on the last stage (feed it to ``loss_sum``), else the residual
+        stream for the next stage; plus each layer's new ``(k_TND, v_TND)`` if ``return_kv``.
+        """
+        x_TD = self.embed(x) if self.stage.takes_ids else x
         # Positions of segment b are prefix_b .. prefix_b + len_b - 1: the table size is known without a sync.
         num_positions = max((p + q for p, q in zip(meta.prefix_lens, meta.seqlens_q)), default=0)
         cos_TD, sin_TD = self.rope.cos_sin(position_ids_T, num_positions, x_TD.dtype)
@@ -143,7 +180,8 @@ class Qwen2Decoder(nn.Module):
             x_TD, kv = layer(x_TD, cos_TD, sin_TD, meta, prefix, self.attention_backend)
             if return_kv:
                 new_kv.append(kv)
-        return self.norm(x_TD), (new_kv if return_kv else None)
+        out = self.norm(x_TD) if self.stage.has_head else x_TD
+        return out, (new_kv if return_kv else None)
 
     def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden_TD, self.head_weight)
@@ -151,3 +189,8 @@ class Qwen2Decoder(nn.Module):
     def loss_sum(self, hidden_TD: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
         """Summed token cross-entropy, computed in slices so full logits never exist at once."""
         return chunked_cross_entropy(hidden_TD, self.head_weight, labels_T, self.loss_chunk)
+
+
+def _name_seed(seed: int, name: str) -> int:
+    # A stable (process-independent, unlike hash()) 63-bit seed per parameter name.
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), "little") >> 1

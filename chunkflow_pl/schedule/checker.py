@@ -14,11 +14,11 @@ Errors name the action index and the rule, e.g.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from chunkflow_pl.data.types import Segment
 from chunkflow_pl.schedule.actions import Action, Op
-from chunkflow_pl.schedule.graph import build_graph
+from chunkflow_pl.schedule.graph import ChunkGraph, build_graph
 
 
 class PlanError(ValueError):
@@ -45,19 +45,30 @@ def check_plan(
     if k < 1:
         raise PlanError(f"k must be >= 1, got {k}")
     graph = build_graph(chunks, seq_lens)
-    n = graph.num_chunks
-    _check_counts(actions, n)
+    indexed = list(enumerate(actions))
+    check_counts(indexed, graph.num_chunks, range(graph.num_chunks))
+    replay_compute(indexed, graph, k)
 
-    # Replay in order. Counts are already exact, so each chunk has one forward and one backward.
+
+def replay_compute(
+    indexed: Sequence[tuple[int, Action]], graph: ChunkGraph, cap: int, *, where: str = "", cap_name: str = "k"
+) -> int:
+    """Replay compute actions in order against ``graph``; return the peak of live activations.
+
+    ``indexed`` holds ``(position in the caller's list, action)``, so errors point into that list
+    (``where`` prefixes them, e.g. ``"stage 1, "``). Counts must already be exact (``check_counts``):
+    each chunk in ``indexed`` has one forward and one backward.
+    """
     kept: dict[int, bool] = {}  # chunk -> keep flag of its forward, once it ran
     backed: set[int] = set()
     recomputed: set[int] = set()
     live: set[int] = set()
-    for i, a in enumerate(actions):
+    peak = 0
+    for i, a in indexed:
         c = a.chunk
 
         def fail(rule: str, i: int = i, a: Action = a) -> PlanError:
-            return PlanError(f"action {i} ({a}): {rule}")
+            return PlanError(f"{where}action {i} ({a}): {rule}")
 
         if a.op is Op.FORWARD:
             for p in sorted(graph.fwd_deps[c]):
@@ -87,22 +98,30 @@ def check_plan(
                 raise fail(f"backward of chunk {c} without a recompute of its dropped forward")
             backed.add(c)
             live.discard(c)
-        if len(live) > k:
-            raise fail(f"live activations {len(live)} exceed k={k} (chunks {sorted(live)})")
+        if len(live) > cap:
+            raise fail(f"live activations {len(live)} exceed {cap_name}={cap} (chunks {sorted(live)})")
+        peak = max(peak, len(live))
+    return peak
 
 
-def _check_counts(actions: Sequence[Action], n: int) -> None:
-    # Counted before replaying the order, so a missing action reads as missing rather than as a
-    # dependency broken later by the chunk that needed it.
+def check_counts(indexed: Sequence[tuple[int, Action]], n: int, required: Iterable[int], *, where: str = "") -> None:
+    """Exactly one FORWARD and one BACKWARD of every chunk in ``required``, none of any other chunk.
+
+    Counted before replaying the order, so a missing action reads as missing rather than as a
+    dependency broken later by the chunk that needed it.
+    """
+    need = set(required)
     seen: dict[Op, set[int]] = {Op.FORWARD: set(), Op.BACKWARD: set()}
-    for i, a in enumerate(actions):
+    for i, a in indexed:
         if not 0 <= a.chunk < n:
-            raise PlanError(f"action {i} ({a}): chunk index {a.chunk} out of range [0, {n})")
+            raise PlanError(f"{where}action {i} ({a}): chunk index {a.chunk} out of range [0, {n})")
+        if a.chunk not in need:
+            raise PlanError(f"{where}action {i} ({a}): chunk {a.chunk} has no tokens, so no action may name it")
         if a.op in seen:
             if a.chunk in seen[a.op]:
-                raise PlanError(f"action {i} ({a}): duplicate {a.op.name} of chunk {a.chunk}")
+                raise PlanError(f"{where}action {i} ({a}): duplicate {a.op.name} of chunk {a.chunk}")
             seen[a.op].add(a.chunk)
     for op, done in seen.items():
-        missing = sorted(set(range(n)) - done)
+        missing = sorted(need - done)
         if missing:
-            raise PlanError(f"missing {op.name} of chunks {missing}")
+            raise PlanError(f"{where}missing {op.name} of chunks {missing}")

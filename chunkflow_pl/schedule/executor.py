@@ -1,61 +1,92 @@
-"""Run a single-device step plan (forward / recompute / backward actions) on the model.
+"""Run one pipeline stage's step plan (paper Algorithm 2, and its pipelined form) on its model part.
 
-Each chunk's graph is self-contained: the prefix keys/values it reads from the state store enter
-as detached leaves, so backward of one chunk never walks into another's graph. State passing is
-explicit instead::
+A stage executor owns the stage's state store and runs actions for the chunks of one ``StepBatch``::
 
-    forward(c):   prefix leaves <- store;  hidden, kv = model(chunk, prefix);  store <- kv (continuing segs)
-    backward(c):  autograd.backward([loss_c, kv_c], [1, dkv_c from store]);  store.dkv[:start] += prefix.grad
+    recv_act(c)    the residual stream of chunk c from the previous stage      (not on the first stage)
+    forward(c)     this stage's layers on c; store its keys/values; keep activations or drop them
+    send_act(c)    the output to the next stage                                 (not on the last stage)
+    recompute(c)   re-run a dropped forward from the stage's own saved input (never a re-send)
+    recv_grad(c)   d loss / d output from the next stage                        (not on the last stage)
+    backward(c)    autograd through c, fed the stored gradient of c's keys/values from later chunks
+    send_grad(c)   d loss / d input to the previous stage                       (not on the first stage)
 
-Backward runs chunks of a sequence in reverse order, so when chunk c runs, every later chunk has
-already added the gradient of c's keys/values to the store. A dropped forward (``keep=False``) ran
-under ``no_grad`` and is recomputed from the same stored prefix right before its backward; the
-same kernels on the same inputs make it bit-identical.
+With one stage (pp = 1) only forward / recompute / backward occur and the transport is never used.
+
+Each chunk's graph is self-contained: the prefix keys/values it reads from the state store enter as
+detached leaves, so backward of one chunk never walks into another's graph. State passing is explicit::
+
+    forward(c):   prefix leaves <- store;  out, kv = stage(chunk, prefix);  store <- kv (continuing segs)
+    backward(c):  autograd.backward([out_c, kv_c], [d out_c, dkv_c from store]);  store.dkv[:start] += prefix.grad
+
+Backward runs the chunks of a sequence in reverse order, so when chunk c runs, every later chunk has
+already added the gradient of c's keys/values to the store. A dropped forward ran under ``no_grad``
+and is recomputed from the same stored prefix right before its backward; the same kernels on the
+same inputs make it bit-identical. A stage other than the first keeps the input of a dropped chunk
+(``[T, D]``, a boundary checkpoint) for that recompute.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from chunkflow_pl.data.types import ChunkBatch, Segment, StepBatch
 from chunkflow_pl.model.attention import VarlenMeta
-from chunkflow_pl.schedule.actions import Action, Op
 from chunkflow_pl.schedule.state import StateStore
+from chunkflow_pl.schedule.transport import ACT, GRAD, LocalTransport, Transport
 
 
 @dataclass
 class StepStats:
-    loss_sum: float = 0.0  # summed token cross-entropy of this rank's chunks (not normalised)
+    loss_sum: float = 0.0  # summed token cross-entropy of this rank's chunks (last stage; not normalised)
     tokens: int = 0
     chunks: int = 0
     recomputed_chunks: int = 0
     peak_state_bytes: int = 0
     max_live_activations: int = 0
-    # Summed over data-parallel ranks by the strategy (equal to the local values on one device).
+    # Summed over data-parallel ranks (and taken from the last stage) by the strategy.
     global_loss_sum: float = 0.0
     global_tokens: int = 0
 
 
 @dataclass
 class _Live:
-    loss: torch.Tensor  # already divided by the global label-token count
+    inp: torch.Tensor  # ids (first stage) or a leaf requiring grad (others)
+    out: torch.Tensor  # loss already divided by the global label-token count (last stage), else [T, D]
     kv: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class ChunkExecutor:
-    """Executes actions for the chunks of one ``StepBatch`` on ``model`` (a ``Qwen2Decoder``)."""
+    """Executes actions of one stage for the chunks of one ``StepBatch`` on ``model`` (a ``Qwen2Decoder``,
+    whole or one stage of it; ``model.stage`` says which).
+
+    ``transport`` connects it to the neighbouring stages (unused when the model is whole).
+    ``should_stop`` is polled between actions; when it returns True the step is abandoned with
+    ``StepInterrupted`` (chunk boundaries are the only safe places to stop a step).
+    """
 
     def __init__(self, model: torch.nn.Module, batch: StepBatch, device: torch.device,
-                 offload_state: bool = False) -> None:
+                 offload_state: bool = False, transport: Transport | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> None:
         self.model = model
+        self.stage = model.stage
         self.batch = batch
         self.device = torch.device(device)
-        self.store = StateStore(model.cfg.num_layers, self.device, offload=offload_state)
+        self.layer_names = model.layer_names
+        self.store = StateStore(self.layer_names, self.device, offload=offload_state)
+        self.transport = transport if transport is not None else LocalTransport()
+        self.should_stop = should_stop
         self.scale = 1.0 / max(int(batch.num_label_tokens), 1)
+        self.act_dtype = next(model.parameters()).dtype  # the residual stream's dtype (fp32 under autocast)
         self._live: dict[int, _Live] = {}
         self._on_device: dict[int, ChunkBatch] = {}
+        self._inbox: dict[int, torch.Tensor] = {}  # received inputs, until their forward
+        self._saved_input: dict[int, torch.Tensor] = {}  # inputs of dropped forwards, until their recompute
+        self._outbox: dict[int, torch.Tensor] = {}  # outputs, until sent
+        self._grad_in: dict[int, torch.Tensor] = {}  # received output gradients, until backward
+        self._grad_out: dict[int, torch.Tensor] = {}  # input gradients, until sent
         self.stats = StepStats()
 
     # ---- helpers -----------------------------------------------------------------------------
@@ -72,6 +103,9 @@ class ChunkExecutor:
             )
             self._on_device[c] = cb
         return cb
+
+    def _hidden_shape(self, c: int) -> tuple[int, int]:
+        return (self.batch.chunks[c].num_tokens, self.model.cfg.hidden_size)
 
     def _continues(self, seg: Segment) -> bool:
         return seg.end < self.batch.seq_lens[seg.seq]
@@ -92,7 +126,7 @@ class ChunkExecutor:
         if not segs:
             return None
         leaves = []
-        for layer in range(self.model.cfg.num_layers):
+        for layer in self.layer_names:
             ks, vs = [], []
             for s in segs:
                 k, v = (t.detach().requires_grad_(requires_grad) for t in self.store.prefix(s.seq, layer, s.start))
@@ -104,57 +138,97 @@ class ChunkExecutor:
             leaves.append((tuple(ks), tuple(vs)))
         return leaves
 
-    def _grad_to_store(self, seq: int, layer: int, which: str):
+    def _grad_to_store(self, seq: int, layer: str, which: str):
         def hook(leaf: torch.Tensor) -> None:
             self.store.add_grad(seq, layer, which, leaf.grad)
             leaf.grad = None
 
         return hook
 
-    def _run_forward(self, c: int, grad: bool, write_state: bool) -> _Live | None:
+    def _input(self, c: int, cb: ChunkBatch, recompute: bool) -> torch.Tensor:
+        if self.stage.takes_ids:
+            return cb.input_ids_T
+        box = self._saved_input if recompute else self._inbox
+        if c not in box:
+            what = "its saved input" if recompute else "a receive of its input"
+            raise RuntimeError(f"stage {self.stage}: {'recompute' if recompute else 'forward'} of chunk {c} "
+                               f"without {what}: the plan is out of order")
+        return box.pop(c)
+
+    def _run_forward(self, c: int, grad: bool, recompute: bool) -> _Live | None:
         cb = self._chunk(c)
-        if cb.num_tokens == 0:  # padding micro-step of a data-parallel rank: no work
-            return _Live(loss=torch.zeros((), device=self.device), kv=[]) if grad else None
+        inp = self._input(c, cb, recompute)
+        if grad and not self.stage.takes_ids:
+            inp = inp.detach().requires_grad_(True)
+        elif not grad and not self.stage.takes_ids:
+            self._saved_input[c] = inp  # boundary checkpoint for the recompute
         meta = VarlenMeta.from_lengths([s.length for s in cb.segments], [s.start for s in cb.segments])
         prefix = self._prefix(cb, requires_grad=grad)
         with torch.set_grad_enabled(grad):
-            hidden_TD, kv = self.model(cb.input_ids_T, cb.position_ids_T, meta, prefix, return_kv=True)
-            loss = self.model.loss_sum(hidden_TD, cb.labels_T) * self.scale if grad else None
-        if write_state:
+            hidden, kv = self.model(inp, cb.position_ids_T, meta, prefix, return_kv=True)
+            if self.stage.has_head:
+                out = self.model.loss_sum(hidden, cb.labels_T) * self.scale if grad else None
+            else:
+                out = hidden
+        if not recompute:  # the stored state already holds a recomputed chunk's keys/values
             offset = 0
             for s in cb.segments:
                 if self._continues(s):
                     self.store.write(s.seq, self.batch.seq_lens[s.seq], s.start,
                                      [(k[offset:offset + s.length], v[offset:offset + s.length]) for k, v in kv])
                 offset += s.length
+            if not self.stage.has_head:
+                self._outbox[c] = hidden.detach()
         if not grad:
             return None
-        return _Live(loss=loss, kv=kv)
+        return _Live(inp=inp, out=out, kv=kv)
+
+    def _empty(self, c: int) -> bool:
+        # Padding micro-step of a data-parallel rank: no work, no messages.
+        return self.batch.chunks[c].num_tokens == 0
 
     # ---- actions -----------------------------------------------------------------------------
+    def recv_act(self, c: int) -> None:
+        self._inbox[c] = self.transport.recv(ACT, c, self._hidden_shape(c), self.act_dtype, self.device)
+
     def forward(self, c: int, keep: bool) -> None:
-        live = self._run_forward(c, grad=keep, write_state=True)
+        if self._empty(c):
+            return
+        live = self._run_forward(c, grad=keep, recompute=False)
         if keep:
             self._live[c] = live
         self.stats.max_live_activations = max(self.stats.max_live_activations, len(self._live))
 
+    def send_act(self, c: int) -> None:
+        self.transport.send(ACT, c, self._outbox.pop(c))
+
     def recompute(self, c: int) -> None:
-        # The stored state already holds this chunk's keys/values; recompute only rebuilds the graph.
-        self._live[c] = self._run_forward(c, grad=True, write_state=False)
+        if self._empty(c):
+            return
+        self._live[c] = self._run_forward(c, grad=True, recompute=True)
         self.stats.recomputed_chunks += 1
         self.stats.max_live_activations = max(self.stats.max_live_activations, len(self._live))
 
+    def recv_grad(self, c: int) -> None:
+        self._grad_in[c] = self.transport.recv(GRAD, c, self._hidden_shape(c), self.act_dtype, self.device)
+
     def backward(self, c: int) -> None:
+        if self._empty(c):
+            return
         live = self._live.pop(c)
         cb = self._chunk(c)
         outputs, grads = [], []
-        if live.loss.requires_grad:
-            outputs.append(live.loss)
-            grads.append(torch.ones_like(live.loss))
+        if self.stage.has_head:
+            if live.out.requires_grad:
+                outputs.append(live.out)
+                grads.append(torch.ones_like(live.out))
+        else:
+            outputs.append(live.out)
+            grads.append(self._grad_in.pop(c))
         offset = 0
         for s in cb.segments:
             if self._continues(s):
-                for layer, (k, v) in enumerate(live.kv):
+                for layer, (k, v) in zip(self.layer_names, live.kv, strict=True):
                     g = self.store.grad(s.seq, layer, s.start, s.end)
                     if g is not None:
                         outputs += [k[offset:offset + s.length], v[offset:offset + s.length]]
@@ -162,25 +236,46 @@ class ChunkExecutor:
             offset += s.length
         if outputs:
             torch.autograd.backward(outputs, grads)  # prefix gradients reach the store through hooks
+        if not self.stage.takes_ids:
+            g_in = live.inp.grad
+            self._grad_out[c] = g_in if g_in is not None else torch.zeros_like(live.inp)
         # The chunk holding a sequence's first piece is the last of that sequence to run backward.
         for s in cb.segments:
             if s.start == 0:
                 self.store.free(s.seq)
-        self.stats.loss_sum += float(live.loss.detach()) / self.scale
+        if self.stage.has_head:
+            self.stats.loss_sum += float(live.out.detach()) / self.scale
         self.stats.tokens += cb.num_tokens
         self.stats.chunks += 1
         self._on_device.pop(c, None)
 
-    def run(self, actions: list[Action]) -> StepStats:
+    def send_grad(self, c: int) -> None:
+        self.transport.send(GRAD, c, self._grad_out.pop(c))
+
+    # ---- plans -------------------------------------------------------------------------------
+    def run(self, actions: Sequence) -> StepStats:
+        """Run actions in order. Each has ``op`` (an enum whose value names a method above, e.g.
+        ``"forward"``), ``chunk`` and, for forwards, ``keep``."""
         for a in actions:
-            if a.op is Op.FORWARD:
+            if self.should_stop is not None and self.should_stop():
+                raise StepInterrupted(f"stopped before action {a} of step {self.batch.step_index}")
+            op = a.op.value
+            if op == "forward":
                 self.forward(a.chunk, a.keep)
-            elif a.op is Op.RECOMPUTE:
-                self.recompute(a.chunk)
+            elif op in _ACTIONS:
+                getattr(self, op)(a.chunk)
             else:
-                self.backward(a.chunk)
+                raise ValueError(f"unknown action {a}")
             self.stats.peak_state_bytes = max(self.stats.peak_state_bytes, self.store.peak_bytes)
-        if len(self.store) or self._live:
-            raise RuntimeError(f"step plan left state for {len(self.store)} sequences "
-                               f"or live chunks {sorted(self._live)}: the plan is incomplete")
+        self.transport.flush()
+        if len(self.store) or self._live or self._outbox or self._grad_out:
+            raise RuntimeError(f"step plan left state for {len(self.store)} sequences, live chunks "
+                               f"{sorted(self._live)} or unsent messages: the plan is incomplete")
         return self.stats
+
+
+_ACTIONS = {"recompute", "backward", "recv_act", "send_act", "recv_grad", "send_grad"}
+
+
+class StepInterrupted(RuntimeError):
+    """A step abandoned at a chunk boundary (``should_stop``); its partial gradients are to be discarded."""

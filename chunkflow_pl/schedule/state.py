@@ -1,6 +1,7 @@
 """Key/value state of split sequences, and the gradient flowing back into it.
 
-For every sequence split across chunks and every layer the store holds::
+For every sequence split across chunks and every layer of this stage (keyed by layer name, e.g. ``"17"``,
+so a pipeline stage's store holds only its own layers) the store holds::
 
     k[l], v[l]       [L, Hkv, D]    keys/values (after RoPE) of the processed tokens [0, filled)
     dk[l], dv[l]     [L, Hkv, D]    d loss / d keys, values; later chunks add into [0, their start)
@@ -33,15 +34,15 @@ import torch
 class _SeqState:
     seq_len: int
     filled: int = 0
-    k: list[torch.Tensor] = field(default_factory=list)
-    v: list[torch.Tensor] = field(default_factory=list)
-    dk: list[torch.Tensor | None] = field(default_factory=list)
-    dv: list[torch.Tensor | None] = field(default_factory=list)
+    k: dict[str, torch.Tensor] = field(default_factory=dict)
+    v: dict[str, torch.Tensor] = field(default_factory=dict)
+    dk: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    dv: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
 
 class StateStore:
-    def __init__(self, num_layers: int, device: torch.device, offload: bool = False) -> None:
-        self.num_layers = num_layers
+    def __init__(self, layer_names: list[str], device: torch.device, offload: bool = False) -> None:
+        self.layer_names = list(layer_names)
         self.device = torch.device(device)
         self.offload = offload
         self._seqs: dict[int, _SeqState] = {}
@@ -65,30 +66,31 @@ class StateStore:
         return t
 
     def write(self, seq: int, seq_len: int, start: int, kv_per_layer: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Store keys/values of tokens ``[start, start + n)`` of ``seq`` for every layer."""
+        """Store keys/values of tokens ``[start, start + n)`` of ``seq``; ``kv_per_layer`` follows ``layer_names``."""
         st = self._seqs.get(seq)
         if st is None:
             k0 = kv_per_layer[0][0]
-            st = _SeqState(seq_len, k=[self._buffer(k0, seq_len) for _ in range(self.num_layers)],
-                           v=[self._buffer(k0, seq_len) for _ in range(self.num_layers)],
-                           dk=[None] * self.num_layers, dv=[None] * self.num_layers)
+            names = self.layer_names
+            st = _SeqState(seq_len, k={n: self._buffer(k0, seq_len) for n in names},
+                           v={n: self._buffer(k0, seq_len) for n in names},
+                           dk=dict.fromkeys(names), dv=dict.fromkeys(names))
             self._seqs[seq] = st
         if start != st.filled:
             raise RuntimeError(f"state of sequence {seq}: tokens from {start} written after [0, {st.filled})")
         n = kv_per_layer[0][0].shape[0]
-        for layer, (k, v) in enumerate(kv_per_layer):
+        for layer, (k, v) in zip(self.layer_names, kv_per_layer, strict=True):
             st.k[layer].data[start : start + n].copy_(k.detach(), non_blocking=True)
             st.v[layer].data[start : start + n].copy_(v.detach(), non_blocking=True)
         st.filled = start + n
 
-    def prefix(self, seq: int, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefix(self, seq: int, layer: str, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of tokens ``[0, end)``: views of the store, on the host when offloaded (no copy)."""
         st = self._seqs[seq]
         if end > st.filled:
             raise RuntimeError(f"state of sequence {seq} holds {st.filled} tokens, a chunk needs a prefix of {end}")
         return st.k[layer][:end], st.v[layer][:end]
 
-    def add_grad(self, seq: int, layer: int, which: str, g: torch.Tensor) -> None:
+    def add_grad(self, seq: int, layer: str, which: str, g: torch.Tensor) -> None:
         """Add ``g``, the gradient of the ``which`` ("k" or "v") prefix ``[0, len(g))`` from a later chunk."""
         st = self._seqs[seq]
         if st.dk[layer] is None:
@@ -98,7 +100,7 @@ class StateStore:
         buf = st.dk[layer] if which == "k" else st.dv[layer]
         buf[: g.shape[0]].add_(g.to(buf.device))
 
-    def grad(self, seq: int, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def grad(self, seq: int, layer: str, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Accumulated gradient of tokens ``[start, end)``; None if no later chunk sent any."""
         st = self._seqs.get(seq)
         if st is None or st.dk[layer] is None:
@@ -111,7 +113,7 @@ class StateStore:
         st = self._seqs.pop(seq, None)
         if st is None:
             return
-        for t in (*st.k, *st.v, *st.dk, *st.dv):
+        for t in (*st.k.values(), *st.v.values(), *st.dk.values(), *st.dv.values()):
             if t is not None:
                 self._bytes -= t.numel() * t.element_size()
 

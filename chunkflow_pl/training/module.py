@@ -53,7 +53,9 @@ class ChunkFlowLM(L.LightningModule):
         device = trainer.strategy.root_device if trainer is not None else self.device
         precision = str(trainer.precision) if trainer is not None else "32-true"
         backend = resolve_backend(self.attention, device, precision)
-        self.model = Qwen2Decoder(self.model_cfg, attention_backend=backend, loss_chunk=self.loss_chunk)
+        # The strategy owns the layout: on a pipeline stage only that stage's layers are built.
+        stage = getattr(trainer.strategy, "stage_spec", None) if trainer is not None else None
+        self.model = Qwen2Decoder(self.model_cfg, attention_backend=backend, loss_chunk=self.loss_chunk, stage=stage)
         if self.pretrained:
             load_pretrained(self.model, self.pretrained, self.model_cfg)
         else:
@@ -72,11 +74,10 @@ class ChunkFlowLM(L.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
-        stats = self.trainer.strategy.run_chunk_step(self.model, batch)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else 0
-        if self.optim_cfg.grad_clip > 0:
-            self.clip_gradients(opt, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
+        strategy = self.trainer.strategy
+        stats = strategy.run_chunk_step(self.model, batch)
+        # Sum over data parallelism, tie the head, global norm over the pipeline, clip: the strategy's job.
+        grad_norm = strategy.finish_gradients(self.model, self.optim_cfg.grad_clip)
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()

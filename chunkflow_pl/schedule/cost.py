@@ -1,0 +1,146 @@
+"""Cost model of pipeline actions: how long a compute action or a message takes, per stage.
+
+A chunk's forward on stage ``s`` costs ``per_token[s] * tokens + per_pair[s] * attention pairs``
+(``data.balance.chunk_cost``: a segment ``[start, end)`` attends to its prefix, so its pairs grow with
+``start``); backward costs ``backward`` times that, recompute ``recompute`` times. A message of ``T``
+tokens costs ``comm_latency + comm_per_token * T`` and does not occupy either stage (sends are
+asynchronous). ``from_model`` derives the terms from a ``ModelConfig``'s FLOPs::
+
+    per layer, forward:  linear 2 * (2 D^2 + 2 D Dkv + 3 D F) FLOPs per token     (q, o; k, v; MLP)
+                         attention 4 D FLOPs per causal (query, key) pair           (q.k and p.v)
+    last stage also:     head 2 V D FLOPs per token
+
+Every rank must build the model from the same numbers: the planner's order depends on it, so a cost
+measured per rank (different on each) would give each rank a different plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from chunkflow_pl.data.balance import DEFAULT_A_ATTN, chunk_cost
+from chunkflow_pl.data.types import Segment
+from chunkflow_pl.model.config import ModelConfig
+from chunkflow_pl.schedule.actions import Op
+
+# Defaults for from_model: the ratio of message time to compute time is all they set.
+DEFAULT_FLOPS_PER_S = 400e12  # ~40% of an H100's dense bf16 peak
+DEFAULT_LINK_BYTES_PER_S = 50e9  # ~400 Gb/s between nodes
+DEFAULT_LATENCY_S = 20e-6
+
+
+class ActionCost(Protocol):
+    """What the planner and the simulator ask of a cost model."""
+
+    @property
+    def pp(self) -> int: ...
+
+    def op_time(self, op: Op, stage: int, chunk: int, segments: Sequence[Segment]) -> float: ...
+
+    def comm_time(self, tokens: int) -> float: ...
+
+
+@dataclass(frozen=True)
+class CostModel:
+    per_token: tuple[float, ...]  # forward time per token, by stage
+    per_pair: tuple[float, ...]  # forward time per causal (query, key) pair, by stage
+    backward: float = 2.0  # backward = backward * forward
+    recompute: float = 1.0  # recompute = recompute * forward
+    comm_latency: float = 0.0  # per message
+    comm_per_token: float = 0.0  # per token of a [T, D] message
+
+    def __post_init__(self) -> None:
+        if not self.per_token or len(self.per_token) != len(self.per_pair):
+            raise ValueError(f"per_token ({len(self.per_token)}) and per_pair ({len(self.per_pair)}) "
+                             "need one entry per stage")
+        if min(self.per_token) <= 0 or min(self.per_pair) < 0:
+            raise ValueError("per_token must be > 0 (every action takes time) and per_pair >= 0")
+        if self.backward <= 0 or self.recompute <= 0 or self.comm_latency < 0 or self.comm_per_token < 0:
+            raise ValueError("backward and recompute multipliers must be > 0, comm costs >= 0")
+
+    @property
+    def pp(self) -> int:
+        return len(self.per_token)
+
+    def forward_time(self, stage: int, segments: Sequence[Segment]) -> float:
+        return chunk_cost(segments, self.per_token[stage], self.per_pair[stage])
+
+    def op_time(self, op: Op, stage: int, chunk: int, segments: Sequence[Segment]) -> float:
+        f = self.forward_time(stage, segments)
+        if op is Op.FORWARD:
+            return f
+        return f * (self.backward if op is Op.BACKWARD else self.recompute)
+
+    def comm_time(self, tokens: int) -> float:
+        return self.comm_latency + self.comm_per_token * tokens
+
+    @classmethod
+    def uniform(cls, pp: int, per_token: float = 1.0, per_pair: float = DEFAULT_A_ATTN, **kw: float) -> CostModel:
+        """The same terms on every stage (default: the data layer's 7B-class token/pair ratio)."""
+        return cls(per_token=(float(per_token),) * pp, per_pair=(float(per_pair),) * pp, **kw)
+
+    @classmethod
+    def from_model(
+        cls,
+        cfg: ModelConfig,
+        pp: int,
+        *,
+        stage_layers: Sequence[int] | None = None,
+        flops_per_s: float = DEFAULT_FLOPS_PER_S,
+        link_bytes_per_s: float | None = DEFAULT_LINK_BYTES_PER_S,
+        latency_s: float = DEFAULT_LATENCY_S,
+        act_bytes: int = 2,
+        backward: float = 2.0,
+        recompute: float = 1.0,
+    ) -> CostModel:
+        """Seconds per action for ``cfg`` split into ``pp`` stages (``stage_layers``, default even).
+
+        ``link_bytes_per_s=None`` makes messages free (then ``latency_s`` is ignored too).
+        """
+        layers = tuple(stage_layers) if stage_layers is not None else even_stage_layers(cfg.num_layers, pp)
+        if len(layers) != pp or sum(layers) != cfg.num_layers or min(layers) < 1:
+            raise ValueError(f"stage_layers {layers} must be {pp} counts >= 1 summing to {cfg.num_layers} layers")
+        d, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_kv_heads * cfg.head_dim
+        linear = 2.0 * (2 * d * d + 2 * d * kv + 3 * d * f)
+        pair = 4.0 * d
+        head = 2.0 * cfg.vocab_size * d
+        per_token = tuple((n * linear + (head if s == pp - 1 else 0.0)) / flops_per_s for s, n in enumerate(layers))
+        per_pair = tuple(n * pair / flops_per_s for n in layers)
+        comm = {} if link_bytes_per_s is None else dict(
+            comm_latency=latency_s, comm_per_token=d * act_bytes / link_bytes_per_s)
+        return cls(per_token=per_token, per_pair=per_pair, backward=backward, recompute=recompute, **comm)
+
+
+def even_stage_layers(num_layers: int, pp: int) -> tuple[int, ...]:
+    """Layers per stage, as even as possible; the first stages take the extra ones (the last holds the head)."""
+    if not 1 <= pp <= num_layers:
+        raise ValueError(f"pp={pp} must be between 1 and the number of layers ({num_layers})")
+    q, r = divmod(num_layers, pp)
+    return tuple(q + (1 if s < r else 0) for s in range(pp))
+
+
+@dataclass(frozen=True)
+class MeasuredCost:
+    """Durations looked up per ``(stage, op, chunk)``, e.g. recorded in a real run, for re-simulation.
+
+    Not for planning on several ranks unless every rank holds the same table.
+    """
+
+    durations: dict[tuple[int, Op, int], float]
+    num_stages: int
+    comm: float = 0.0  # per message
+
+    @property
+    def pp(self) -> int:
+        return self.num_stages
+
+    def op_time(self, op: Op, stage: int, chunk: int, segments: Sequence[Segment]) -> float:
+        try:
+            return self.durations[(stage, op, chunk)]
+        except KeyError:
+            raise KeyError(f"no measured duration for {op.name} of chunk {chunk} on stage {stage}") from None
+
+    def comm_time(self, tokens: int) -> float:
+        return self.comm

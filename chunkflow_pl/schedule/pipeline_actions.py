@@ -1,0 +1,128 @@
+"""Actions of a pipeline step plan: one ordered list per stage, compute plus point-to-point messages.
+
+Compute actions are the single-device ``Action`` (``actions.py``): ``FORWARD(c, keep)``,
+``RECOMPUTE(c)``, ``BACKWARD(c)``, each on the stage's own layers. Messages are ``Comm``: the hidden
+state ``[T, D]`` of a chunk goes forward from stage ``s`` to ``s + 1``, its gradient ``[T, D]``
+backward from ``s + 1`` to ``s``. ``T`` (``Comm.tokens``) is the chunk's token count, which every rank
+derives from the same batch, and ``D`` is the model's hidden size: no shape is ever exchanged.
+
+Channels: one per stage pair and direction, so four kinds of message end on two channels::
+
+    stage s                               stage s+1
+    SEND_ACT(c, peer=s+1, T)   ---act s->s+1--->   RECV_ACT(c, peer=s, T)
+    RECV_GRAD(c, peer=s+1, T)  <--grad s+1->s---   SEND_GRAD(c, peer=s, T)
+
+The k-th send and the k-th receive of a channel carry the same message (FIFO, as NCCL matches them
+per process group). Text form, used in docstrings and tests: ``>A3`` send activation of chunk 3,
+``<A3`` receive it, ``>G3`` send gradient, ``<G3`` receive it (peer and size implied by the stage and
+the chunk); compute actions print as ``F3``, ``F3(drop)``, ``R3``, ``B3``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import NamedTuple
+
+from chunkflow_pl.schedule.actions import Action
+
+
+class CommOp(str, Enum):
+    SEND_ACT = "send_act"  # post this stage's output hidden state of the chunk to stage s+1 (async)
+    RECV_ACT = "recv_act"  # block until the chunk's hidden state from stage s-1 is here: the forward input
+    SEND_GRAD = "send_grad"  # post the gradient of this stage's input to stage s-1 (async)
+    RECV_GRAD = "recv_grad"  # block until the gradient of this stage's output arrives from stage s+1
+
+
+_SHORT = {CommOp.SEND_ACT: ">A", CommOp.RECV_ACT: "<A", CommOp.SEND_GRAD: ">G", CommOp.RECV_GRAD: "<G"}
+
+
+@dataclass(frozen=True)
+class Comm:
+    """One message end: ``tokens`` rows of width ``D`` (the hidden size), between this stage and ``peer``."""
+
+    op: CommOp
+    chunk: int
+    peer: int
+    tokens: int
+
+    @property
+    def is_send(self) -> bool:
+        return self.op in (CommOp.SEND_ACT, CommOp.SEND_GRAD)
+
+    @property
+    def kind(self) -> str:
+        return "act" if self.op in (CommOp.SEND_ACT, CommOp.RECV_ACT) else "grad"
+
+    def channel(self, stage: int) -> Channel:
+        """The channel this action uses when it sits on ``stage``'s list."""
+        src, dst = (stage, self.peer) if self.is_send else (self.peer, stage)
+        return Channel(self.kind, src, dst)
+
+    def __str__(self) -> str:
+        return f"{_SHORT[self.op]}{self.chunk}"
+
+
+class Channel(NamedTuple):
+    """One point-to-point stream: ``kind`` ('act' or 'grad') from stage ``src`` to stage ``dst``."""
+
+    kind: str
+    src: int
+    dst: int
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.src}->{self.dst}"
+
+
+PipeAction = Action | Comm
+
+
+def is_compute(a: PipeAction) -> bool:
+    return isinstance(a, Action)
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """Per-stage action lists of one step for one pipeline replica (one data-parallel rank's chunks).
+
+    ``stages[s]``: the ordered actions of stage ``s``. ``caps[s]``: the most chunks whose activations
+    stage ``s`` may hold at once (kept forwards and recomputes until their backward).
+    ``chunk_tokens[c]``: tokens of chunk ``c`` (the ``T`` of its messages); chunks with 0 tokens
+    (data-parallel padding) appear in no list.
+    """
+
+    stages: tuple[tuple[PipeAction, ...], ...]
+    caps: tuple[int, ...]
+    chunk_tokens: tuple[int, ...]
+
+    @property
+    def pp(self) -> int:
+        return len(self.stages)
+
+    def compute(self, stage: int) -> list[Action]:
+        """Compute actions of ``stage`` in order (what the stage's executor runs between messages)."""
+        return [a for a in self.stages[stage] if isinstance(a, Action)]
+
+    def text(self) -> str:
+        """One line per stage, e.g. ``stage 1: <A0 F0 B0 >G0``."""
+        return "\n".join(f"stage {s}: " + " ".join(map(str, acts)) for s, acts in enumerate(self.stages))
+
+    def fingerprint(self) -> str:
+        """Short hash of everything a rank acts on; ranks compare it to catch diverging plans."""
+        detail = [repr(self.caps), repr(self.chunk_tokens)]
+        for acts in self.stages:
+            detail.append(" ".join(_detail(a) for a in acts))
+        return hashlib.sha256("\n".join(detail).encode()).hexdigest()[:16]
+
+
+def _detail(a: PipeAction) -> str:
+    if isinstance(a, Comm):
+        return f"{a}@{a.peer}:{a.tokens}"
+    return str(a)
+
+
+def stage_text(actions: Sequence[PipeAction]) -> str:
+    return " ".join(map(str, actions))
+

@@ -1,0 +1,422 @@
+"""State-aware 1F1B over pipeline stages: per-stage action lists for one step (pure python).
+
+Units and orders
+----------------
+A *unit* is a component of the chunk graph (``graph.py``): one standalone chunk, or chunks linked by
+sequence continuation (a *chain*). As on one device (``planner.py``), a unit's chunks run forward in
+``forward_order`` and backward in exactly the reverse order, on every stage, and only the last
+``k`` forwards keep activations; the others run without autograd and are recomputed before their
+backward. Chunks with 0 tokens (data-parallel padding) get no action at all.
+
+Messages between two stages are matched in order (one FIFO per channel), so every stage runs the
+forwards in one global *forward order* and the backwards in one global *backward order*; stages
+differ only in how they interleave the two. Stage 0 fixes the forward order, unit by unit (a
+unit's forwards stay contiguous). The last stage fixes the backward order: chains one after the
+other in forward order, each reversed, and each standalone chunk's backward right after its
+forward there, which may put it between two backwards of an earlier chain.
+
+Interleaving: a deterministic event simulation over a cost model (list scheduling)
+---------------------------------------------------------------------------------
+A stage other than the last, whenever it is free, starts the first of
+
+1. the next backward in order, if its gradient has arrived (recomputing it first if its forward
+   dropped activations and it was not recomputed yet);
+2. the next forward in order, if its input has arrived and it is *admitted*;
+3. the recompute of its oldest chain's next dropped chunk, ahead of that chunk's gradient: the
+   stage would idle otherwise, and the recompute leaves the backward wave's critical path.
+
+The last stage runs a standalone chunk's backward right after its forward, and a chain's
+backwards one per turn, alternating with a forward when one is ready (1F1B), so upstream stages get
+work while the chain drains. With ``pp = 1`` it is plain backward-first: the single-device plan.
+
+Admission bounds live activations (kept forwards and recomputes until their backward) by
+``caps[s]``, default ``max(pp - s, k)``: the 1F1B depth, but room for a unit's ``k`` kept chunks.
+A kept forward needs a free slot, plus one spare while an earlier unit on the stage still has a
+dropped chunk to recompute: that unit's recompute comes before the newer chunk's backward frees
+anything, and once the unit's own kept chunks are gone only newer chunks hold slots. (On the last
+stage a standalone chunk needs no spare: its backward follows at once.) Stage 0 takes units in
+index order, but skips a chain while ``max_open_chains`` chains are open on it (forwarded, not yet
+fully backwarded: their key/value state is alive) or while its first forward is not admitted;
+standalone chunks then fill the gap the open chain's dependencies leave. Times are floats computed
+the same way on every rank; ties break by stage index, so the same inputs always give the same plan.
+
+Why no deadlock: the oldest unfinished unit always progresses. Its forwards come before any
+later unit's, so only its own kept chunks hold slots when they are admitted (``k <= caps[s]``);
+the backwards ahead of its own in the order are standalone chunks whose backward already ran on
+the last stage, so they wait for nothing but gradients; its recomputes find the spare slot that
+every later admission left.
+
+Action-list contract (what the runtime executes)
+------------------------------------------------
+Stage ``s`` runs its list in order, with point-to-point messages on one 2-rank process group per
+channel (``pipeline_actions.py``):
+
+- ``<A c``: blocking receive of chunk c's hidden state ``[T_c, D]`` from stage s-1, the input of
+  the forward that follows. ``>A c``: asynchronous send (``isend``) of the forward's output to
+  stage s+1; keep the buffer until the send completes. Stage 0's input is the chunk's token ids.
+- ``F c``: forward of the stage's layers; write the keys/values of the chunk's continuing segments
+  into the stage's state store (state never leaves a stage). ``F c(drop)``: the same without
+  autograd; keep only the stage input (``[T_c, D]``, the boundary checkpoint; free on stage 0).
+  On the last stage the forward ends in the loss.
+- ``<G c``: blocking receive of the gradient ``[T_c, D]`` of this stage's output of chunk c.
+- ``R c``: recompute chunk c from its boundary checkpoint and the stored prefix state, with
+  autograd, not writing the state again.
+- ``B c``: backward of chunk c (output gradient from ``<G c``, or the loss on the last stage, plus
+  the stored gradient of its keys/values). ``>G c``: asynchronous send of its input gradient to
+  stage s-1 (none on stage 0).
+- At the end of the step, wait for every outstanding send.
+
+Example: 2 stages, a chain ``0 -> 1 -> 2`` plus standalone chunks 3 and 4, ``k = 1``, caps (2, 1);
+forward 1, backward 2, recompute 1 time unit per chunk, free messages (``test_pipeline_plan.py``
+keeps this text true)::
+
+    stage 0: F0(drop) >A0 F1(drop) >A1 F2 >A2 F3 >A3 <G2 B2 R1 <G3 B3 F4 >A4 <G1 B1 R0 <G4 B4 <G0 B0
+    stage 1: <A0 F0(drop) <A1 F1(drop) <A2 F2 B2 >G2 <A3 F3 B3 >G3 R1 B1 >G1 <A4 F4 B4 >G4 R0 B0 >G0
+
+    time     0  1  2  3  4  5  6  7  8  9  10 11 12 13 14 15 16 17 18 19
+    stage 0  F0 F1 F2 F3 .  .  B2 B2 R1 B3 B3 F4 B1 B1 R0 B4 B4 .  B0 B0
+    stage 1  .  F0 F1 F2 B2 B2 F3 B3 B3 R1 B1 B1 F4 B4 B4 R0 B0 B0 .  .
+
+Stage 0 forwards standalone chunk 3 while the chain waits for its backward (the gap the chain's
+dependencies leave), then stops: live {2, 3} fill caps[0] = 2. The last stage runs the chain's
+backward one chunk per turn with F3 B3 and F4 B4 in between, so chunk 3's gradient reaches stage 0
+early. Stage 0 recomputes chunk 1 at time 8 while waiting (early recompute). Chunk 4 is admitted
+at 11: B3 freed a slot, and R1's slot frees with B1 before R0 needs one. With blocking sends the lists
+hang (stage 0 in ``>A3`` while stage 1 is in ``>G2``); with ``isend`` they finish.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from chunkflow_pl.data.types import Segment
+from chunkflow_pl.schedule.actions import Action, Op
+from chunkflow_pl.schedule.cost import ActionCost, CostModel
+from chunkflow_pl.schedule.graph import build_graph, forward_order
+from chunkflow_pl.schedule.pipeline_actions import Comm, CommOp, PipeAction, PipelinePlan
+
+
+def default_caps(pp: int, k: int) -> tuple[int, ...]:
+    """Live-activation cap per stage: the 1F1B depth ``pp - s``, but at least ``k``."""
+    return tuple(max(pp - s, k) for s in range(pp))
+
+
+def plan_pipeline(
+    chunks: Sequence[Sequence[Segment]],
+    seq_lens: Sequence[int],
+    pp: int,
+    k: int,
+    *,
+    cost: ActionCost | None = None,
+    caps: Sequence[int] | None = None,
+    max_open_chains: int | None = 1,
+) -> PipelinePlan:
+    """Per-stage action lists for one step of one pipeline replica (see the module docstring).
+
+    ``chunks``: this replica's chunks (segment lists, empty for padding) indexed as in its
+    ``StepBatch``; ``seq_lens``: lengths of every sequence of the global batch. ``cost`` orders the
+    interleaving (default ``CostModel.uniform(pp)``); every rank must pass the same. ``caps``
+    default ``default_caps(pp, k)``. ``max_open_chains``: chains whose state may be alive on a stage
+    at once (``None``: no limit beyond the caps). With ``pp = 1`` the compute actions are exactly
+    ``plan_single_device``'s minus those on empty chunks.
+
+    Raises ``ValueError`` on bad arguments or chunks that do not tile their sequences.
+    """
+    if pp < 1:
+        raise ValueError(f"pp must be >= 1 (pipeline stages), got {pp}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1 (chunks whose activations are kept), got {k}")
+    if max_open_chains is not None and max_open_chains < 1:
+        raise ValueError(f"max_open_chains must be >= 1 or None, got {max_open_chains}")
+    cost = cost if cost is not None else CostModel.uniform(pp)
+    if cost.pp != pp:
+        raise ValueError(f"cost model has {cost.pp} stages, the plan {pp}")
+    caps_t = tuple(int(c) for c in caps) if caps is not None else default_caps(pp, k)
+    if len(caps_t) != pp or min(caps_t) < k:
+        raise ValueError(f"caps {caps_t} must give each of the {pp} stages at least k={k} live chunks")
+
+    graph = build_graph(chunks, seq_lens)
+    tokens = tuple(sum(seg.length for seg in chunk) for chunk in chunks)
+    units: list[_Unit] = []
+    for members in graph.components:
+        order = [c for c in forward_order(graph, members) if tokens[c] > 0]
+        if order:  # an empty chunk has no segment, so it is a component of its own
+            first_kept = max(0, len(order) - k)  # the last k forwards are the first k backwards
+            units.append(_Unit(len(units), tuple(order), frozenset(order[first_kept:]), len(order) > 1))
+
+    orders = _ListScheduler(units, chunks, pp, caps_t, cost, max_open_chains).run()
+    stages = tuple(tuple(_with_messages(order, s, pp, tokens)) for s, order in enumerate(orders))
+    return PipelinePlan(stages=stages, caps=caps_t, chunk_tokens=tokens)
+
+
+@dataclass(frozen=True)
+class _Unit:
+    index: int
+    order: tuple[int, ...]  # forward order
+    kept: frozenset[int]
+    is_chain: bool  # more than one chunk: key/value state passes between them
+
+
+@dataclass
+class _Stage:
+    free_at: float = 0.0
+    next_f: int = 0  # index into the forward order
+    next_b: int = 0  # index into the backward order
+    live: set[int] = field(default_factory=set)
+    to_recompute: dict[int, int] = field(default_factory=dict)  # unit -> dropped chunks forwarded, not recomputed
+    forwarded: set[int] = field(default_factory=set)
+    recomputed: set[int] = field(default_factory=set)  # recomputed ahead of its backward, still waiting
+    backwarded: set[int] = field(default_factory=set)
+    chain_ptr: int = 0  # oldest chain (index into _ListScheduler.chains) not yet fully backwarded here
+    open_chains: int = 0
+    chain_b_last: bool = False  # last stage: its previous action was a chain backward (1F1B alternation)
+    started: list[Action] = field(default_factory=list)
+
+
+class _ListScheduler:
+    """The event simulation that fixes each stage's interleaving (module docstring)."""
+
+    def __init__(self, units: list[_Unit], chunks: Sequence[Sequence[Segment]], pp: int, caps: tuple[int, ...],
+                 cost: ActionCost, max_open_chains: int | None) -> None:
+        self.units, self.chunks, self.pp, self.caps, self.cost = units, chunks, pp, caps, cost
+        self.last = pp - 1
+        self.max_open = math.inf if max_open_chains is None else max_open_chains
+        self.unit_of = {c: u for u in units for c in u.order}
+        # not yet started on stage 0, in index order
+        self.pending_single = deque(u for u in units if not u.is_chain)
+        self.pending_chains = deque(u for u in units if u.is_chain)
+        self.f_order: list[int] = []  # fixed by stage 0, unit by unit
+        self.b_order: list[int] = []  # fixed by the last stage as it starts backwards
+        self.position: dict[int, int] = {}  # unit -> its place in the forward order of units
+        self.chains: list[_Unit] = []  # chains in forward order
+        self.total = sum(len(u.order) for u in units)
+        self.stages = [_Stage() for _ in range(pp)]
+        self.act_at: list[dict[int, float]] = [{} for _ in range(pp)]  # input of chunk arrives on stage s
+        self.grad_at: list[dict[int, float]] = [{} for _ in range(pp)]  # output gradient arrives on stage s
+        self.wake: list[float] = [0.0]
+
+    def run(self) -> list[list[Action]]:
+        while self.wake:
+            now = heapq.heappop(self.wake)
+            while self.wake and self.wake[0] == now:
+                heapq.heappop(self.wake)
+            for s in range(self.pp):
+                while self.stages[s].free_at <= now and self._start(s, now):
+                    pass
+        if any(len(st.backwarded) < self.total for st in self.stages):
+            raise RuntimeError("pipeline planner stalled (a bug: the admission rule should prevent this): "
+                               + "; ".join(self._describe(s) for s in range(self.pp)))
+        return [st.started for st in self.stages]
+
+    def _describe(self, s: int) -> str:
+        st = self.stages[s]
+        return (f"stage {s}: {st.next_f} forwards and {len(st.backwarded)} backwards of {self.total} done, "
+                f"live {sorted(st.live)} (cap {self.caps[s]})")
+
+    # ---- one decision ----------------------------------------------------------------------------
+    def _start(self, s: int, now: float) -> bool:
+        if s == self.last:
+            return self._start_last(now)
+        return self._start_backward(s, now) or self._start_forward(s, now) or self._start_early_recompute(s, now)
+
+    def _start_last(self, now: float) -> bool:
+        """The last stage fixes the backward order: a standalone chunk's backward right after its
+        forward; a chain's backwards in reverse, alternating with forwards that are ready (1F1B), so
+        upstream stages get work while the chain drains. On one stage, plain backward-first."""
+        st, s = self.stages[self.last], self.last
+        c = self.f_order[st.next_f - 1] if st.next_f else None
+        if c is not None and not self.unit_of[c].is_chain and c not in st.backwarded:
+            return self._backward(s, c, now)
+        chain_c = self._chain_candidate(s)
+        if chain_c is not None and (self.pp == 1 or not st.chain_b_last or not self._forward_ready(s, now)):
+            if self._backward(s, chain_c, now):
+                st.chain_b_last = True
+                return True
+        if self._start_forward(s, now):
+            st.chain_b_last = False
+            return True
+        return False
+
+    def _start_backward(self, s: int, now: float) -> bool:
+        st = self.stages[s]
+        if st.next_b >= len(self.b_order):
+            return False
+        c = self.b_order[st.next_b]
+        if self.grad_at[s].get(c, math.inf) > now:
+            return False
+        return self._backward(s, c, now)
+
+    def _backward(self, s: int, c: int, now: float) -> bool:
+        """Backward of ``c`` on stage ``s``, recomputing it first if needed (and a slot is free)."""
+        st = self.stages[s]
+        unit = self.unit_of[c]
+        t = now
+        if c not in unit.kept and c not in st.recomputed:
+            if len(st.live) + 1 > self.caps[s]:
+                return False
+            t += self._recompute(s, c)
+        st.started.append(Action(Op.BACKWARD, c))
+        t += self.cost.op_time(Op.BACKWARD, s, c, self.chunks[c])
+        st.live.discard(c)
+        st.recomputed.discard(c)
+        st.backwarded.add(c)
+        if s == self.last:
+            self.b_order.append(c)
+        st.next_b += 1
+        if unit.is_chain and c == unit.order[0]:  # its last backward: the chain's state is gone
+            st.open_chains -= 1
+        self._busy(s, t)
+        if s > 0:
+            self.grad_at[s - 1][c] = t + self.cost.comm_time(self._tokens(c))
+            heapq.heappush(self.wake, self.grad_at[s - 1][c])
+        return True
+
+    def _recompute(self, s: int, c: int) -> float:
+        st = self.stages[s]
+        st.started.append(Action(Op.RECOMPUTE, c))
+        st.live.add(c)
+        st.recomputed.add(c)
+        st.to_recompute[self.unit_of[c].index] -= 1
+        return self.cost.op_time(Op.RECOMPUTE, s, c, self.chunks[c])
+
+    def _start_early_recompute(self, s: int, now: float) -> bool:
+        """An idle stage recomputes the next dropped chunk of its oldest chain before the gradient
+        arrives, taking the recompute off the backward wave's critical path. It uses the slot the
+        admission rule keeps free for exactly this recompute."""
+        c = self._chain_candidate(s)
+        st = self.stages[s]
+        if c is None or c in self.unit_of[c].kept or c in st.recomputed or len(st.live) + 1 > self.caps[s]:
+            return False
+        self._busy(s, now + self._recompute(s, c))
+        return True
+
+    def _chain_candidate(self, s: int) -> int | None:
+        """Next backward of the oldest chain not yet done on stage ``s``, once all its forwards ran."""
+        st = self.stages[s]
+        while st.chain_ptr < len(self.chains) and self.chains[st.chain_ptr].order[0] in st.backwarded:
+            st.chain_ptr += 1
+        if st.chain_ptr == len(self.chains):
+            return None
+        unit = self.chains[st.chain_ptr]
+        if unit.order[-1] not in st.forwarded:
+            return None
+        return next(c for c in reversed(unit.order) if c not in st.backwarded)
+
+    def _forward_ready(self, s: int, now: float) -> bool:
+        st = self.stages[s]
+        if st.next_f == len(self.f_order):
+            return False
+        c = self.f_order[st.next_f]
+        return self.act_at[s].get(c, math.inf) <= now and self._admitted(s, c)
+
+    def _start_forward(self, s: int, now: float) -> bool:
+        st = self.stages[s]
+        if st.next_f == len(self.f_order) and not (s == 0 and self._take_unit()):
+            return False
+        c = self.f_order[st.next_f]
+        if s > 0 and self.act_at[s].get(c, math.inf) > now:
+            return False
+        if not self._admitted(s, c):
+            return False
+        unit = self.unit_of[c]
+        keep = c in unit.kept
+        st.started.append(Action(Op.FORWARD, c, keep=keep))
+        if keep:
+            st.live.add(c)
+        else:
+            st.to_recompute[unit.index] = st.to_recompute.get(unit.index, 0) + 1
+        if unit.is_chain and c == unit.order[0]:
+            st.open_chains += 1
+        st.forwarded.add(c)
+        st.next_f += 1
+        t = now + self.cost.op_time(Op.FORWARD, s, c, self.chunks[c])
+        self._busy(s, t)
+        if s < self.pp - 1:
+            self.act_at[s + 1][c] = t + self.cost.comm_time(self._tokens(c))
+            heapq.heappush(self.wake, self.act_at[s + 1][c])
+        return True
+
+    def _admitted(self, s: int, c: int) -> bool:
+        unit = self.unit_of[c]
+        if c not in unit.kept:
+            return True  # a dropped forward holds no activations after it ends
+        st = self.stages[s]
+        if len(st.live) + 1 > self.caps[s]:
+            return False
+        if s == self.last and not unit.is_chain:
+            return True  # its backward follows at once: the slot is free again before any recompute
+        # An earlier unit with a dropped chunk still to recompute will need one slot once its own kept
+        # chunks are gone; by then only chunks of units after it can be live. Keep that slot free.
+        waiting = [self.position[u] for u, n in st.to_recompute.items() if n > 0 and u != unit.index]
+        if not waiting:
+            return True
+        oldest = min(waiting)
+        after = sum(1 for x in st.live if self.position[self.unit_of[x].index] > oldest)
+        return after + 1 + 1 <= self.caps[s]
+
+    def _take_unit(self) -> bool:
+        """Stage 0 starts the first pending unit it may start now; False when there is none.
+
+        Standalone units all pass or fail admission alike, so only the first one needs a look.
+        """
+        st = self.stages[0]
+        pick = None
+        if self.pending_single and self._admitted(0, self.pending_single[0].order[0]):
+            pick = self.pending_single
+        if st.open_chains < self.max_open:
+            for i, unit in enumerate(self.pending_chains):
+                if pick is not None and unit.index > pick[0].index:
+                    break
+                if self._admitted(0, unit.order[0]):
+                    self.pending_chains.rotate(-i)  # bring it to the front (rare: chains are few)
+                    unit = self.pending_chains.popleft()
+                    self.pending_chains.rotate(i)
+                    self._append(unit)
+                    return True
+        if pick is None:
+            return False
+        self._append(pick.popleft())
+        return True
+
+    def _append(self, unit: _Unit) -> None:
+        self.position[unit.index] = len(self.position)
+        if unit.is_chain:
+            self.chains.append(unit)
+        self.f_order.extend(unit.order)
+
+    def _busy(self, s: int, until: float) -> None:
+        self.stages[s].free_at = until
+        heapq.heappush(self.wake, until)
+
+    def _tokens(self, c: int) -> int:
+        return sum(seg.length for seg in self.chunks[c])
+
+
+def _with_messages(order: Sequence[Action], s: int, pp: int, tokens: Sequence[int]) -> list[PipeAction]:
+    """Insert each stage's messages next to the compute actions that produce or consume them.
+
+    The gradient receive goes right before the backward, after any recompute: a recompute needs
+    only the stored input, so it may run while the gradient is still on its way.
+    """
+    out: list[PipeAction] = []
+    for a in order:
+        c, t = a.chunk, tokens[a.chunk]
+        if a.op is Op.FORWARD:
+            if s > 0:
+                out.append(Comm(CommOp.RECV_ACT, c, s - 1, t))
+            out.append(a)
+            if s < pp - 1:
+                out.append(Comm(CommOp.SEND_ACT, c, s + 1, t))
+        elif a.op is Op.RECOMPUTE:
+            out.append(a)
+        else:
+            if s < pp - 1:
+                out.append(Comm(CommOp.RECV_GRAD, c, s + 1, t))
+            out.append(a)
+            if s > 0:
+                out.append(Comm(CommOp.SEND_GRAD, c, s - 1, t))
+    return out

@@ -1,0 +1,76 @@
+"""Name the rank that failed instead of hanging or reporting a socket error.
+
+At start every rank records ``(host, pid)`` in the process group's key-value store. When a collective
+or point-to-point call fails (gloo reports a closed connection at once; NCCL after the process group
+timeout), the surviving rank looks up which peers on its host no longer exist and raises
+``PeerFailure`` naming them. Peers on other hosts cannot be probed: the message then lists them as
+unknown, and the launcher (torchrun, srun) reports the failed rank itself.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch.distributed as dist
+
+
+class PeerFailure(RuntimeError):
+    """Another rank of the run died or stopped answering."""
+
+
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # no default group, or a torch without the helper
+        return None
+
+
+def register_process(rank: int) -> None:
+    store = _store()
+    if store is not None:
+        store.set(f"chunkflow/proc/{rank}", f"{socket.gethostname()} {os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a dead child not yet reaped by its parent (Lightning's launcher) is a zombie: 'Z' in /proc
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except OSError:
+        return True
+
+
+def describe_failure(rank: int, world_size: int, step: int | None) -> str | None:
+    """A message naming the dead peer(s) of ``rank``, or None when every peer still looks alive."""
+    store = _store()
+    host = socket.gethostname()
+    dead, unknown = [], []
+    for r in range(world_size):
+        if r == rank:
+            continue
+        try:
+            if store is None:
+                raise RuntimeError("no store")
+            h, pid = store.get(f"chunkflow/proc/{r}").decode().split()
+        except Exception:
+            unknown.append(r)
+            continue
+        if h == host:
+            if not _alive(int(pid)):
+                dead.append(r)
+        else:
+            unknown.append(r)
+    where = f" during step {step}" if step is not None else ""
+    if dead:
+        return (f"rank {rank}: rank(s) {dead} of this run died{where} (process gone); stopping this rank too. "
+                f"Resume from the last checkpoint with ckpt_path=...")
+    if store is None or len(unknown) == world_size - 1:
+        return (f"rank {rank}: lost contact with the other ranks{where} (the rank holding the rendezvous store, "
+                f"rank 0, may have died); stopping this rank too")
+    return None
