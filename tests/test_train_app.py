@@ -181,3 +181,10 @@ def test_cosine_without_max_steps_and_overrides_with_pretrained_are_clear_errors
         train(compose_cfg(tmp_path, "trainer.devices=2", *SMALL))
     with pytest.raises(ValueError, match="cannot change the architecture"):
         train(compose_cfg(tmp_path, f"model.pretrained={hf_dir}", "model.overrides.num_layers=3"))
+
+
+@pytest.mark.parametrize("precision", ["32-true", "64-true"])
+def test_flash_attention_in_full_precision_fails_at_start(tmp_path, precision):
+    cfg = compose_cfg(tmp_path, "model.attention=flash", f"trainer.precision={precision}", "trainer.accelerator=cpu")
+    with pytest.raises(ValueError, match=f"model.attention=flash needs.*trainer.precision={precision}"):
+        train(cfg)
