@@ -52,7 +52,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name, nproc, threads in (("1 process, 1 thread", 1, 1), ("1 process, 2 threads", 1, 2),
                                      ("dp=2, 1 thread each", 2, 1)):
-            recs = run(name.replace(" ", "_").replace(",", "").replace("=", ""), nproc, threads, args.steps, Path(tmp))[args.warmup:]
+            tag = name.replace(" ", "_").replace(",", "").replace("=", "")
+            recs = run(tag, nproc, threads, args.steps, Path(tmp))[args.warmup:]
             rows.append({
                 "run": name,
                 "step_s": statistics.median(float(r["train/step_time_s"]) for r in recs),
