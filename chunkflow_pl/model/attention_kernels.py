@@ -391,6 +391,12 @@ def select_kernels(backend: str, device: torch.device, dtype: torch.dtype) -> Bl
         return get_kernels("cpu-fused")
     if device.type != "cuda" or dtype == torch.float64:
         return get_kernels("math")
-    if dtype in (torch.bfloat16, torch.float16) and torch_flash_usable(device):
-        return get_kernels("torch-flash")
+    if dtype in (torch.bfloat16, torch.float16):
+        if torch_flash_usable(device):
+            return get_kernels("torch-flash")
+        # Measured on an H100 (benchmarks/gpu_check.py): the memory-efficient kernel's half-precision backward
+        # is wrong for one-token segments attending to a prefix (dq, dprefix off by 30-80%); fp32 is exact.
+        raise ValueError(f"{dtype} attention on {device} needs PyTorch's flash kernel (sm80+) or flash-attn "
+                         f"(pip install -e '.[cuda]', model.attention=flash); neither is available here: use "
+                         f"trainer.precision=32-true")
     return get_kernels("torch-efficient")
