@@ -221,6 +221,13 @@ def test_cosine_without_max_steps_and_overrides_with_pretrained_are_clear_errors
         train(compose_cfg(tmp_path, f"model.pretrained={hf_dir}", "model.overrides.num_layers=3"))
 
 
+@pytest.mark.parametrize("precision", ["32-true", "64-true"])
+def test_flash_attention_in_full_precision_fails_at_start(tmp_path, precision):
+    cfg = compose_cfg(tmp_path, "model.attention=flash", f"trainer.precision={precision}", "trainer.accelerator=cpu")
+    with pytest.raises(ValueError, match=f"model.attention=flash needs.*trainer.precision={precision}"):
+        train(cfg)
+
+
 def test_record_longer_than_the_model_takes_is_an_error_or_skipped(tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [torch.arange(n) % 97 for n in (30, 100, 20, 40)])
     common = [f"model.pretrained={_tiny_checkpoint(tmp_path, max_positions=64)}", "data=jsonl", f"data.path={f}",

@@ -19,6 +19,7 @@ With one process nothing is communicated and the same code runs.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -227,15 +228,27 @@ class ChunkFlowStrategy(ParallelStrategy):
             if self.dims.pp > 1:
                 raise NotImplementedError("parallel.pp > 1: the chunk pipeline runtime is not implemented yet")
             actions = plan_single_device([c.segments for c in batch.chunks], batch.seq_lens, self.chunk_k)
+            t0 = time.perf_counter()
             stats = ChunkExecutor(model, batch, self.root_device, offload_state=self.offload_state,
                                   should_stop=self.should_stop).run(actions)
-            loss_sum, tokens = self.sum_over_dp([stats.loss_sum, float(stats.tokens)])
-            (stats.global_loss_sum,) = self.from_last_stage([loss_sum])
-            stats.global_tokens = int(tokens)
-            return stats
+            if self.root_device.type == "cuda":
+                torch.cuda.synchronize(self.root_device)
+            stats.compute_s = time.perf_counter() - t0
+            return self._global_stats(stats)
         except (RuntimeError, dist.DistBackendError) as e:
             self._raise_if_peer_failed(e, batch.step_index)
             raise
+
+    def _global_stats(self, stats: StepStats) -> StepStats:
+        """Loss and tokens summed over data parallelism (loss from the last stage); compute-time imbalance."""
+        loss_sum, tokens, compute_sum = self.sum_over_dp([stats.loss_sum, float(stats.tokens), stats.compute_s])
+        (stats.global_loss_sum,) = self.from_last_stage([loss_sum])
+        stats.global_tokens = int(tokens)
+        if self._dp_group is not None and self.dims.dp > 1:
+            slowest = torch.tensor([stats.compute_s], dtype=torch.float64, device=self._comm_device)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=self._dp_group)
+            stats.dp_imbalance = float(slowest) / max(compute_sum / self.dims.dp, 1e-12)
+        return stats
 
     def finish_gradients(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         """Tie, all-reduce over dp, take the global norm (returned, before clipping), clip if ``max_norm > 0``."""

@@ -110,6 +110,7 @@ class ChunkFlowLM(L.LightningModule):
         self.log("train/chunks_per_step", float(batch.num_chunks_global or stats.chunks), batch_size=1)
         self.log("train/recomputed_chunks", float(stats.recomputed_chunks), batch_size=1)
         self.log("train/label_tokens", float(batch.num_label_tokens), batch_size=1)
+        self.log("train/dp_imbalance", float(stats.dp_imbalance), batch_size=1)
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
 
     def _nonfinite_step(self, opt, batch: StepBatch, loss: float, norm: float) -> None:
