@@ -21,6 +21,8 @@ from chunkflow_pl.data.config import DataConfig
 from chunkflow_pl.data.datamodule import ChunkFlowDataModule
 from chunkflow_pl.model.config import ModelConfig, get_preset
 from chunkflow_pl.model.memory import InsufficientMemoryError, available_memory, estimate_training_memory
+from chunkflow_pl.model.stages import split_stages
+from chunkflow_pl.schedule.pipeline_planner import default_caps
 from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
 from chunkflow_pl.strategy.dims import ParallelDims, world_from_launch
 from chunkflow_pl.strategy.health import PeerFailure
@@ -96,11 +98,15 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
 
     max_len = cfg.data.get("max_len")
     max_len = parse_size(max_len, key="data.max_len") if max_len is not None else None
-    est = estimate_training_memory(mcfg, chunk_size, chunk_k, precision, optim.name, int(cfg.model.loss_chunk),
-                                   max_seq_len=max_len)
+    # One device's share: the whole model, or the pipeline stage that needs the most (caps: the plan's live chunks).
+    est = max((estimate_training_memory(mcfg, chunk_size, chunk_k, precision, optim.name, int(cfg.model.loss_chunk),
+                                        max_seq_len=max_len, stage=spec, live_chunks=cap)
+               for spec, cap in zip(split_stages(mcfg.num_layers, pp), default_caps(pp, chunk_k))),
+              key=lambda e: e.total)
     avail = available_memory(device.type)
-    log.info("model %s: %.3f B parameters; estimated training memory at %s, chunk.size=%d, k=%d:\n%s\n"
-             "  available on %s: %.2f GiB", mcfg.name, mcfg.num_params() / 1e9, precision, chunk_size, chunk_k,
+    log.info("model %s: %.3f B parameters; estimated training memory%s at %s, chunk.size=%d, k=%d:\n%s\n"
+             "  available on %s: %.2f GiB", mcfg.name, mcfg.num_params() / 1e9,
+             f" of the largest of {pp} pipeline stages" if pp > 1 else "", precision, chunk_size, chunk_k,
              est.table(), device.type, avail / 2**30)
     if cfg.get("dry_run"):
         return {"model_config": mcfg, "memory": est}
@@ -116,7 +122,9 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
             f"to try anyway.")
 
     data_cfg = DataConfig.from_dict(OmegaConf.to_container(cfg.data, resolve=True))
-    strategy = ChunkFlowStrategy(dims, chunk_k=chunk_k, offload_state=bool(cfg.chunk.offload_state))
+    strategy = ChunkFlowStrategy(dims, chunk_k=chunk_k, offload_state=bool(cfg.chunk.offload_state),
+                                 check_plan=bool(cfg.parallel.get("check_plan", True)),
+                                 check_messages=bool(cfg.parallel.get("check_messages", False)))
     datamodule = ChunkFlowDataModule(data_cfg, chunk_size=chunk_size, vocab_size=mcfg.vocab_size,
                                      dp_rank=lambda: strategy.dp_rank, dp_size=dims.dp)
     max_steps = int(cfg.trainer.max_steps)
