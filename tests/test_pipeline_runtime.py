@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -188,8 +189,16 @@ def _diverge_worker(rank: int, init: str, out_dir: str) -> None:
 
 def test_diverging_ranks_fail_naming_rank_and_chunk(tmp_path):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(_diverge_worker, args=(f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2,
-                       start_method="spawn")
+    ctx = mp.start_processes(_diverge_worker, args=(f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2,
+                             start_method="spawn", join=False)
+    deadline = time.time() + 120
+    try:
+        while not ctx.join(timeout=1):
+            assert time.time() < deadline, "the ranks hang instead of naming the divergence"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     for msgs in (r0, r1):
         assert "the pipeline plan of rank 1" in msgs[0] and "chunk 2 has 5 tokens on rank 1 but 6 on rank 0" in msgs[0]
