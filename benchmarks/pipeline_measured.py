@@ -13,7 +13,7 @@ thread per process, float32, SGD) with the timeline callback recording every ste
     ``replayed``   on the durations the pipeline run measured (what the plan's order alone costs),
     ``predicted``  on the 1-process run's per-chunk durations of the same step, split over the stages
                    by the FLOP cost model's share of each stage (a prediction made without the run),
-    ``flops``      on the FLOP cost model itself (``CostModel.from_model``, what every rank plans with).
+    ``flops``      on the FLOP cost model the ranks plan with (``CostModel.from_model``), messages free.
 - ``ratio``: pipeline step time / 1-process step time (2 processes on 2 cores; 0.5 would be perfect).
 
 Prints a table and one ``RESULT {json}`` line. The CPU of this machine is shared with other jobs:
@@ -42,8 +42,9 @@ if str(ROOT) not in sys.path:
 
 from chunkflow_pl.data.types import Segment  # noqa: E402
 from chunkflow_pl.model.config import get_preset  # noqa: E402
+from chunkflow_pl.model.stages import split_stages  # noqa: E402
 from chunkflow_pl.schedule.actions import Op  # noqa: E402
-from chunkflow_pl.schedule.cost import MeasuredCost  # noqa: E402
+from chunkflow_pl.schedule.cost import CostModel, MeasuredCost  # noqa: E402
 from chunkflow_pl.schedule.pipeline_planner import plan_pipeline  # noqa: E402
 from chunkflow_pl.schedule.simulator import simulate  # noqa: E402
 from chunkflow_pl.strategy.pipeline import pipeline_cost  # noqa: E402
@@ -129,7 +130,12 @@ def main() -> None:
     wall_one = run(a, 1, one_dir)
     wall_pp = run(a, a.pp, pp_dir)
     cfg = get_preset("tiny", **model_overrides(a))
-    cost = pipeline_cost(cfg, a.pp)
+    cost = pipeline_cost(cfg, a.pp)  # what the ranks plan with
+    # The same FLOPs without message costs: at the planner's GPU-class defaults a small model's messages would
+    # dominate its compute, which says nothing about this machine.
+    flop_cost = CostModel.from_model(cfg, a.pp, stage_layers=[len(s.layer_ids) for s in split_stages(cfg.num_layers,
+                                                                                                     a.pp)],
+                                     link_bytes_per_s=None)
 
     ones, pps = timelines(one_dir), timelines(pp_dir)
     t_one, t_pp = step_times(one_dir), step_times(pp_dir)
@@ -141,7 +147,7 @@ def main() -> None:
         assert plan.text() == rec["plan"], "the recorded plan is not the one the ranks derive"
         pred = simulate(plan, chunks, rec["seq_lens"], MeasuredCost(predicted_durations(one, plan, chunks, cost,
                                                                                         a.pp), a.pp))
-        flops = simulate(plan, chunks, rec["seq_lens"], cost)
+        flops = simulate(plan, chunks, rec["seq_lens"], flop_cost)
         busy = [sum(t1 - t0 for op, _, t0, t1 in st["events"] if op in COMPUTE) for st in rec["stages"]]
         rows.append({
             "step": rec["step"], "tokens": sum(rec["seq_lens"]), "chunks": sum(1 for c in chunks if c),

@@ -131,6 +131,55 @@ def test_cli_step_with_pp2_is_minus_lr_times_the_whole_batch_gradient(case, tmp_
         assert err < 1e-8, f"{k}: relative error {err:.2e}"
 
 
+# ---- when a sent buffer may be dropped (pure) --------------------------------------------------------------
+
+def test_sends_are_released_only_after_the_peer_received_them():
+    """Run random plans in random interleavings (a receive waits for its send, nothing else blocks); when a
+    stage completes a receive, every send ``release_points`` frees there must already be received by its peer.
+    A send is left to the end of the step only when the peer sends nothing back after receiving it."""
+    import random
+
+    from chunkflow_pl.data.packing import build_chunk_plan
+    from chunkflow_pl.schedule.cost import CostModel
+    from chunkflow_pl.schedule.pipeline_actions import Comm
+    from chunkflow_pl.strategy.p2p import release_points
+
+    rng = random.Random(0)
+    for _ in range(40):
+        pp, k = rng.randint(2, 5), rng.randint(1, 3)
+        lens = [rng.randint(1, 150) for _ in range(rng.randint(2, 14))]
+        plan = plan_pipeline(build_chunk_plan(lens, 32).chunks, lens, pp, k, cost=CostModel.uniform(pp))
+        stages = plan.stages
+        release = [release_points(stages, s) for s in range(pp)]
+        where = [{(a.op, a.chunk): i for i, a in enumerate(acts)} for acts in stages]
+        pc, posted, freed = [0] * pp, set(), set()
+        while any(pc[s] < len(stages[s]) for s in range(pp)):
+            movable = []
+            for s in range(pp):
+                if pc[s] < len(stages[s]):
+                    a = stages[s][pc[s]]
+                    if not isinstance(a, Comm) or a.is_send or (a.kind, a.chunk, a.peer, s) in posted:
+                        movable.append(s)
+            s = rng.choice(movable)
+            a = stages[s][pc[s]]
+            pc[s] += 1
+            if isinstance(a, Comm) and a.is_send:
+                posted.add((a.kind, a.chunk, s, a.peer))
+            elif isinstance(a, Comm):
+                for kind, chunk in release[s].get((a.kind, a.chunk), []):
+                    peer = a.peer
+                    recv_op = next(op for op, c in where[peer] if c == chunk and op.value == f"recv_{kind}")
+                    assert pc[peer] > where[peer][(recv_op, chunk)], (plan.text(), s, a, kind, chunk)
+                    freed.add((s, kind, chunk))
+        for s, acts in enumerate(stages):
+            for a in acts:
+                if isinstance(a, Comm) and a.is_send and (s, a.kind, a.chunk) not in freed:
+                    got = where[a.peer][(next(op for op, c in where[a.peer] if c == a.chunk and
+                                              op.value == f"recv_{a.kind}"), a.chunk)]
+                    later = [b for b in stages[a.peer][got:] if isinstance(b, Comm) and b.is_send and b.peer == s]
+                    assert not later, (plan.text(), s, a, later[0])
+
+
 # ---- diverging ranks: errors, not hangs (2 spawned gloo processes, no training) ----------------------------
 
 def _diverge_worker(rank: int, init: str, out_dir: str) -> None:
@@ -159,7 +208,7 @@ def _diverge_worker(rank: int, init: str, out_dir: str) -> None:
 
         for check in (False, True):
             t = P2PTransport(dims, rank, torch.device("cpu"), check_messages=check)
-            t.begin_step(5, plan.stages[rank], hidden_size=3, dtype=torch.float64)
+            t.begin_step(5, plan.stages, hidden_size=3, dtype=torch.float64)
             for a in plan.stages[rank]:
                 op, c = a.op.value, a.chunk
                 if op in ("send_act", "send_grad"):
@@ -171,7 +220,7 @@ def _diverge_worker(rank: int, init: str, out_dir: str) -> None:
         result.append("exchanged")
         # 3. With check_messages, a sender that left its plan (sends chunk 1 where chunk 0 is due) is named.
         t = P2PTransport(dims, rank, torch.device("cpu"), check_messages=True)
-        t.begin_step(7, [] if rank == 0 else [Comm(CommOp.RECV_ACT, 0, 0, 4)], hidden_size=3, dtype=torch.float64)
+        t.begin_step(7, [[], [Comm(CommOp.RECV_ACT, 0, 0, 4)]], hidden_size=3, dtype=torch.float64)
         if rank == 0:
             t.send("act", 1, torch.zeros(4, 3, dtype=torch.float64))
             t.flush()

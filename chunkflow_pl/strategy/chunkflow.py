@@ -271,7 +271,7 @@ class ChunkFlowStrategy(ParallelStrategy):
                           batch.step_index)
         s = self.pp_rank
         actions = plan.stages[s]
-        self._p2p.begin_step(batch.step_index, actions, model.cfg.hidden_size, next(model.parameters()).dtype)
+        self._p2p.begin_step(batch.step_index, plan.stages, model.cfg.hidden_size, next(model.parameters()).dtype)
         if record:  # a common time origin for the replica's stages
             dist.barrier(group=self._pp_group, **({"device_ids": [self.root_device.index]}
                                                   if self.root_device.type == "cuda" else {}))

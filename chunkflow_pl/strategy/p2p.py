@@ -18,8 +18,16 @@ so the warm-up cannot deadlock): NCCL communicators are created there, not insid
 
 Messages of a step
 ------------------
-- ``send``: ``isend``; the tensor stays referenced until its work completes (reaped as they finish;
-  ``flush`` waits for the rest at the end of the step).
+- ``send``: ``isend``; the tensor stays referenced until the send is known to be complete, which
+  gloo never reports before ``wait`` (its send work's ``is_completed`` stays False, and ``wait``
+  blocks until the peer posts the receive). So the plan says when: a send to the peer is complete
+  once this rank has received a message the peer sent after its matching receive
+  (``release_points``); the send is waited for (at once) and dropped right after that receive.
+  Sends after which the peer sends nothing back (the step's tail: the last chain's backward wave)
+  are held until ``flush`` waits for them at the end of the step: on each stage at most the input
+  gradients of that wave, as many ``[T, D]`` buffers as the boundary checkpoints the stage kept for
+  the same chain. (On NCCL, whose works report completion, finished sends are also dropped as
+  they complete.)
 - ``recv``: ``begin_step`` hands over the stage's action list; on each incoming channel the next
   receive of the plan is always posted (one ``[T, D]`` buffer per incoming channel), so the data
   moves while the stage computes (NCCL and gloo move data only once both ends are posted). ``recv``
@@ -43,7 +51,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from chunkflow_pl.schedule.pipeline_actions import Comm
+from chunkflow_pl.schedule.pipeline_actions import Comm, PipeAction
 from chunkflow_pl.schedule.transport import ACT, GRAD
 from chunkflow_pl.strategy.dims import ParallelDims
 
@@ -65,6 +73,36 @@ class ChannelSpec:
     src: int
     dst: int
     dp_rank: int
+
+
+def release_points(stages: Sequence[Sequence[PipeAction]], stage: int) -> dict[tuple[str, int], list[tuple[str, int]]]:
+    """For each receive ``(kind, chunk)`` of ``stage``: its sends ``(kind, chunk)`` known received once it completes.
+
+    With a neighbour ``n``, the k-th send to ``n`` is matched by ``n``'s k-th receive from us (FIFO), at
+    position ``p`` of ``n``'s list. The first message ``n`` sends us from a position after ``p`` proves ``n``
+    got ours: when our receive of it completes, our send is complete too. Sends with no such message
+    are left to ``flush``.
+    """
+    out: dict[tuple[str, int], list[tuple[str, int]]] = {}
+    mine = stages[stage]
+    for n in (stage - 1, stage + 1):
+        if not 0 <= n < len(stages):
+            continue
+        peer = stages[n]
+
+        def ends(acts: Sequence[PipeAction], other: int, send: bool) -> list[tuple[int, Comm]]:
+            return [(i, a) for i, a in enumerate(acts) if isinstance(a, Comm) and a.peer == other and a.is_send == send]
+
+        sends, my_recvs = ends(mine, n, True), ends(mine, n, False)
+        peer_recvs, peer_sends = ends(peer, stage, False), ends(peer, stage, True)
+        m = 0
+        for (_, a), (p, _) in zip(sends, peer_recvs):
+            while m < len(peer_sends) and peer_sends[m][0] < p:
+                m += 1
+            if m < len(my_recvs):
+                r = my_recvs[m][1]
+                out.setdefault((r.kind, r.chunk), []).append((a.kind, a.chunk))
+    return out
 
 
 def channel_order(dims: ParallelDims) -> list[ChannelSpec]:
@@ -126,7 +164,8 @@ class P2PTransport:
         self._step = 0
         self._expect: dict[str, deque[tuple[int, int]]] = {ACT: deque(), GRAD: deque()}
         self._posted: dict[str, _Posted | None] = {ACT: None, GRAD: None}
-        self._sends: list[tuple[Any, torch.Tensor]] = []  # (work, tensor kept alive until it completes)
+        self._sends: dict[tuple[str, int], list[tuple[Any, torch.Tensor]]] = {}  # (kind, chunk) -> (work, tensor)
+        self._release: dict[tuple[str, int], list[tuple[str, int]]] = {}
         self._hidden = 0
         self._dtype = torch.float32
 
@@ -134,14 +173,17 @@ class P2PTransport:
         return f"rank {self.rank} (stage {self.stage}, dp rank {self.dp_rank}), step {self._step}"
 
     # ---- a step ------------------------------------------------------------------------------
-    def begin_step(self, step: int, actions: Sequence, hidden_size: int, dtype: torch.dtype) -> None:
-        """Take the stage's action list for this step and post the first receive of each incoming channel."""
+    def begin_step(self, step: int, stages: Sequence[Sequence[PipeAction]], hidden_size: int,
+                   dtype: torch.dtype) -> None:
+        """Take the replica's action lists for this step (``PipelinePlan.stages``) and post the first receive
+        of each incoming channel of this rank's stage."""
         if any(p is not None for p in self._posted.values()) or self._sends:
             raise RuntimeError(f"{self._where()}: a new step began while the previous one has messages in "
                                "flight (it did not end with flush)")
         self._step, self._hidden, self._dtype = int(step), int(hidden_size), dtype
         self._expect = {ACT: deque(), GRAD: deque()}
-        for a in actions:
+        self._release = release_points(stages, self.stage)
+        for a in stages[self.stage]:
             if isinstance(a, Comm) and not a.is_send:
                 self._expect[a.kind].append((a.chunk, a.tokens))
         for kind in (ACT, GRAD):
@@ -169,12 +211,14 @@ class P2PTransport:
     def send(self, kind: str, chunk: int, tensor: torch.Tensor) -> None:
         link = self._link(self._out, kind, "send")
         t = tensor.detach().contiguous()
+        works = self._sends.setdefault((kind, chunk), [])
         if self.check_messages:
             header = torch.tensor([self._step, chunk, t.shape[0], _KIND_CODE[kind]], dtype=torch.int64,
                                   device=t.device)
-            self._sends.append((dist.isend(header, dst=link.peer, group=link.group), header))
-        self._sends.append((dist.isend(t, dst=link.peer, group=link.group), t))
-        self._sends = [(w, x) for w, x in self._sends if not w.is_completed()]  # free what has gone
+            works.append((dist.isend(header, dst=link.peer, group=link.group), header))
+        works.append((dist.isend(t, dst=link.peer, group=link.group), t))
+        # NCCL reports completion (gloo never does before wait): drop what has gone.
+        self._sends = {key: ws for key, ws in self._sends.items() if not all(w.is_completed() for w, _ in ws)}
 
     def recv(self, kind: str, chunk: int, shape: tuple[int, ...], dtype: torch.dtype,
              device: torch.device) -> torch.Tensor:
@@ -191,6 +235,9 @@ class P2PTransport:
             dist.recv(buf, src=link.peer, group=link.group)
         else:
             buf = posted.buf
+        for done in self._release.get((kind, chunk), ()):  # the peer got these before it sent this message
+            for w, _ in self._sends.pop(done, ()):
+                w.wait()
         self._post_next(kind)
         if tuple(buf.shape) != tuple(shape) or buf.dtype != dtype:
             raise RuntimeError(f"{self._where()}: the {kind} of chunk {chunk} is {tuple(buf.shape)} {buf.dtype} by "
@@ -209,9 +256,10 @@ class P2PTransport:
 
     def flush(self) -> None:
         """Wait for every send of the step; fail if the plan's receives were not all taken."""
-        for w, _ in self._sends:
-            w.wait()
-        self._sends = []
+        for works in self._sends.values():
+            for w, _ in works:
+                w.wait()
+        self._sends = {}
         left = {k: ([p.chunk] if p is not None else []) + [c for c, _ in self._expect[k]]
                 for k, p in self._posted.items()}
         if any(left.values()):
