@@ -16,11 +16,16 @@ thread per process, float32, SGD) with the timeline callback recording every ste
     ``flops``      on the FLOP cost model the ranks plan with (``CostModel.from_model``), messages free.
 - ``ratio``: pipeline step time / 1-process step time (2 processes on 2 cores; 0.5 would be perfect).
 
-Prints a table and one ``RESULT {json}`` line. The CPU of this machine is shared with other jobs:
+Then the per-step planning overhead every rank pays at the paper's scale (Qwen2.5-7B, global batch 256
+of LMSys-like lengths): ``plan_pipeline``, ``check_pipeline_plan`` (``parallel.check_plan``, on by
+default) and the fingerprint (``parallel.check_messages``), timed here on one CPU core.
+
+Prints the tables and one ``RESULT {json}`` line. The CPU of this machine is shared with other jobs:
 absolute times move with their load; run both configurations back to back and compare ratios.
 
     python benchmarks/pipeline_measured.py                              # 4 layers, hidden 384, ~5 min
     python benchmarks/pipeline_measured.py --hidden 256 --steps 3 --global-batch 8
+    python benchmarks/pipeline_measured.py --planning-only                # the planning table, seconds
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1, help="first steps left out of the medians")
     p.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--planning-only", action="store_true", help="only time planning + checking at paper scale")
     return p.parse_args()
 
 
@@ -123,8 +129,55 @@ def predicted_durations(one: dict, plan, chunks, cost, pp: int) -> dict[tuple[in
     return out
 
 
+PLANNING_CASES = [("32k", "8k", 4, 1), ("32k", "2k", 8, 1), ("256k", "32k", 8, 2), ("256k", "8k", 8, 1)]
+
+
+def planning_overhead() -> list[dict]:
+    """Seconds to plan, check and fingerprint one step of a 7B pipeline (best of 3, one core)."""
+    from chunkflow_pl.data.packing import build_chunk_plan
+    from chunkflow_pl.data.sources.synthetic import synthetic_lengths
+    from chunkflow_pl.schedule.pipeline_checker import check_pipeline_plan
+    from chunkflow_pl.utils.sizes import parse_size
+
+    cfg = get_preset("qwen7b")
+    rows = []
+    for ctx, chunk, pp, k in PLANNING_CASES:
+        lens = [int(x) for x in synthetic_lengths(256, parse_size(ctx), seed=3)]
+        lens[0] = parse_size(ctx)  # one sequence at the full context, so a long chain is in the batch
+        chunks = build_chunk_plan(lens, parse_size(chunk)).chunks
+        cost = pipeline_cost(cfg, pp)
+        best = {"plan": 1e9, "check": 1e9, "fingerprint": 1e9}
+        for _ in range(3):
+            t0 = time.perf_counter()
+            plan = plan_pipeline(chunks, lens, pp, k, cost=cost)
+            t1 = time.perf_counter()
+            check_pipeline_plan(plan, chunks, lens)
+            t2 = time.perf_counter()
+            plan.fingerprint()
+            t3 = time.perf_counter()
+            for key, dt in (("plan", t1 - t0), ("check", t2 - t1), ("fingerprint", t3 - t2)):
+                best[key] = min(best[key], dt)
+        rows.append({"context": ctx, "chunk_size": chunk, "pp": pp, "k": k, "chunks": len(chunks),
+                     "actions": sum(len(x) for x in plan.stages), **{f"{key}_ms": 1e3 * v for key, v in best.items()}})
+    return rows
+
+
+def print_planning(rows: list[dict]) -> None:
+    print("\nplanning overhead per step and rank, Qwen2.5-7B, global batch 256 (best of 3, one core):")
+    print("| context | chunk.size | pp | k | chunks | actions | plan ms | check ms | fingerprint ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['context']} | {r['chunk_size']} | {r['pp']} | {r['k']} | {r['chunks']} | {r['actions']} | "
+              f"{r['plan_ms']:.1f} | {r['check_ms']:.1f} | {r['fingerprint_ms']:.1f} |")
+
+
 def main() -> None:
     a = parse_args()
+    if a.planning_only:
+        rows = planning_overhead()
+        print_planning(rows)
+        print("RESULT " + json.dumps({"planning": rows}))
+        return
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="pipeline_measured_"))
     one_dir, pp_dir = work / "1_process", work / f"pp{a.pp}"
     wall_one = run(a, 1, one_dir)
@@ -186,10 +239,12 @@ def main() -> None:
         "bubble_flops_model": med("flops"), "wall_s": {"one": round(wall_one, 1), "pp": round(wall_pp, 1)},
         "load_avg_1min": os.getloadavg()[0], "workdir": str(work),
     }
+    result["planning"] = planning = planning_overhead()
     print(f"medians: step ratio {result['step_ratio']:.2f} (span ratio {result['span_ratio']:.2f}, predicted "
           f"{result['predicted_span_ratio']:.2f}); bubble measured {result['bubble_measured']:.1%}, replayed "
           f"{result['bubble_replayed']:.1%}, predicted {result['bubble_predicted']:.1%}, FLOP model "
           f"{result['bubble_flops_model']:.1%}; load average {result['load_avg_1min']:.1f} on {os.cpu_count()} CPUs")
+    print_planning(planning)
     print("RESULT " + json.dumps(result))
 
 
