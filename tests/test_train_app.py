@@ -181,3 +181,21 @@ def test_cosine_without_max_steps_and_overrides_with_pretrained_are_clear_errors
         train(compose_cfg(tmp_path, "trainer.devices=2", *SMALL))
     with pytest.raises(ValueError, match="cannot change the architecture"):
         train(compose_cfg(tmp_path, f"model.pretrained={hf_dir}", "model.overrides.num_layers=3"))
+
+
+def test_parallel_presets_compose_and_pipelines_estimate_the_largest_stage(tmp_path):
+    from chunkflow_pl.model.memory import estimate_training_memory, stage_num_params
+    from chunkflow_pl.model.stages import split_stages
+
+    runs = {p: train(compose_cfg(tmp_path, f"parallel={p}", "model=qwen7b", "chunk.size=8k", "dry_run=true"))
+            for p in ("single", "dp2", "pp2", "dp2_pp2")}
+    cfg = runs["single"]["model_config"]
+    whole = estimate_training_memory(cfg, 8192, 1, "32-true")
+    assert runs["single"]["memory"] == runs["dp2"]["memory"] == whole
+    first, last = split_stages(cfg.num_layers, 2)
+    for p in ("pp2", "dp2_pp2"):
+        est = runs[p]["memory"]
+        # 7B is untied: stage 0 (embedding, 14 layers, 2 chunks live) outweighs stage 1 (14 layers, head, 1 chunk).
+        assert est.params == stage_num_params(cfg, first) and est.total < whole.total
+        assert est == estimate_training_memory(cfg, 8192, 1, "32-true", stage=first, live_chunks=2)
+    assert stage_num_params(cfg, first) + stage_num_params(cfg, last) == cfg.num_params()
