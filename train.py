@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from chunkflow_pl.data.config import DataConfig
 from chunkflow_pl.data.datamodule import ChunkFlowDataModule
+from chunkflow_pl.model.attention import resolve_backend
 from chunkflow_pl.model.config import ModelConfig, get_preset
 from chunkflow_pl.model.memory import InsufficientMemoryError, available_memory, estimate_training_memory
 from chunkflow_pl.model.stages import split_stages
@@ -95,6 +96,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     optim = OptimConfig.from_dict(OmegaConf.to_container(cfg.optim))
     precision = str(cfg.trainer.precision)
     accelerator, device = _accelerator(str(cfg.trainer.accelerator))
+    resolve_backend(str(cfg.model.attention), device, precision)  # a bad combination fails before any work
 
     max_len = cfg.data.get("max_len")
     max_len = parse_size(max_len, key="data.max_len") if max_len is not None else None

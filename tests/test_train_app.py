@@ -218,3 +218,10 @@ def test_timeline_of_a_one_process_step_is_its_plan_and_is_logged(tmp_path):
     assert stage["peak_live"] == 1 and rec["measured"]["bubble"] < 0.05  # one process: busy all along
     rows = list(csv.DictReader(open(next(tmp_path.glob("csv/version_*/metrics.csv")))))
     assert [float(r["pipeline/bubble"]) for r in rows if r.get("pipeline/bubble")] == [rec["measured"]["bubble"]]
+
+
+@pytest.mark.parametrize("precision", ["32-true", "64-true"])
+def test_flash_attention_in_full_precision_fails_at_start(tmp_path, precision):
+    cfg = compose_cfg(tmp_path, "model.attention=flash", f"trainer.precision={precision}", "trainer.accelerator=cpu")
+    with pytest.raises(ValueError, match=f"model.attention=flash needs.*trainer.precision={precision}"):
+        train(cfg)

@@ -246,16 +246,17 @@ class ChunkFlowStrategy(ParallelStrategy):
                 stats = self._run_stage(model, batch, record)
             else:
                 actions = plan_single_device([c.segments for c in batch.chunks], batch.seq_lens, self.chunk_k)
+                t0 = time.perf_counter()
                 ex = ChunkExecutor(model, batch, self.root_device, offload_state=self.offload_state,
                                    should_stop=self.should_stop, clock=self._clock() if record else None)
                 stats = ex.run(actions)
+                if self.root_device.type == "cuda":
+                    torch.cuda.synchronize(self.root_device)
+                stats.compute_s = time.perf_counter() - t0
                 if record:
                     self.last_timeline = StageTimeline(self.global_rank, 0, self.dp_rank, batch.step_index, ex.events,
                                                        stats.max_live_activations, None)
-            loss_sum, tokens = self.sum_over_dp([stats.loss_sum, float(stats.tokens)])
-            (stats.global_loss_sum,) = self.from_last_stage([loss_sum])
-            stats.global_tokens = int(tokens)
-            return stats
+            return self._global_stats(stats)
         except (RuntimeError, dist.DistBackendError) as e:
             self._raise_if_peer_failed(e, batch.step_index)
             raise
@@ -278,7 +279,11 @@ class ChunkFlowStrategy(ParallelStrategy):
         ex = ChunkExecutor(model, batch, self.root_device, offload_state=self.offload_state,
                            transport=self._p2p, should_stop=self.should_stop,
                            clock=self._clock() if record else None)
+        t0 = time.perf_counter()
         stats = ex.run(actions)
+        if self.root_device.type == "cuda":
+            torch.cuda.synchronize(self.root_device)
+        stats.compute_s = time.perf_counter() - t0  # message waits included: this rank's time in the plan
         if stats.max_live_activations > plan.caps[s]:
             raise RuntimeError(f"rank {self.global_rank}, stage {s}: {stats.max_live_activations} chunks held "
                                f"activations at once, above the plan's cap {plan.caps[s]} (a runtime bug)")
@@ -300,6 +305,17 @@ class ChunkFlowStrategy(ParallelStrategy):
 
             return clock
         return lambda: time.perf_counter() - t0
+
+    def _global_stats(self, stats: StepStats) -> StepStats:
+        """Loss and tokens summed over data parallelism (loss from the last stage); compute-time imbalance."""
+        loss_sum, tokens, compute_sum = self.sum_over_dp([stats.loss_sum, float(stats.tokens), stats.compute_s])
+        (stats.global_loss_sum,) = self.from_last_stage([loss_sum])
+        stats.global_tokens = int(tokens)
+        if self._dp_group is not None and self.dims.dp > 1:
+            slowest = torch.tensor([stats.compute_s], dtype=torch.float64, device=self._comm_device)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=self._dp_group)
+            stats.dp_imbalance = float(slowest) / max(compute_sum / self.dims.dp, 1e-12)
+        return stats
 
     def finish_gradients(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         """Tie, all-reduce over dp, take the global norm (returned, before clipping), clip if ``max_norm > 0``."""
