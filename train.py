@@ -27,7 +27,9 @@ from chunkflow_pl.data.datamodule import ChunkFlowDataModule
 from chunkflow_pl.model.attention import resolve_backend
 from chunkflow_pl.model.config import ModelSettings
 from chunkflow_pl.model.memory import InsufficientMemoryError, available_memory, estimate_training_memory
+from chunkflow_pl.model.stages import split_stages
 from chunkflow_pl.schedule.executor import StepInterrupted
+from chunkflow_pl.schedule.pipeline_planner import default_caps
 from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
 from chunkflow_pl.strategy.dims import ParallelDims, world_from_launch
 from chunkflow_pl.strategy.health import PeerFailure
@@ -130,18 +132,23 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     if trainer_kwargs.get("max_steps", -1) <= 0 and optim.schedule == "cosine":
         raise ValueError("optim.schedule=cosine needs trainer.max_steps > 0 (the decay length); set "
                          "trainer.max_steps or use optim.schedule=constant")
-    strategy = ChunkFlowStrategy(dims, chunk_k=chunk.k, offload_state=chunk.offload_state)
+    strategy = ChunkFlowStrategy(dims, chunk_k=chunk.k, offload_state=chunk.offload_state,
+                                 check_plan=parallel.check_plan, check_messages=parallel.check_messages)
 
     # Records longer than the model takes are bad records; the K/V state estimate uses the real longest one.
     datamodule = ChunkFlowDataModule(data_cfg, chunk_size=chunk.size, vocab_size=mcfg.vocab_size,
                                      dp_rank=lambda: strategy.dp_rank, dp_size=dims.dp,
                                      max_seq_len=mcfg.max_position_embeddings)
     longest = datamodule.longest_sequence()
-    est = estimate_training_memory(mcfg, chunk.size, chunk.k, precision, optim.name, model.loss_chunk,
-                                   max_seq_len=longest)
+    # One device's share: the whole model, or the pipeline stage that needs the most (caps: the plan's live chunks).
+    est = max((estimate_training_memory(mcfg, chunk.size, chunk.k, precision, optim.name, model.loss_chunk,
+                                        max_seq_len=longest, stage=spec, live_chunks=cap)
+               for spec, cap in zip(split_stages(mcfg.num_layers, parallel.pp), default_caps(parallel.pp, chunk.k))),
+              key=lambda e: e.total)
     avail = available_memory(device.type)
-    log.info("model %s: %.3f B parameters; estimated training memory at %s, chunk.size=%d, k=%d, longest sequence "
-             "%d tokens:\n%s\n  available on %s: %.2f GiB", mcfg.name, mcfg.num_params() / 1e9, precision, chunk.size,
+    log.info("model %s: %.3f B parameters; estimated training memory%s at %s, chunk.size=%d, k=%d, longest sequence "
+             "%d tokens:\n%s\n  available on %s: %.2f GiB", mcfg.name, mcfg.num_params() / 1e9,
+             f" of the largest of {parallel.pp} pipeline stages" if parallel.pp > 1 else "", precision, chunk.size,
              chunk.k, longest, est.table(), device.type, avail / 2**30)
     if cfg.get("dry_run"):
         return {"model_config": mcfg, "memory": est, "longest_sequence": longest}

@@ -44,6 +44,10 @@ class ParallelConfig:
 
     dp: int = 1
     pp: int = 1
+    # pp > 1: prove each step's plan valid before running it (cheap; see conf/parallel/single.yaml).
+    check_plan: bool = True
+    # Debug: size headers on every message and plan fingerprints compared across ranks each step.
+    check_messages: bool = False
 
     def __post_init__(self) -> None:
         for key, value in (("parallel.dp", self.dp), ("parallel.pp", self.pp)):

@@ -221,6 +221,43 @@ def test_cosine_without_max_steps_and_overrides_with_pretrained_are_clear_errors
         train(compose_cfg(tmp_path, f"model.pretrained={hf_dir}", "model.overrides.num_layers=3"))
 
 
+def test_parallel_presets_compose_and_pipelines_estimate_the_largest_stage(tmp_path):
+    from chunkflow_pl.model.memory import estimate_training_memory, stage_num_params
+    from chunkflow_pl.model.stages import split_stages
+
+    runs = {p: train(compose_cfg(tmp_path, f"parallel={p}", "model=qwen7b", "chunk.size=8k", "dry_run=true"))
+            for p in ("single", "dp2", "pp2", "dp2_pp2")}
+    cfg = runs["single"]["model_config"]
+    whole = estimate_training_memory(cfg, 8192, 1, "32-true")
+    assert runs["single"]["memory"] == runs["dp2"]["memory"] == whole
+    first, last = split_stages(cfg.num_layers, 2)
+    for p in ("pp2", "dp2_pp2"):
+        est = runs[p]["memory"]
+        # 7B is untied: stage 0 (embedding, 14 layers, 2 chunks live) outweighs stage 1 (14 layers, head, 1 chunk).
+        assert est.params == stage_num_params(cfg, first) and est.total < whole.total
+        assert est == estimate_training_memory(cfg, 8192, 1, "32-true", stage=first, live_chunks=2)
+    assert stage_num_params(cfg, first) + stage_num_params(cfg, last) == cfg.num_params()
+
+
+def test_timeline_of_a_one_process_step_is_its_plan_and_is_logged(tmp_path):
+    from chunkflow_pl.data.types import Segment
+    from chunkflow_pl.schedule.planner import plan_single_device
+
+    train(compose_cfg(tmp_path, "trainer.max_steps=2", "data.min_len=300", "chunk.k=1", "logger=csv",
+                      "trainer.log_every_n_steps=1", "callbacks.timeline.every_n_train_steps=2", *SMALL))
+    (rec_path,) = (tmp_path / "timeline").glob("step_*.json")  # every 2nd step: the second only
+    rec = json.loads(rec_path.read_text())
+    assert rec["step"] == 1 and (tmp_path / "timeline" / "step_000001.png").stat().st_size > 0
+    chunks = [[Segment(*seg) for seg in c] for c in rec["chunks"]]
+    (stage,) = rec["stages"]
+    plan = plan_single_device(chunks, rec["seq_lens"], 1)
+    assert any(a.op.value == "recompute" for a in plan)
+    assert [(op, c) for op, c, _, _ in stage["events"]] == [(a.op.value, a.chunk) for a in plan]
+    assert stage["peak_live"] == 1 and rec["measured"]["bubble"] < 0.05  # one process: busy all along
+    rows = list(csv.DictReader(open(next(tmp_path.glob("csv/version_*/metrics.csv")))))
+    assert [float(r["pipeline/bubble"]) for r in rows if r.get("pipeline/bubble")] == [rec["measured"]["bubble"]]
+
+
 @pytest.mark.parametrize("precision", ["32-true", "64-true"])
 def test_flash_attention_in_full_precision_fails_at_start(tmp_path, precision):
     cfg = compose_cfg(tmp_path, "model.attention=flash", f"trainer.precision={precision}", "trainer.accelerator=cpu")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chunkflow_pl.model.config import ModelConfig
+from chunkflow_pl.model.stages import StageSpec
 
 GiB = 1024**3
 
@@ -46,22 +47,40 @@ def _g(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
+def stage_num_params(cfg: ModelConfig, stage: StageSpec) -> int:
+    """Parameters a pipeline stage holds (a tied head on the last stage counts: it is a second copy)."""
+    d, v = cfg.hidden_size, cfg.vocab_size
+    head = v * d  # lm_head, or the tied embed.weight the last stage holds for it
+    per_layer = (cfg.num_params() - v * d - d - (0 if cfg.tie_word_embeddings else head)) // cfg.num_layers
+    return (len(stage.layer_ids) * per_layer + (v * d if stage.takes_ids else 0)
+            + (d if stage.has_head else 0)
+            + (head if stage.has_head and not (stage.takes_ids and cfg.tie_word_embeddings) else 0))
+
+
 def estimate_training_memory(cfg: ModelConfig, chunk_size: int, k: int, precision: str,
                              optimizer: str = "adamw", loss_chunk: int = 4096,
-                             max_seq_len: int | None = None) -> MemoryEstimate:
+                             max_seq_len: int | None = None, stage: StageSpec | None = None,
+                             live_chunks: int | None = None) -> MemoryEstimate:
+    """One device's memory: the whole model, or pipeline ``stage`` holding up to ``live_chunks`` chunks'
+    activations at once (its cap in the pipeline plan; default ``k``)."""
     wb, ab = precision_bytes(precision)
-    n = cfg.num_params()
+    stage = stage if stage is not None else StageSpec.whole(cfg.num_layers)
+    layers = len(stage.layer_ids)
+    n = stage_num_params(cfg, stage)
     opt_states = {"adamw": 2, "sgd": 1}.get(optimizer, 2)
     d, f = cfg.hidden_size, cfg.intermediate_size
     kv = 2 * cfg.num_kv_heads * cfg.head_dim
     # Saved tensors per token and layer: norms, q/k/v, attention out, MLP in/gate/up/act (rough, no fusion).
     per_token_layer = (4 * d + d + kv + 3 * f) * ab
-    act = k * chunk_size * cfg.num_layers * per_token_layer
-    act += min(chunk_size, loss_chunk) * cfg.vocab_size * 4 * 2  # one slice of fp32 logits + grad
+    act = (live_chunks if live_chunks is not None else k) * chunk_size * layers * per_token_layer
+    if stage.has_head:
+        act += min(chunk_size, loss_chunk) * cfg.vocab_size * 4 * 2  # one slice of fp32 logits + grad
     state = 0
     if max_seq_len is not None and max_seq_len > chunk_size:
         # k/v pieces + their fp32 gradient accumulators + the prefix copy a live chunk holds
-        state = max_seq_len * cfg.num_layers * kv * (ab + 4 + ab)
+        state = max_seq_len * layers * kv * (ab + 4 + ab)
+        if not stage.takes_ids:  # inputs [T, D] of the dropped chunks, kept until their recompute
+            state += max_seq_len * d * ab
     return MemoryEstimate(params=n, weights=n * wb, grads=n * wb, optimizer=n * max(wb, 4) * opt_states,
                           activations=act, state=state)
 

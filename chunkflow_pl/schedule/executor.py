@@ -67,11 +67,13 @@ class ChunkExecutor:
     ``transport`` connects it to the neighbouring stages (unused when the model is whole).
     ``should_stop`` is polled between actions; when it returns True the step is abandoned with
     ``StepInterrupted`` (chunk boundaries are the only safe places to stop a step).
+    ``clock`` (off by default): when given, ``run`` records ``(op, chunk, start, end)`` of every action
+    it runs in ``events``, timed with it (the timeline of a step).
     """
 
     def __init__(self, model: torch.nn.Module, batch: StepBatch, device: torch.device,
                  offload_state: bool = False, transport: Transport | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> None:
+                 should_stop: Callable[[], bool] | None = None, clock: Callable[[], float] | None = None) -> None:
         self.model = model
         self.stage = model.stage
         self.batch = batch
@@ -90,6 +92,8 @@ class ChunkExecutor:
         self._grad_in: dict[int, torch.Tensor] = {}  # received output gradients, until backward
         self._grad_out: dict[int, torch.Tensor] = {}  # input gradients, until sent
         self.stats = StepStats()
+        self.clock = clock
+        self.events: list[tuple[str, int, float, float]] = []  # (op, chunk, start, end), when clock is given
 
     # ---- helpers -----------------------------------------------------------------------------
     def _chunk(self, c: int) -> ChunkBatch:
@@ -262,12 +266,15 @@ class ChunkExecutor:
             if self.should_stop is not None and self.should_stop():
                 raise StepInterrupted(f"stopped before action {a} of step {self.batch.step_index}")
             op = a.op.value
+            start = self.clock() if self.clock is not None else 0.0
             if op == "forward":
                 self.forward(a.chunk, a.keep)
             elif op in _ACTIONS:
                 getattr(self, op)(a.chunk)
             else:
                 raise ValueError(f"unknown action {a}")
+            if self.clock is not None:
+                self.events.append((op, a.chunk, start, self.clock()))
             self.stats.peak_state_bytes = max(self.stats.peak_state_bytes, self.store.peak_bytes)
         self.transport.flush()
         if len(self.store) or self._live or self._outbox or self._grad_out:

@@ -8,7 +8,9 @@ Per process (one rank = one pipeline stage of one data-parallel replica, see ``d
     setup_environment   process group (Lightning's launcher, torchrun or SLURM), ("pp", "dp") mesh, groups
     configure_model     the LightningModule builds only ``stage_spec``'s layers (names unchanged)
     run_chunk_step      plan this rank's chunks (all ranks of a replica derive the same plan from the
-                        same StepBatch) and execute them; gradients accumulate in ``.grad``
+                        same StepBatch) and execute them; gradients accumulate in ``.grad``. With pp > 1
+                        the rank runs its stage's list of the replica's pipeline plan (``pipeline.py``),
+                        messages going over one process group per channel (``p2p.py``)
     finish_gradients    tied head summed between first and last stage, gradients all-reduced over dp
                         (bucketed), global norm over the pipeline, clipping
     save/load           torch.distributed.checkpoint directories keyed by parameter name (checkpoint.py)
@@ -41,6 +43,8 @@ from chunkflow_pl.strategy import checkpoint as ckpt
 from chunkflow_pl.strategy import grad_sync
 from chunkflow_pl.strategy.dims import ParallelDims
 from chunkflow_pl.strategy.health import PeerFailure, describe_failure, register_process
+from chunkflow_pl.strategy.p2p import P2PTransport
+from chunkflow_pl.strategy.pipeline import StageTimeline, compare_plans, pipeline_cost, plan_step
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,10 @@ class ChunkFlowStrategy(ParallelStrategy):
     def __init__(self, dims: ParallelDims, chunk_k: int = 1, offload_state: bool = False,
                  num_layers: int | None = None, grad_bucket_mb: float = 25.0,
                  timeout: timedelta = timedelta(minutes=10), process_group_backend: str | None = None,
-                 **kwargs: Any) -> None:
+                 check_plan: bool = True, check_messages: bool = False, **kwargs: Any) -> None:
+        """``check_plan``: prove each step's pipeline plan valid before running it (pp > 1).
+        ``check_messages`` (debug, pp > 1): compare plan fingerprints across a replica every step and send a
+        header with every message, so diverging ranks fail naming the rank and chunk instead of hanging."""
         super().__init__(**kwargs)
         if chunk_k < 1:
             raise ValueError(f"chunk.k={chunk_k} must be >= 1 (chunks whose activations are kept)")
@@ -68,6 +75,13 @@ class ChunkFlowStrategy(ParallelStrategy):
         self._pp_group = None
         self._tie_group = None
         self.should_stop = None  # optional callable polled between chunk actions (signals)
+        self.check_plan = bool(check_plan)
+        self.check_messages = bool(check_messages)
+        self._p2p: P2PTransport | None = None
+        self._cost = None  # the pipeline's cost model, from the model config (same on every rank)
+        # Timeline: a callback sets record_timeline before a step; the step leaves its StageTimeline here.
+        self.record_timeline = False
+        self.last_timeline: StageTimeline | None = None
 
     # ---- layout ------------------------------------------------------------------------------
     @property
@@ -139,6 +153,8 @@ class ChunkFlowStrategy(ParallelStrategy):
                 g = dist.new_group(ranks)
                 if self.global_rank in ranks:
                     self._tie_group = g
+            # Point-to-point channels of every replica (collective: creates and warms up every group).
+            self._p2p = P2PTransport(self.dims, self.global_rank, self._comm_device, self.check_messages)
         register_process(self.global_rank)
         log.info("rank %d: pipeline stage %d/%d (layers %s), data-parallel rank %d/%d, backend %s",
                  self.global_rank, self.pp_rank, self.dims.pp, list(self.stage_spec.layer_ids) if self.num_layers
@@ -225,19 +241,70 @@ class ChunkFlowStrategy(ParallelStrategy):
         data parallelism and taken from the last stage.
         """
         try:
+            record, self.last_timeline = self.record_timeline, None
             if self.dims.pp > 1:
-                raise NotImplementedError("parallel.pp > 1: the chunk pipeline runtime is not implemented yet")
-            actions = plan_single_device([c.segments for c in batch.chunks], batch.seq_lens, self.chunk_k)
-            t0 = time.perf_counter()
-            stats = ChunkExecutor(model, batch, self.root_device, offload_state=self.offload_state,
-                                  should_stop=self.should_stop).run(actions)
-            if self.root_device.type == "cuda":
-                torch.cuda.synchronize(self.root_device)
-            stats.compute_s = time.perf_counter() - t0
+                stats = self._run_stage(model, batch, record)
+            else:
+                actions = plan_single_device([c.segments for c in batch.chunks], batch.seq_lens, self.chunk_k)
+                t0 = time.perf_counter()
+                ex = ChunkExecutor(model, batch, self.root_device, offload_state=self.offload_state,
+                                   should_stop=self.should_stop, clock=self._clock() if record else None)
+                stats = ex.run(actions)
+                if self.root_device.type == "cuda":
+                    torch.cuda.synchronize(self.root_device)
+                stats.compute_s = time.perf_counter() - t0
+                if record:
+                    self.last_timeline = StageTimeline(self.global_rank, 0, self.dp_rank, batch.step_index, ex.events,
+                                                       stats.max_live_activations, None)
             return self._global_stats(stats)
         except (RuntimeError, dist.DistBackendError) as e:
             self._raise_if_peer_failed(e, batch.step_index)
             raise
+
+    def _run_stage(self, model: torch.nn.Module, batch: StepBatch, record: bool) -> StepStats:
+        """This rank's stage of the replica's plan for ``batch`` (every rank of the replica builds the same)."""
+        assert self._p2p is not None, "setup_environment creates the pipeline's channels"
+        if self._cost is None:
+            self._cost = pipeline_cost(model.cfg, self.dims.pp)
+        plan = plan_step(batch, self._cost, self.chunk_k, check=self.check_plan)
+        if self.check_messages:
+            compare_plans(plan, self.global_rank, self._pp_group, self.dims.pp_group_ranks(self.dp_rank),
+                          batch.step_index)
+        s = self.pp_rank
+        actions = plan.stages[s]
+        self._p2p.begin_step(batch.step_index, plan.stages, model.cfg.hidden_size, next(model.parameters()).dtype)
+        if record:  # a common time origin for the replica's stages
+            dist.barrier(group=self._pp_group, **({"device_ids": [self.root_device.index]}
+                                                  if self.root_device.type == "cuda" else {}))
+        ex = ChunkExecutor(model, batch, self.root_device, offload_state=self.offload_state,
+                           transport=self._p2p, should_stop=self.should_stop,
+                           clock=self._clock() if record else None)
+        t0 = time.perf_counter()
+        stats = ex.run(actions)
+        if self.root_device.type == "cuda":
+            torch.cuda.synchronize(self.root_device)
+        stats.compute_s = time.perf_counter() - t0  # message waits included: this rank's time in the plan
+        if stats.max_live_activations > plan.caps[s]:
+            raise RuntimeError(f"rank {self.global_rank}, stage {s}: {stats.max_live_activations} chunks held "
+                               f"activations at once, above the plan's cap {plan.caps[s]} (a runtime bug)")
+        if record:
+            self.last_timeline = StageTimeline(self.global_rank, s, self.dp_rank, batch.step_index, ex.events,
+                                               stats.max_live_activations, plan.caps[s], plan.text(),
+                                               {"plan": plan})
+        return stats
+
+    def _clock(self):
+        """Seconds since now; on CUDA each reading waits for the device (recorded steps only)."""
+        t0 = time.perf_counter()
+        if self.root_device.type == "cuda":
+            device = self.root_device
+
+            def clock() -> float:
+                torch.cuda.synchronize(device)
+                return time.perf_counter() - t0
+
+            return clock
+        return lambda: time.perf_counter() - t0
 
     def _global_stats(self, stats: StepStats) -> StepStats:
         """Loss and tokens summed over data parallelism (loss from the last stage); compute-time imbalance."""
