@@ -21,6 +21,7 @@ from chunkflow_pl.data.config import DataConfig
 from chunkflow_pl.data.datamodule import ChunkFlowDataModule
 from chunkflow_pl.model.config import ModelConfig, get_preset
 from chunkflow_pl.model.memory import InsufficientMemoryError, available_memory, estimate_training_memory
+from chunkflow_pl.plan.auto import resolve_auto_chunk
 from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
 from chunkflow_pl.strategy.dims import ParallelDims, world_from_launch
 from chunkflow_pl.training.module import ChunkFlowLM
@@ -83,6 +84,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
     warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
     mcfg = model_config(cfg.model)
+    cfg = resolve_auto_chunk(cfg, mcfg)  # chunk.size=auto: the planner's pick (python -m chunkflow_pl.plan)
     chunk_size = parse_size(cfg.chunk.size, key="chunk.size")
     chunk_k = int(cfg.chunk.k)
     dp, pp = int(cfg.parallel.dp), int(cfg.parallel.pp)
