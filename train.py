@@ -19,11 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from chunkflow_pl.data.config import DataConfig
 from chunkflow_pl.data.datamodule import ChunkFlowDataModule
+from chunkflow_pl.model.attention import resolve_backend
 from chunkflow_pl.model.config import ModelConfig, get_preset
 from chunkflow_pl.model.memory import InsufficientMemoryError, available_memory, estimate_training_memory
 from chunkflow_pl.plan.auto import resolve_auto_chunk
 from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
 from chunkflow_pl.strategy.dims import ParallelDims, world_from_launch
+from chunkflow_pl.strategy.health import PeerFailure
 from chunkflow_pl.training.module import ChunkFlowLM
 from chunkflow_pl.training.optim import OptimConfig
 from chunkflow_pl.utils.reproducibility import CNR_DEFAULT, CNR_ENV, mkl_cnr_mode
@@ -94,6 +96,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     optim = OptimConfig.from_dict(OmegaConf.to_container(cfg.optim))
     precision = str(cfg.trainer.precision)
     accelerator, device = _accelerator(str(cfg.trainer.accelerator))
+    resolve_backend(str(cfg.model.attention), device, precision)  # a bad combination fails before any work
 
     max_len = cfg.data.get("max_len")
     max_len = parse_size(max_len, key="data.max_len") if max_len is not None else None
@@ -142,11 +145,26 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     return {"trainer": trainer, "module": module, "datamodule": datamodule, "model_config": mcfg}
 
 
+def _launcher_rank() -> int:
+    """Global rank given by an external launcher (torchrun, srun), before any process group exists."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+# Under torchrun/srun every rank runs Hydra: only rank 0 writes .hydra/, each rank logs to its own file.
+OmegaConf.register_new_resolver("chunkflow_hydra_subdir", lambda: ".hydra" if _launcher_rank() == 0 else None,
+                                replace=True)
+OmegaConf.register_new_resolver("chunkflow_rank_suffix", lambda: "" if _launcher_rank() == 0 else
+                                f"_rank{_launcher_rank()}", replace=True)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except (InsufficientMemoryError, ValueError, FileNotFoundError, NotImplementedError) as e:
+    except (InsufficientMemoryError, ValueError, FileNotFoundError, NotImplementedError, PeerFailure) as e:
         log.error("%s", e)
         sys.exit(f"error: {e}")
 

@@ -136,7 +136,7 @@ def run_point(L: int, C: int, k: int, args) -> dict:
         "base_kib": int(base_kib), "base_maxrss_kib": int(base_maxrss_kib), "peak_kib": int(peak_kib),
         "delta_kib": int(peak_kib - base_kib), "step_s": step_s, "step_cpu_s": step_cpu_s,
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
-        "loss": stats.loss_sum / max(stats.label_tokens, 1), "tokens": stats.tokens,
+        "loss": stats.loss_sum / max(L - 1, 1), "tokens": stats.tokens,  # one sequence: L - 1 labels
     }
 
 

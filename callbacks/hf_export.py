@@ -22,8 +22,15 @@ class HFExport(L.Callback):
         self.tokenizer_dir = tokenizer_dir
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if not self.hf_dir or not trainer.is_global_zero:
+        if not self.hf_dir:
             return
-        out = save_hf(pl_module.model, pl_module.model_cfg, self.hf_dir, dtype=self.dtype,
-                      tokenizer_dir=self.tokenizer_dir)
-        log.info("exported Hugging Face checkpoint to %s", out)
+        export = getattr(trainer.strategy, "export_hf", None)
+        if export is not None:  # every rank takes part: each pipeline stage writes its own shard
+            out = export(pl_module.model, self.hf_dir, dtype=self.dtype, tokenizer_dir=self.tokenizer_dir)
+        elif trainer.is_global_zero:
+            out = save_hf(pl_module.model, pl_module.model_cfg, self.hf_dir, dtype=self.dtype,
+                          tokenizer_dir=self.tokenizer_dir)
+        else:
+            return
+        if trainer.is_global_zero:
+            log.info("exported Hugging Face checkpoint to %s", out)

@@ -68,3 +68,20 @@ def hf_dir(tmp_path):
     hf = make_hf_model(tie=False, dtype=torch.float32)
     hf.save_pretrained(tmp_path / "hf")
     return tmp_path / "hf"
+
+
+def hf_reference_step(hf_dir: Path, seqs, labels):
+    """transformers' gradient of sum(CE) / supervised tokens over whole sequences, and its weights."""
+    import torch.nn.functional as F
+    from transformers import Qwen2ForCausalLM
+
+    from chunkflow_pl.data.labels import targets_from_labels
+
+    hf = Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, attn_implementation="sdpa")
+    widen_hf_precision(hf)
+    targets = [targets_from_labels(s, y) for s, y in zip(seqs, labels)]
+    n = sum(int((t != -100).sum()) for t in targets)
+    loss = sum(F.cross_entropy(hf(s[None]).logits[0], t, ignore_index=-100, reduction="sum")
+               for s, t in zip(seqs, targets)) / n
+    loss.backward()
+    return {k: p.detach() for k, p in hf.named_parameters()}, {k: p.grad for k, p in hf.named_parameters()}

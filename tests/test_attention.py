@@ -80,49 +80,91 @@ def test_saved_tensors_grow_only_by_the_prefix_itself():
 def test_backend_resolution_errors():
     assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
     with pytest.raises(ValueError, match="CUDA"):
-        resolve_backend("flash", torch.device("cpu"))
+        resolve_backend("flash", torch.device("cpu"), "bf16-mixed")
     with pytest.raises(ValueError, match="unknown"):
         resolve_backend("xformers", torch.device("cpu"))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and flash-attn")
-def test_flash_matches_sdpa_on_gpu():
-    pytest.importorskip("flash_attn")
-    torch.manual_seed(0)
-    lens, pre = [64, 33], [100, 0]
-    dev = torch.device("cuda")
-    q = torch.randn(97, 4, 64, device=dev, dtype=torch.bfloat16)
-    k, v = torch.randn(97, 2, 64, device=dev, dtype=torch.bfloat16), torch.randn(97, 2, 64, device=dev,
-                                                                               dtype=torch.bfloat16)
-    pk, pv = torch.randn(100, 2, 64, device=dev, dtype=torch.bfloat16), torch.randn(100, 2, 64, device=dev,
-                                                                                  dtype=torch.bfloat16)
-    meta = VarlenMeta.from_lengths(lens, pre)
-    out = attention(q, k, v, meta, pk, pv, backend="flash")
-    ref = naive(q.double().cpu(), k.double().cpu(), v.double().cpu(), lens, pre, pk.double().cpu(),
-                pv.double().cpu())
-    torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-2, atol=2e-2)
+@pytest.mark.parametrize("precision", ["32-true", "64-true"])
+def test_flash_in_full_precision_fails_naming_the_precision(precision):
+    """flash-attn has no fp32/fp64 kernels: say so (and the fix) before anything is built."""
+    with pytest.raises(ValueError, match=f"trainer.precision={precision}.*model.attention=sdpa"):
+        resolve_backend("flash", torch.device("cuda"), precision)
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_math_fallback_equals_fused_cpu_kernel_in_float64(causal):
-    """The off-CPU fallback (used without flash-attn) computes the same forward/backward, in float64 too."""
-    from chunkflow_pl.model import attention as A
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_math_reference_equals_fused_cpu_kernel_in_float64(causal, kv_heads):
+    """The math kernels (the float64 reference off CPU) compute the fused CPU kernels' forward and backward."""
+    from chunkflow_pl.model.attention_kernels import CpuFusedKernels, MathKernels, VarlenBlock
 
     torch.manual_seed(0)
-    q = torch.randn(1, 4, 9, 8, dtype=torch.float64)
-    k, v = torch.randn(1, 4, 9, 8, dtype=torch.float64), torch.randn(1, 4, 9, 8, dtype=torch.float64)
-    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=0.3)
-    o2, lse2 = A._blockwise_fwd_math(q, k, v, causal, 0.3)
+    q = torch.randn(12, 2, 8, dtype=torch.float64)
+    k, v = torch.randn(12, kv_heads, 8, dtype=torch.float64), torch.randn(12, kv_heads, 8, dtype=torch.float64)
+    blk = VarlenBlock([3, 9], [3, 9])
+    o, lse, _ = CpuFusedKernels().forward(q, k, v, blk, causal, 0.3)
+    o2, lse2, _ = MathKernels().forward(q, k, v, blk, causal, 0.3)
     torch.testing.assert_close(o2, o, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(lse2, lse, rtol=1e-13, atol=1e-13)
     do = torch.randn_like(o)
-    ref = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, o, lse, 0.0, causal,
-                                                                              scale=0.3)
-    for a, b in zip(A._blockwise_bwd_math(do, q, k, v, o, lse, causal, 0.3), ref):
+    ref = CpuFusedKernels().backward(do, q, k, v, o, lse, None, blk, causal, 0.3)
+    for a, b in zip(MathKernels().backward(do, q, k, v, o, lse, None, blk, causal, 0.3), ref):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
 
 
 def test_auto_picks_sdpa_for_full_precision_and_on_cpu():
     assert resolve_backend("auto", torch.device("cpu"), "bf16-mixed") == "sdpa"
     assert resolve_backend("auto", torch.device("cuda"), "32-true") == "sdpa"  # flash-attn has no fp32 kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernels,dtype", [("torch-flash", torch.bfloat16), ("torch-efficient", torch.bfloat16),
+                                           ("torch-efficient", torch.float32), ("flash-attn", torch.bfloat16)])
+def test_cuda_kernels_match_the_float64_reference(kernels, dtype):
+    """Every CUDA kernel through the block attention: forward and all gradients vs float64 on CPU."""
+    from chunkflow_pl.model.attention import block_attention
+    from chunkflow_pl.model.attention_kernels import get_kernels
+
+    if kernels == "flash-attn":
+        pytest.importorskip("flash_attn")
+    kern = get_kernels(kernels)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for lens, pre in [([64, 33], [100, 0]), ([5, 130, 1], [0, 77, 300]), ([1], [1000])]:
+        torch.manual_seed(0)
+        T, P = sum(lens), sum(pre)
+        ref = [torch.randn(n, h, 64, dtype=torch.float64, requires_grad=True)
+               for n, h in ((T, 8), (T, 2), (T, 2), (P, 2), (P, 2))]
+        dev = [t.detach().to("cuda", dtype).requires_grad_() for t in ref]
+        out = block_attention(*dev[:3], VarlenMeta.from_lengths(lens, pre), dev[3], dev[4], kern)
+        exp = naive(*ref[:3], lens, pre, ref[3], ref[4])
+        g = torch.randn_like(exp)
+        got_grads = torch.autograd.grad(out, dev, g.to("cuda", dtype))
+        exp_grads = torch.autograd.grad(exp, ref, g)
+        for name, a, b in zip(["o", "dq", "dk", "dv", "dpk", "dpv"], [out, *got_grads], [exp, *exp_grads]):
+            err = (a.double().cpu() - b).norm() / b.norm()
+            assert err < tol, f"{kernels} {dtype} {lens}/{pre} {name}: relative error {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_prefix_in_pinned_host_memory_equals_device_prefix():
+    """chunk.offload_state: a host prefix is copied per call; same numbers, its gradient lands on the host."""
+    from chunkflow_pl.model.attention import block_attention
+    from chunkflow_pl.model.attention_kernels import get_kernels
+
+    torch.manual_seed(0)
+    lens, pre = [64, 33], [100, 0]
+    dev = [torch.randn(n, h, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+           for n, h in ((97, 8), (97, 2), (97, 2), (100, 2), (100, 2))]
+    host = [t.detach().cpu().pin_memory().requires_grad_() for t in dev[3:]]
+    meta, kern = VarlenMeta.from_lengths(lens, pre), get_kernels("torch-flash")
+    do = torch.randn(97, 8, 64, device="cuda", dtype=torch.bfloat16)
+    a = block_attention(*dev[:3], meta, dev[3], dev[4], kern)
+    b = block_attention(*dev[:3], meta, host[0], host[1], kern)
+    assert torch.equal(a, b)
+    ga = torch.autograd.grad(a, dev[3:], do)
+    gb = torch.autograd.grad(b, host, do)
+    assert all(g.device.type == "cpu" for g in gb)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(y.cuda(), x, rtol=1e-2, atol=1e-2)

@@ -91,3 +91,22 @@ def test_recompute_is_bit_identical(setup):
     assert sa.recomputed_chunks > 0 and sb.recomputed_chunks == 0
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_flash_path_through_the_executor_matches_transformers(setup, monkeypatch):
+    """model.attention=flash (flash-attn's contract, on CPU through ``flash_standin``) gives the transformers
+    gradient, with recompute and state offload; the batch holds a chunk with two prefixed one-token tails
+    among unprefixed segments. (On CPU, offload keeps the same storage: the GPU check measures the rest.)"""
+    import flash_standin
+
+    calls = flash_standin.install(monkeypatch)
+    model, seqs, targets, n_label, ref, total = setup
+    monkeypatch.setattr(model, "attention_backend", "flash")
+    got, stats = chunked_grads(model, seqs, targets, n_label, CHUNK, k=1, offload=True)
+    assert_same(got, ref)
+    assert stats.loss_sum == pytest.approx(total, rel=1e-12)
+    # chunk [2[0:13) 3[0:1) 5[32:33) 7[16:17)]: one causal call over its 4 segments, one unmasked call per
+    # tail (1 query x 2 heads per kv head against a 32- and a 16-token prefix), forward and backward
+    assert {(c["op"], c["batch"]) for c in calls if c["causal"] and c["rows"] == 16} >= {("fwd", 4), ("bwd", 4)}
+    assert {(c["op"], c["rows"], c["keys"]) for c in calls if not c["causal"]} >= {("fwd", 2, 32), ("fwd", 2, 16),
+                                                                                  ("bwd", 2, 32), ("bwd", 2, 16)}

@@ -226,25 +226,17 @@ def test_sampler_is_not_replaced_by_lightning():
     assert len(loader) == 5
 
 
-def test_dp_from_trainer_strategy():
-    class Strategy:
-        dp_rank, dp_size = 1, 3
-
-    class Trainer:
-        strategy = Strategy()
-        global_rank, world_size, current_epoch = 5, 6, 0
-
+def test_dp_rank_comes_from_the_layout_owner_once_processes_exist():
+    """The rank is asked for in setup() (the strategy knows it only then), never guessed from the trainer."""
+    owner = {"rank": None}
     cfg = DataConfig(num_sequences=30)
-    dm = ChunkFlowDataModule(cfg, chunk_size=512, vocab_size=VOCAB)
-    dm.trainer = Trainer()
+    dm = ChunkFlowDataModule(cfg, chunk_size=512, vocab_size=VOCAB, dp_rank=lambda: owner["rank"], dp_size=3)
+    owner["rank"] = 1
     dm.setup("fit")
     assert (dm.dp_rank, dm.dp_size) == (1, 3)
-
-    Trainer.strategy = object()
-    dm = ChunkFlowDataModule(cfg, chunk_size=512, vocab_size=VOCAB)
-    dm.trainer = Trainer()
-    dm.setup("fit")
-    assert (dm.dp_rank, dm.dp_size) == (5, 6)
+    assert dm.dataset.spec.dp_rank == 1
+    with pytest.raises(ValueError, match=r"rank 3 is outside \[0, 3\)"):
+        ChunkFlowDataModule(cfg, chunk_size=512, vocab_size=VOCAB, dp_rank=3, dp_size=3).setup("fit")
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -88,3 +88,16 @@ def test_prefix_state_plus_suffix_equals_whole_sequence(split):
              meta, prefix_kv=kv)
     torch.testing.assert_close(h[5:], whole[split:], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(h[:5], run_whole(m, other), rtol=1e-12, atol=1e-12)
+
+
+def test_decoder_builds_under_a_default_device_context():
+    """Lightning builds the model in ``configure_model`` under ``with torch.device(root_device)``: on a GPU
+    every tensor the constructor creates lands on CUDA, the host-side RoPE table must not. The meta device
+    stands in for CUDA here."""
+    from chunkflow_pl.model.config import get_preset
+
+    with torch.device("meta"):
+        m = Qwen2Decoder(get_preset("tiny"))
+    assert {p.device.type for p in m.parameters()} == {"meta"}
+    cos_TD, _ = m.rope.cos_sin(torch.arange(5), 5, torch.float32)
+    torch.testing.assert_close(cos_TD[1, 0], torch.cos(torch.tensor(1.0)))

@@ -11,12 +11,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import ROOT, make_hf_model, widen_hf_precision
+from conftest import ROOT, hf_reference_step, make_hf_model
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from chunkflow_pl.data.labels import targets_from_labels
 from train import train
 
 
@@ -34,20 +32,6 @@ def write_jsonl(path: Path, seqs, labels=None) -> Path:
                 rec["labels"] = labels[i].tolist()
             f.write(json.dumps(rec) + "\n")
     return path
-
-
-def hf_reference_step(hf_dir: Path, seqs, labels):
-    """transformers' gradient of sum(CE) / supervised tokens over whole sequences, and its weights."""
-    from transformers import Qwen2ForCausalLM
-
-    hf = Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, attn_implementation="sdpa")
-    widen_hf_precision(hf)
-    targets = [targets_from_labels(s, y) for s, y in zip(seqs, labels)]
-    n = sum(int((t != -100).sum()) for t in targets)
-    loss = sum(F.cross_entropy(hf(s[None]).logits[0], t, ignore_index=-100, reduction="sum")
-               for s, t in zip(seqs, targets)) / n
-    loss.backward()
-    return {k: p.detach() for k, p in hf.named_parameters()}, {k: p.grad for k, p in hf.named_parameters()}
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +177,14 @@ def test_reduced_precision_trains_with_split_sequences(tmp_path, precision):
 def test_cosine_without_max_steps_and_overrides_with_pretrained_are_clear_errors(tmp_path, hf_dir):
     with pytest.raises(ValueError, match="trainer.max_steps > 0"):
         train(compose_cfg(tmp_path, "trainer.max_steps=-1", "trainer.max_epochs=1", *SMALL))
-    with pytest.raises(NotImplementedError, match="trainer.devices=1"):
+    with pytest.raises(ValueError, match=r"parallel.dp x parallel.pp = 1 x 1 = 1 processes, but the run has 2"):
         train(compose_cfg(tmp_path, "trainer.devices=2", *SMALL))
     with pytest.raises(ValueError, match="cannot change the architecture"):
         train(compose_cfg(tmp_path, f"model.pretrained={hf_dir}", "model.overrides.num_layers=3"))
+
+
+@pytest.mark.parametrize("precision", ["32-true", "64-true"])
+def test_flash_attention_in_full_precision_fails_at_start(tmp_path, precision):
+    cfg = compose_cfg(tmp_path, "model.attention=flash", f"trainer.precision={precision}", "trainer.accelerator=cpu")
+    with pytest.raises(ValueError, match=f"model.attention=flash needs.*trainer.precision={precision}"):
+        train(cfg)

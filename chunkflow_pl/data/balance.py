@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from chunkflow_pl.data.types import ChunkPlan, Segment
+from chunkflow_pl.utils.unionfind import connected_groups
 
 # Relative weight of one (query, key) pair vs one token's linear layers, per layer of a dense
 # decoder with hidden size h: linear ~ 2 * 12 h^2 FLOPs per token, attention ~ 4 h FLOPs per pair
@@ -85,23 +86,8 @@ class RankAssignment:
 
 def chunk_groups(plan: ChunkPlan) -> list[list[int]]:
     """Connected components of chunks linked by chains, each sorted, ordered by first chunk."""
-    parent = list(range(len(plan.chunks)))
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]  # path halving keeps trees flat
-            x = parent[x]
-        return x
-
-    for chain in plan.chains.values():
-        for c in chain[1:]:
-            ra, rb = find(chain[0]), find(c)
-            if ra != rb:
-                parent[max(ra, rb)] = min(ra, rb)
-    groups: dict[int, list[int]] = {}
-    for c in range(len(plan.chunks)):
-        groups.setdefault(find(c), []).append(c)
-    return sorted(groups.values(), key=lambda g: g[0])
+    links = ((chain[0], c) for chain in plan.chains.values() for c in chain[1:])
+    return connected_groups(len(plan.chunks), links)
 
 
 def _result(plan_costs: list[float], groups: list[list[int]], rank_of: list[int], dp: int) -> RankAssignment:

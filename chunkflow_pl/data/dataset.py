@@ -28,10 +28,10 @@ from torch.utils.data.distributed import DistributedSampler
 
 from chunkflow_pl.data.assemble import assemble_step
 from chunkflow_pl.data.balance import assign_to_ranks
-from chunkflow_pl.data.labels import targets_from_labels
+from chunkflow_pl.data.labels import num_supervised_from_labels, targets_from_labels
 from chunkflow_pl.data.packing import build_chunk_plan
 from chunkflow_pl.data.sources import TokenStore
-from chunkflow_pl.data.types import IGNORE_INDEX, StepBatch
+from chunkflow_pl.data.types import StepBatch
 
 _SHUFFLE_STREAM = 3  # keeps the permutation stream apart from the synthetic generator's streams
 
@@ -59,13 +59,6 @@ def epoch_permutation(n: int, epoch: int, shuffle: bool, seed: int) -> np.ndarra
         return np.arange(n, dtype=np.int64)
     rng = np.random.default_rng(np.random.SeedSequence([seed, _SHUFFLE_STREAM, epoch]))
     return rng.permutation(n).astype(np.int64)
-
-
-def num_supervised_from_labels(length: int, labels: np.ndarray | None) -> int:
-    """Supervised targets of one sequence: targets[t] = labels[t+1], so labels[0] never counts."""
-    if labels is None:
-        return max(length - 1, 0)
-    return int(np.count_nonzero(np.asarray(labels[1:]) != IGNORE_INDEX))
 
 
 class GlobalBatchDataset(torch.utils.data.Dataset):

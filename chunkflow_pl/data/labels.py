@@ -60,3 +60,10 @@ def num_supervised(targets: ArrayLike) -> int:
     if isinstance(targets, torch.Tensor):
         return int((targets != IGNORE_INDEX).sum().item())
     return int(np.count_nonzero(np.asarray(targets) != IGNORE_INDEX))
+
+
+def num_supervised_from_labels(length: int, labels: np.ndarray | None) -> int:
+    """Supervised targets of one sequence: targets[t] = labels[t+1], so labels[0] never counts."""
+    if labels is None:
+        return max(length - 1, 0)
+    return int(np.count_nonzero(np.asarray(labels[1:]) != IGNORE_INDEX))

@@ -27,10 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
+from chunkflow_pl.utils.constants import IGNORE_INDEX  # noqa: F401  (re-exported for the data layer)
+
 if TYPE_CHECKING:  # annotations only: planning (lengths, segments) runs without torch
     import torch
-
-IGNORE_INDEX = -100
 
 
 class Segment(NamedTuple):

@@ -1,4 +1,4 @@
-"""Varlen causal attention with an optional per-segment prefix state, behind one interface.
+"""Varlen causal attention with an optional per-segment prefix state: one block design on every device.
 
 A chunk is a flat token batch (THD: ``T`` tokens, ``H`` heads, ``D`` head dim) of ``B`` segments.
 Segment ``b`` has ``Lq_b`` new tokens and attends to ``P_b`` prefix keys/values (earlier tokens of the
@@ -9,29 +9,74 @@ same sequence, from the state store) followed by its own keys, causally, bottom-
 
     q_TND            [T, Hq, D]      all segments' queries, concatenated
     k_TND, v_TND     [T, Hkv, D]     own keys/values (after RoPE)
-    prefix_k_PHD     [P, Hkv, D]     prefixes of the segments with P_b > 0, concatenated in segment order
+    prefix_k         [P, Hkv, D]     prefixes of the segments with P_b > 0 and Lq_b > 0, concatenated in
+                                     segment order; or a tuple with one [P_b, Hkv, D] tensor per such segment
+                                     (views of the state store: never concatenated, never copied per layer)
 
-Backends:
-- ``sdpa`` (reference, any device): per segment, two fused-kernel calls without an explicit mask
-  (prefix block: unmasked; diagonal block: causal), merged by log-sum-exp. Backward calls the
-  fused backward kernel per block with the merged output and log-sum-exp, so autograd saves only
-  q, k, v, prefix, out and lse: O(chunk) besides the prefix state. No (chunk x prefix) matrix is kept.
-- ``flash`` (CUDA): ``flash_attn_varlen_func`` with ``cu_seqlens_k`` counting prefix + own keys.
+The attention of a chunk is computed as two blocks and merged by log-sum-exp (as ring attention does)::
+
+    own block     all segments in ONE kernel call, causal, keys = own keys          -> o_own, lse_own
+    prefix block  per prefixed segment: its queries against its prefix, unmasked     -> o_pre, lse_pre
+    merge         rows of prefixed segments only:  o = w_own o_own + w_pre o_pre,  lse = logaddexp(...)
+
+A custom backward calls each block's backward kernel with the *merged* output and LSE, which yields
+exactly that block's share of dq and its dk/dv: autograd saves only q, k, v, the prefix views, o and
+lse, O(chunk) besides the state. No (chunk x prefix) score matrix and no copy of the prefix exists.
+Segments without a prefix never reach the prefix block, so no kernel sees an empty key range (flash
+kernels write lse = +inf there). The prefix block folds the query heads that share a kv head into its
+query length (``[L, Hkv*g, D] -> [g*L, Hkv, D]``): exact because it is unmasked, and the prefix is
+never expanded to the query heads (a GQA backward would otherwise allocate prefix x Hq gradients).
+
+A prefix may live on another device than the queries (host memory with ``chunk.offload_state``):
+each call copies it to the compute device and drops the copy, forward and backward, and its gradient
+goes back to where the prefix lives. Autograd therefore keeps the host views only; device memory holds
+one layer's prefix, transiently, whatever the sequence length.
+
+Kernels (``attention_kernels.py``): ``sdpa`` = PyTorch's own (CPU fused, CUDA flash / memory-efficient,
+float64 math reference off CPU), ``flash`` = the flash-attn package. Cu_seqlens are built once per chunk
+(``VarlenMeta.plan`` is cached on the meta the executor builds per chunk) and reused by every layer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 
+from chunkflow_pl.model.attention_kernels import (
+    BlockKernels,
+    VarlenBlock,
+    import_flash_attn,
+    lse_spec,
+    select_kernels,
+)
+
 BACKENDS = ("auto", "sdpa", "flash")
+HALF_PRECISIONS = ("bf16", "16")
+
+
+@dataclass(frozen=True)
+class PrefixedSegment:
+    """Query rows ``[start, end)`` of the chunk that attend to a ``prefix_len``-token prefix; ``block``: the
+    folded prefix block (``groups * (end - start)`` queries, ``prefix_len`` keys)."""
+
+    start: int
+    end: int
+    prefix_len: int
+    block: VarlenBlock
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    own: VarlenBlock | None  # None for an empty chunk
+    prefixed: tuple[PrefixedSegment, ...]
 
 
 @dataclass(frozen=True)
 class VarlenMeta:
-    """Segment metadata of one chunk. Python lists avoid device syncs in the per-segment loop."""
+    """Segment metadata of one chunk. Python lists avoid device syncs; device tensors live in the plan."""
 
     seqlens_q: tuple[int, ...]
     prefix_lens: tuple[int, ...]
@@ -52,7 +97,8 @@ class VarlenMeta:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return sum(self.prefix_lens)
+        """Prefix tokens actually attended to (segments with queries)."""
+        return sum(p for q, p in zip(self.seqlens_q, self.prefix_lens) if q)
 
     @cached_property
     def cu_seqlens_q_list(self) -> list[int]:
@@ -62,28 +108,52 @@ class VarlenMeta:
         return out
 
     @cached_property
-    def cu_seqlens_k_list(self) -> list[int]:
-        out = [0]
-        for n, p in zip(self.seqlens_q, self.prefix_lens):
-            out.append(out[-1] + n + p)
-        return out
+    def _plans(self) -> dict[int, BlockPlan]:
+        return {}
+
+    def plan(self, groups: int) -> BlockPlan:
+        """Blocks of this chunk for ``groups`` query heads per kv head; built once, shared by all layers."""
+        if groups not in self._plans:
+            own_lens = [n for n in self.seqlens_q if n]
+            own = VarlenBlock(own_lens, own_lens) if own_lens else None
+            prefixed = tuple(
+                PrefixedSegment(self.cu_seqlens_q_list[b], self.cu_seqlens_q_list[b + 1], p,
+                                VarlenBlock([groups * q], [p]))
+                for b, (q, p) in enumerate(zip(self.seqlens_q, self.prefix_lens)) if q and p)
+            self._plans[groups] = BlockPlan(own, prefixed)
+        return self._plans[groups]
 
 
 def resolve_backend(name: str, device: torch.device, precision: str = "32-true") -> str:
-    """``auto``: flash-attn on CUDA in half precision when installed (it has no fp32/fp64 kernels), else sdpa."""
+    """``auto``: flash-attn on CUDA in half precision when installed (it has no fp32/fp64 kernels), else sdpa.
+
+    ``flash`` is checked here, before anything is built: it needs CUDA, a half precision and the package.
+    """
     if name not in BACKENDS:
         raise ValueError(f"model.attention={name!r} is unknown; choose one of {BACKENDS}")
-    half = str(precision).startswith(("bf16", "16"))
+    half = str(precision).startswith(HALF_PRECISIONS)
     if name == "auto":
         return "flash" if device.type == "cuda" and half and _flash_available() else "sdpa"
-    if name == "flash" and device.type != "cuda":
-        raise ValueError("model.attention=flash needs a CUDA device; use model.attention=sdpa (or auto) on CPU")
+    if name == "flash":
+        problems = []
+        if device.type != "cuda":
+            problems.append(f"a CUDA device (this run uses {device.type})")
+        if not half:
+            problems.append(f"trainer.precision=bf16-mixed or bf16-true (flash-attn has no kernels for "
+                            f"trainer.precision={precision})")
+        if problems:
+            raise ValueError("model.attention=flash needs " + " and ".join(problems)
+                             + "; use model.attention=sdpa (or auto)")
+        try:
+            import_flash_attn()
+        except ImportError as e:
+            raise ValueError(str(e)) from e
     return name
 
 
 def _flash_available() -> bool:
     try:
-        import flash_attn  # noqa: F401
+        import_flash_attn()
     except ImportError:
         return False
     return True
@@ -94,107 +164,80 @@ def attention(
     k_TND: torch.Tensor,
     v_TND: torch.Tensor,
     meta: VarlenMeta,
-    prefix_k_PHD: torch.Tensor | None = None,
-    prefix_v_PHD: torch.Tensor | None = None,
+    prefix_k: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    prefix_v: torch.Tensor | Sequence[torch.Tensor] | None = None,
     backend: str = "sdpa",
 ) -> torch.Tensor:
     """Return the attention output ``o_TND`` [T, Hq, D] for a packed chunk (see module docstring)."""
-    if meta.num_prefix_tokens and prefix_k_PHD is None:
-        raise ValueError("meta has prefix lengths but no prefix keys/values were given")
-    if backend == "flash":
-        return _flash_varlen(q_TND, k_TND, v_TND, meta, prefix_k_PHD, prefix_v_PHD)
-    if backend != "sdpa":
-        raise ValueError(f"attention backend {backend!r} is not resolved; call resolve_backend first")
-    scale = q_TND.shape[-1] ** -0.5
-    outs = []
-    p0 = 0
-    for b, (lq, lp) in enumerate(zip(meta.seqlens_q, meta.prefix_lens)):
-        s, e = meta.cu_seqlens_q_list[b], meta.cu_seqlens_q_list[b + 1]
-        if lq == 0:
-            continue
-        pk = prefix_k_PHD[p0 : p0 + lp] if lp else None
-        pv = prefix_v_PHD[p0 : p0 + lp] if lp else None
-        p0 += lp
-        outs.append(_segment_attention(q_TND[s:e], k_TND[s:e], v_TND[s:e], pk, pv, scale))
-    return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+    return block_attention(q_TND, k_TND, v_TND, meta, prefix_k, prefix_v,
+                           select_kernels(backend, q_TND.device, q_TND.dtype))
+
+
+def block_attention(q_TND, k_TND, v_TND, meta: VarlenMeta, prefix_k, prefix_v, kernels: BlockKernels):
+    """``attention`` with explicit kernels (benchmarks and tests pick them; training goes through ``attention``)."""
+    T, Hq, D = q_TND.shape
+    if T != meta.num_tokens:
+        raise ValueError(f"q has {T} tokens but meta describes {meta.num_tokens}")
+    groups = Hq // k_TND.shape[1]
+    plan = meta.plan(groups)
+    pks, pvs = _split_prefix(prefix_k, plan, "prefix_k"), _split_prefix(prefix_v, plan, "prefix_v")
+    if plan.own is None:
+        return q_TND.new_empty(q_TND.shape)
+    return _BlockAttention.apply(q_TND, k_TND, v_TND, plan, kernels, D**-0.5, len(pks), *pks, *pvs)
+
+
+def _split_prefix(prefix, plan: BlockPlan, name: str) -> tuple[torch.Tensor, ...]:
+    """One tensor per prefixed segment: views of a concatenation, or the tensors given."""
+    lens = [s.prefix_len for s in plan.prefixed]
+    if not lens:
+        if prefix is not None and (prefix.shape[0] if isinstance(prefix, torch.Tensor) else len(prefix)):
+            raise ValueError(f"{name} given but no segment has both queries and a prefix")
+        return ()
+    if prefix is None:
+        raise ValueError(f"meta has prefix lengths {lens} but no {name} was given")
+    if isinstance(prefix, torch.Tensor):
+        if prefix.shape[0] != sum(lens):
+            raise ValueError(f"{name} has {prefix.shape[0]} rows, the prefixed segments need {sum(lens)} ({lens})")
+        out, p0 = [], 0
+        for n in lens:
+            out.append(prefix[p0 : p0 + n])
+            p0 += n
+        return tuple(out)
+    prefix = tuple(prefix)
+    if [p.shape[0] for p in prefix] != lens:
+        raise ValueError(f"{name} lengths {[p.shape[0] for p in prefix]} != prefix lengths {lens}")
+    return prefix
 
 
 # ---------------------------------------------------------------------------------------------
-# sdpa reference: one segment, blocks merged by log-sum-exp, fused kernels forward and backward
+# the block design: helpers, merge, autograd function
 # ---------------------------------------------------------------------------------------------
 
 
-def _to_bhld(x_LHD: torch.Tensor, groups: int) -> torch.Tensor:
-    """[L, H, D] -> [1, H*groups, L, D]; kv head h serves query heads h*groups .. h*groups+groups-1."""
-    x = x_LHD.transpose(0, 1).unsqueeze(0)
-    # No copy otherwise: the fused CPU kernel reads strided q/k/v (last dim contiguous) directly, and a
-    # layout copy of the prefix would be O(sequence) per layer.
-    return x.repeat_interleave(groups, dim=1) if groups > 1 else x
+def fold_heads(x_LHD: torch.Tensor, groups: int) -> torch.Tensor:
+    """[L, Hkv*g, D] -> [g*L, Hkv, D]: query head hk*g+j at position i becomes row j*L+i of kv head hk."""
+    if groups == 1:
+        return x_LHD
+    L, H, D = x_LHD.shape
+    return x_LHD.reshape(L, H // groups, groups, D).permute(2, 0, 1, 3).reshape(groups * L, H // groups, D)
 
 
-def _fold_q(x_1HLD: torch.Tensor, groups: int) -> torch.Tensor:
-    """[1, Hq, L, ...] -> [1, Hkv, groups*L, ...]: the query heads sharing a kv head become one longer
-    query sequence. Exact for the unmasked prefix block, and the prefix is never expanded to Hq heads."""
-    return x_1HLD.reshape(1, x_1HLD.shape[1] // groups, groups * x_1HLD.shape[2], *x_1HLD.shape[3:])
+def unfold_heads(x_GHD: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return x_GHD
+    GL, Hkv, D = x_GHD.shape
+    return x_GHD.reshape(groups, GL // groups, Hkv, D).permute(1, 2, 0, 3).reshape(GL // groups, Hkv * groups, D)
 
 
-def _unfold_q(x_1HLD: torch.Tensor, groups: int) -> torch.Tensor:
-    return x_1HLD.reshape(1, x_1HLD.shape[1] * groups, x_1HLD.shape[2] // groups, *x_1HLD.shape[3:])
+def fold_lse(lse_HL: torch.Tensor, groups: int) -> torch.Tensor:
+    """[Hkv*g, L] -> [Hkv, g*L], matching ``fold_heads``."""
+    H, L = lse_HL.shape
+    return lse_HL.reshape(H // groups, groups * L)
 
 
-def _fold_groups(g_1HLD: torch.Tensor, groups: int) -> torch.Tensor:
-    """Gradient w.r.t. expanded kv heads [1, Hq, L, D] -> [L, Hkv, D] (sum over each group)."""
-    _, hq, L, D = g_1HLD.shape
-    g = g_1HLD[0]
-    if groups > 1:
-        g = g.view(hq // groups, groups, L, D).sum(1)
-    return g.transpose(0, 1)
-
-
-# Off CPU without flash-attn, the math fallback below materialises one (chunk x block keys) score matrix
-# per call: correct, but it does not keep the O(chunk) memory bound. On CUDA use model.attention=flash.
-def _fused_fwd(q, k, v, causal: bool, scale: float):
-    if q.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-    return _blockwise_fwd_math(q, k, v, causal, scale)
-
-
-def _fused_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
-    if q.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, q, k, v, o, lse, 0.0, causal, scale=scale
-        )
-    return _blockwise_bwd_math(do, q, k, v, o, lse, causal, scale)
-
-
-def _causal_mask(lq: int, lk: int, device) -> torch.Tensor:
-    # Bottom-right aligned; only used by the non-CPU math fallback.
-    return torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
-
-
-def _acc(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def _blockwise_fwd_math(q, k, v, causal, scale):
-    s = _acc(q @ k.transpose(-1, -2)) * scale
-    if causal:
-        s = s.masked_fill(~_causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None]).to(q.dtype)
-    return p @ v, lse
-
-
-def _blockwise_bwd_math(do, q, k, v, o, lse, causal, scale):
-    s = _acc(q @ k.transpose(-1, -2)) * scale
-    if causal:
-        s = s.masked_fill(~_causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
-    p = torch.exp(s - lse[..., None])
-    dv = p.to(q.dtype).transpose(-1, -2) @ do
-    dp = _acc(do @ v.transpose(-1, -2))
-    delta = (_acc(do) * _acc(o)).sum(-1, keepdim=True)
-    ds = (p * (dp - delta) * scale).to(q.dtype)
-    return ds @ k, ds.transpose(-1, -2) @ q, dv
+def unfold_lse(lse_HG: torch.Tensor, groups: int) -> torch.Tensor:
+    H, GL = lse_HG.shape
+    return lse_HG.reshape(H * groups, GL // groups)
 
 
 def merge_blocks(o1, lse1, o2, lse2):
@@ -208,82 +251,54 @@ def merge_blocks(o1, lse1, o2, lse2):
     acc = torch.promote_types(o1.dtype, torch.float32)
     d = (lse1 - lse2).to(acc)
     o = o1.to(acc) * torch.sigmoid(d)[..., None] + o2.to(acc) * torch.sigmoid(-d)[..., None]
-    return o.to(o1.dtype), torch.logaddexp(lse1, lse2)
+    return o.to(o1.dtype), torch.logaddexp(lse1.to(acc), lse2.to(acc))
 
 
-class _PrefixCausalAttention(torch.autograd.Function):
-    """o = softmax([q·pk | causal q·k]) [pv | v] for one segment; saves only O(L + P) tensors."""
+def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x if x.device == device else x.to(device, non_blocking=True)
+
+
+class _BlockAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan: BlockPlan, kernels: BlockKernels, scale: float, n: int, *prefix):
+        pks, pvs = prefix[:n], prefix[n:]
+        g, dev = q.shape[1] // k.shape[1], q.device
+        o, lse_n, aux = kernels.forward(q, k, v, plan.own, True, scale)
+        specs, auxes = [lse_spec(lse_n)], [aux]
+        lse = kernels.lse_rows(lse_n, plan.own)
+        if n:
+            lse = lse.to(torch.promote_types(lse.dtype, torch.float32), copy=True)  # merged rows are written in
+        for seg, pk, pv in zip(plan.prefixed, pks, pvs):
+            s, e = seg.start, seg.end
+            op, lp_n, aux = kernels.forward(fold_heads(q[s:e], g), _to(pk, dev), _to(pv, dev), seg.block, False, scale)
+            specs.append(lse_spec(lp_n))
+            auxes.append(aux)
+            om, lm = merge_blocks(o[s:e].transpose(0, 1), lse[:, s:e],
+                                  unfold_heads(op, g).transpose(0, 1), unfold_lse(kernels.lse_rows(lp_n, seg.block), g))
+            o[s:e] = om.transpose(0, 1)
+            lse[:, s:e] = lm
+        ctx.save_for_backward(q, k, v, o, lse, *prefix)
+        ctx.plan, ctx.kernels, ctx.scale, ctx.n, ctx.specs, ctx.auxes = plan, kernels, scale, n, specs, auxes
+        return o
 
     @staticmethod
-    def forward(ctx, q_LHD, k_LHD, v_LHD, pk_PHD, pv_PHD, scale):
-        groups = q_LHD.shape[1] // k_LHD.shape[1]
-        q = _to_bhld(q_LHD, 1)
-        o, lse = _fused_fwd(q, _to_bhld(k_LHD, groups), _to_bhld(v_LHD, groups), True, scale)
-        if pk_PHD is not None:
-            op, lsep = _fused_fwd(_fold_q(q, groups), _to_bhld(pk_PHD, 1), _to_bhld(pv_PHD, 1), False, scale)
-            op, lsep = _unfold_q(op, groups), _unfold_q(lsep, groups)
-            o, lse = merge_blocks(o, lse, op, lsep)
-        o = o.contiguous()
-        ctx.scale, ctx.groups, ctx.has_prefix = scale, groups, pk_PHD is not None
-        ctx.save_for_backward(q_LHD, k_LHD, v_LHD, pk_PHD, pv_PHD, o, lse)
-        return o[0].transpose(0, 1)
+    def backward(ctx, do):
+        q, k, v, o, lse, *prefix = ctx.saved_tensors
+        plan, kern, scale, n = ctx.plan, ctx.kernels, ctx.scale, ctx.n
+        pks, pvs = prefix[:n], prefix[n:]
+        g, dev = q.shape[1] // k.shape[1], q.device
+        do = do.contiguous()
+        dq, dk, dv = kern.backward(do, q, k, v, o, kern.lse_native(lse, plan.own, ctx.specs[0]), ctx.auxes[0],
+                                   plan.own, True, scale)
+        dpks, dpvs = [], []
+        for i, (seg, pk, pv) in enumerate(zip(plan.prefixed, pks, pvs)):
+            s, e = seg.start, seg.end
+            lse_f = kern.lse_native(fold_lse(lse[:, s:e], g), seg.block, ctx.specs[i + 1])
+            dqp, dpk, dpv = kern.backward(fold_heads(do[s:e], g), fold_heads(q[s:e], g), _to(pk, dev), _to(pv, dev),
+                                          fold_heads(o[s:e], g), lse_f, ctx.auxes[i + 1], seg.block, False, scale)
+            acc = torch.promote_types(dq.dtype, torch.float32)  # sum the two blocks' shares before rounding
+            dq[s:e] = (dq[s:e].to(acc) + unfold_heads(dqp, g).to(acc)).to(dq.dtype)
+            dpks.append(dpk if dpk.device == pk.device else dpk.to(pk.device))
+            dpvs.append(dpv if dpv.device == pv.device else dpv.to(pv.device))
+        return (dq, dk, dv, None, None, None, None, *dpks, *dpvs)
 
-    @staticmethod
-    def backward(ctx, do_LHD):
-        q_LHD, k_LHD, v_LHD, pk_PHD, pv_PHD, o, lse = ctx.saved_tensors
-        g, scale = ctx.groups, ctx.scale
-        q = _to_bhld(q_LHD, 1)
-        do = _to_bhld(do_LHD, 1)
-        # With the merged (o, lse), each block's fused backward yields exactly its share of the gradient.
-        dq, dk, dv = _fused_bwd(do, q, _to_bhld(k_LHD, g), _to_bhld(v_LHD, g), o, lse, True, scale)
-        dq_LHD = dq[0].transpose(0, 1)
-        dpk = dpv = None
-        if ctx.has_prefix:
-            dq2, dpk, dpv = _fused_bwd(_fold_q(do, g), _fold_q(q, g), _to_bhld(pk_PHD, 1), _to_bhld(pv_PHD, 1),
-                                       _fold_q(o, g), _fold_q(lse, g), False, scale)
-            dq_LHD = dq_LHD + _unfold_q(dq2, g)[0].transpose(0, 1)
-            dpk, dpv = _fold_groups(dpk, 1), _fold_groups(dpv, 1)
-        return dq_LHD, _fold_groups(dk, g), _fold_groups(dv, g), dpk, dpv, None
-
-
-def _segment_attention(q_LHD, k_LHD, v_LHD, pk_PHD, pv_PHD, scale):
-    return _PrefixCausalAttention.apply(q_LHD, k_LHD, v_LHD, pk_PHD, pv_PHD, scale)
-
-
-# ---------------------------------------------------------------------------------------------
-# flash-attn (CUDA), imported lazily
-# ---------------------------------------------------------------------------------------------
-
-
-def _interleave_prefix(x_TND, prefix_PHD, meta: VarlenMeta) -> torch.Tensor:
-    """Own keys [T, H, D] + prefixes [P, H, D] -> [T+P, H, D] laid out per segment as [prefix | own]."""
-    if not meta.num_prefix_tokens:
-        return x_TND
-    parts, p0 = [], 0
-    for b, (lq, lp) in enumerate(zip(meta.seqlens_q, meta.prefix_lens)):
-        if lp:
-            parts.append(prefix_PHD[p0 : p0 + lp])
-            p0 += lp
-        s = meta.cu_seqlens_q_list[b]
-        parts.append(x_TND[s : s + lq])
-    return torch.cat(parts, dim=0)
-
-
-def _flash_varlen(q_TND, k_TND, v_TND, meta, prefix_k_PHD, prefix_v_PHD):
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except ImportError as e:  # pragma: no cover - GPU only
-        raise ImportError(
-            "model.attention=flash needs the flash-attn package: pip install -e '.[cuda]' "
-            "(or use model.attention=sdpa)"
-        ) from e
-    dev = q_TND.device
-    cu_q = torch.tensor(meta.cu_seqlens_q_list, dtype=torch.int32, device=dev)
-    cu_k = torch.tensor(meta.cu_seqlens_k_list, dtype=torch.int32, device=dev)
-    k_all = _interleave_prefix(k_TND, prefix_k_PHD, meta)
-    v_all = _interleave_prefix(v_TND, prefix_v_PHD, meta)
-    max_q = max(meta.seqlens_q)
-    max_k = max(q + p for q, p in zip(meta.seqlens_q, meta.prefix_lens))
-    # flash-attn >= 2.1 aligns the causal mask bottom-right when seqlen_k > seqlen_q: what we need.
-    return flash_attn_varlen_func(q_TND, k_all, v_all, cu_q, cu_k, max_q, max_k, causal=True,
-                                  softmax_scale=q_TND.shape[-1] ** -0.5)

@@ -2,7 +2,9 @@
 
     input_ids_T, position_ids_T   [T]        tokens of all segments of a chunk, concatenated
     meta: VarlenMeta                          per segment: query length, prefix length
-    prefix_kv[l] = (k_PHD, v_PHD)             layer l's keys/values (after RoPE) of the prefixes
+    prefix_kv[l] = (k_PHD, v_PHD)             layer l's keys/values (after RoPE) of the prefixes: one
+                                              concatenated tensor each, or a tuple with one tensor per
+                                              prefixed segment (views of the state store, maybe on the host)
     -> hidden_TD [T, D] after the final norm, and (if asked) each layer's new (k_TND, v_TND)
 
 The model knows nothing of chunks beyond "attend to this prefix state": chunking, state passing
@@ -24,7 +26,7 @@ from chunkflow_pl.model.loss import chunked_cross_entropy
 from chunkflow_pl.model.rope import RotaryTable
 from chunkflow_pl.model.stages import StageSpec
 
-KV = tuple[torch.Tensor, torch.Tensor]
+KV = tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor | tuple[torch.Tensor, ...]]
 
 
 class RMSNorm(nn.Module):

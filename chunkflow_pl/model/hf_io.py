@@ -127,22 +127,49 @@ def save_hf(
 ) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``Qwen2ForCausalLM.from_pretrained`` loads."""
     out = Path(out_dir)
+    weight_map = save_hf_shard(model, out, "model.safetensors", dtype=dtype)
+    write_hf_config(out, cfg, weight_map, dtype_name=_dtype_name(model, dtype), tokenizer_dir=tokenizer_dir,
+                    index=False)
+    return out
+
+
+def save_hf_shard(model: torch.nn.Module, out_dir: str | Path, filename: str, dtype: torch.dtype | None = None,
+                  skip: set[str] | None = None) -> dict[str, str]:
+    """Write ``model``'s tensors (our names ``skip`` excluded) as one safetensors file under their Hugging
+    Face names; return ``{hf_name: filename}`` for the index. A pipeline stage writes one shard."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, t in model.state_dict().items():
+        if skip and name in skip:
+            continue
         t = t.detach().to("cpu")
         tensors[to_hf_name(name)] = (t.to(dtype) if dtype is not None else t).contiguous()
-    hf_cfg = cfg.to_hf_dict()
-    sample = next(iter(tensors.values()))
-    hf_cfg["torch_dtype"] = str(sample.dtype).removeprefix("torch.")
-    hf_cfg["dtype"] = hf_cfg["torch_dtype"]
-    tmp = out / "model.safetensors.tmp"
+    tmp = out / (filename + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / "model.safetensors")
+    tmp.replace(out / filename)
+    return dict.fromkeys(tensors, filename)
+
+
+def _dtype_name(model: torch.nn.Module, dtype: torch.dtype | None) -> str:
+    d = dtype if dtype is not None else next(model.parameters()).dtype
+    return str(d).removeprefix("torch.")
+
+
+def write_hf_config(out_dir: str | Path, cfg: ModelConfig, weight_map: dict[str, str], dtype_name: str,
+                    tokenizer_dir: str | Path | None = None, index: bool = True) -> None:
+    """``config.json`` (+ ``model.safetensors.index.json`` for shards written by several ranks) + tokenizer."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_cfg = cfg.to_hf_dict()
+    hf_cfg["torch_dtype"] = dtype_name
+    hf_cfg["dtype"] = dtype_name
+    if index:
+        body = {"metadata": {"format": "pt"}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(body, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / name
             if src.is_file():
                 shutil.copy2(src, out / name)
-    return out

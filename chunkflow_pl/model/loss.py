@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from chunkflow_pl.data.types import IGNORE_INDEX
+from chunkflow_pl.utils.constants import IGNORE_INDEX
 
 
 def _slice_loss(h_SD: torch.Tensor, w_VD: torch.Tensor, y_S: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,11 @@ _MIN_POSITIONS = 4096
 
 
 def inv_freq(head_dim: int, theta: float) -> torch.Tensor:
-    """``1 / theta^(2i / head_dim)`` in float32, the way transformers computes it (bit for bit)."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    """``1 / theta^(2i / head_dim)`` in float32, the way transformers computes it (bit for bit).
+
+    On the host whatever the default device: Lightning builds the model under ``with torch.device(cuda)``
+    (``configure_model``), and the table is NumPy's."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
 
 
 class RotaryTable:

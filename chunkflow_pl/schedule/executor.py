@@ -49,6 +49,8 @@ class StepStats:
     # Summed over data-parallel ranks (and taken from the last stage) by the strategy.
     global_loss_sum: float = 0.0
     global_tokens: int = 0
+    compute_s: float = 0.0  # this rank's time in the plan (before any gradient collective)
+    dp_imbalance: float = 1.0  # max / mean of compute_s over data-parallel ranks
 
 
 @dataclass
@@ -116,32 +118,31 @@ class ChunkExecutor:
         return [s for s in cb.segments if s.start > 0 and s.length > 0]
 
     def _prefix(self, cb: ChunkBatch, requires_grad: bool):
-        """Per layer: the prefixes of the chunk's continuing segments, concatenated in segment order.
+        """Per layer: ``(ks, vs)``, one prefix per continuing segment, in segment order.
 
-        Each is a detached leaf (a view of the store when one segment has a prefix). Its gradient is
-        handed to the store as soon as autograd has accumulated it, layer by layer, so no prefix-sized
-        gradient outlives its layer's backward.
+        Each is a detached leaf viewing the store (host memory when offloaded): never concatenated, so
+        no prefix is copied per layer. Its gradient is handed to the store as soon as autograd has
+        accumulated it, layer by layer, so no prefix-sized gradient outlives its layer's backward.
         """
         segs = self._with_prefix(cb)
         if not segs:
             return None
         leaves = []
         for layer in self.layer_names:
-            ks, vs = zip(*(self.store.prefix(s.seq, layer, s.start) for s in segs))
-            k = (torch.cat(ks) if len(ks) > 1 else ks[0]).detach().requires_grad_(requires_grad)
-            v = (torch.cat(vs) if len(vs) > 1 else vs[0]).detach().requires_grad_(requires_grad)
-            if requires_grad:
-                k.register_post_accumulate_grad_hook(self._grad_to_store(segs, layer, "k"))
-                v.register_post_accumulate_grad_hook(self._grad_to_store(segs, layer, "v"))
-            leaves.append((k, v))
+            ks, vs = [], []
+            for s in segs:
+                k, v = (t.detach().requires_grad_(requires_grad) for t in self.store.prefix(s.seq, layer, s.start))
+                if requires_grad:
+                    k.register_post_accumulate_grad_hook(self._grad_to_store(s.seq, layer, "k"))
+                    v.register_post_accumulate_grad_hook(self._grad_to_store(s.seq, layer, "v"))
+                ks.append(k)
+                vs.append(v)
+            leaves.append((tuple(ks), tuple(vs)))
         return leaves
 
-    def _grad_to_store(self, segs: list[Segment], layer: str, which: str):
+    def _grad_to_store(self, seq: int, layer: str, which: str):
         def hook(leaf: torch.Tensor) -> None:
-            p0 = 0
-            for s in segs:
-                self.store.add_grad(s.seq, layer, which, leaf.grad[p0 : p0 + s.start])
-                p0 += s.start
+            self.store.add_grad(seq, layer, which, leaf.grad)
             leaf.grad = None
 
         return hook

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from chunkflow_pl.data.types import Segment
+from chunkflow_pl.utils.unionfind import connected_groups
 
 
 @dataclass(frozen=True)
@@ -126,24 +127,8 @@ def forward_order(graph: ChunkGraph, members: Sequence[int]) -> list[int]:
 
 
 def _components(fwd: tuple[frozenset[int], ...]) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
-    parent = list(range(len(fwd)))
-
-    def root(c: int) -> int:
-        while parent[c] != c:
-            parent[c] = parent[parent[c]]  # path halving keeps the trees shallow
-            c = parent[c]
-        return c
-
-    for c, deps in enumerate(fwd):
-        for p in deps:
-            a, b = root(c), root(p)
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-
-    groups: dict[int, list[int]] = {}
-    for c in range(len(fwd)):  # ascending, so members come out sorted and groups by smallest member
-        groups.setdefault(root(c), []).append(c)
-    components = tuple(tuple(g) for g in groups.values())
+    groups = connected_groups(len(fwd), ((c, p) for c, deps in enumerate(fwd) for p in deps))
+    components = tuple(tuple(g) for g in groups)
     component_of = [0] * len(fwd)
     for i, members in enumerate(components):
         for c in members:

@@ -11,8 +11,16 @@ so a pipeline stage's store holds only its own layers) the store holds::
 written once, in order, and never modified: a chunk's prefix is handed out as the view ``k[l][:start]``
 (no copy), and autograd may save that view. Writes go through ``.data`` so they do not bump the version
 counter of views saved earlier; they only ever touch rows at or after ``filled``, which no saved
-prefix covers. With ``offload=True`` state lives in host memory (pinned on CUDA) and is copied to the
-compute device per chunk. A sequence's entry is freed once the backward of its first chunk is done.
+prefix covers. A sequence's entry is freed once the backward of its first chunk is done.
+
+With ``offload=True`` the state lives in host memory (pinned on CUDA) and ``prefix`` hands out host
+views too: attention copies a layer's prefix to the device inside its forward and backward and drops
+the copy (``model/attention.py``), so autograd keeps only these host views and device memory holds no
+prefix beyond the layer being computed. This needs no device->host copy when packing saved tensors
+(the prefix is already on the host, written once and never modified), unlike a
+``saved_tensors_hooks`` offload of device copies, which would also leave each device copy alive as
+the leaf that autograd's gradient accumulator holds. Prefix gradients come back to the host leaves
+and are added into the host accumulators.
 """
 
 from __future__ import annotations
@@ -76,12 +84,11 @@ class StateStore:
         st.filled = start + n
 
     def prefix(self, seq: int, layer: str, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values of tokens ``[0, end)`` on the compute device (a view unless offloaded)."""
+        """Keys/values of tokens ``[0, end)``: views of the store, on the host when offloaded (no copy)."""
         st = self._seqs[seq]
         if end > st.filled:
             raise RuntimeError(f"state of sequence {seq} holds {st.filled} tokens, a chunk needs a prefix of {end}")
-        return (st.k[layer][:end].to(self.device, non_blocking=True),
-                st.v[layer][:end].to(self.device, non_blocking=True))
+        return st.k[layer][:end], st.v[layer][:end]
 
     def add_grad(self, seq: int, layer: str, which: str, g: torch.Tensor) -> None:
         """Add ``g``, the gradient of the ``which`` ("k" or "v") prefix ``[0, len(g))`` from a later chunk."""

@@ -19,6 +19,7 @@ With one process nothing is communicated and the same code runs.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from chunkflow_pl.data.types import StepBatch
+from chunkflow_pl.model.hf_io import save_hf, save_hf_shard, write_hf_config
 from chunkflow_pl.model.stages import StageSpec, split_stages
 from chunkflow_pl.schedule.executor import ChunkExecutor, StepStats
 from chunkflow_pl.schedule.planner import plan_single_device
@@ -226,15 +228,27 @@ class ChunkFlowStrategy(ParallelStrategy):
             if self.dims.pp > 1:
                 raise NotImplementedError("parallel.pp > 1: the chunk pipeline runtime is not implemented yet")
             actions = plan_single_device([c.segments for c in batch.chunks], batch.seq_lens, self.chunk_k)
+            t0 = time.perf_counter()
             stats = ChunkExecutor(model, batch, self.root_device, offload_state=self.offload_state,
                                   should_stop=self.should_stop).run(actions)
-            loss_sum, tokens = self.sum_over_dp([stats.loss_sum, float(stats.tokens)])
-            (stats.global_loss_sum,) = self.from_last_stage([loss_sum])
-            stats.global_tokens = int(tokens)
-            return stats
+            if self.root_device.type == "cuda":
+                torch.cuda.synchronize(self.root_device)
+            stats.compute_s = time.perf_counter() - t0
+            return self._global_stats(stats)
         except (RuntimeError, dist.DistBackendError) as e:
             self._raise_if_peer_failed(e, batch.step_index)
             raise
+
+    def _global_stats(self, stats: StepStats) -> StepStats:
+        """Loss and tokens summed over data parallelism (loss from the last stage); compute-time imbalance."""
+        loss_sum, tokens, compute_sum = self.sum_over_dp([stats.loss_sum, float(stats.tokens), stats.compute_s])
+        (stats.global_loss_sum,) = self.from_last_stage([loss_sum])
+        stats.global_tokens = int(tokens)
+        if self._dp_group is not None and self.dims.dp > 1:
+            slowest = torch.tensor([stats.compute_s], dtype=torch.float64, device=self._comm_device)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=self._dp_group)
+            stats.dp_imbalance = float(slowest) / max(compute_sum / self.dims.dp, 1e-12)
+        return stats
 
     def finish_gradients(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         """Tie, all-reduce over dp, take the global norm (returned, before clipping), clip if ``max_norm > 0``."""
@@ -261,6 +275,37 @@ class ChunkFlowStrategy(ParallelStrategy):
             msg = describe_failure(self.global_rank, self.dims.world_size, step)
             if msg:
                 raise PeerFailure(msg) from error
+
+    # ---- Hugging Face export -----------------------------------------------------------------
+    def export_hf(self, model: torch.nn.Module, out_dir, dtype: torch.dtype | None = None,
+                  tokenizer_dir=None) -> Path:
+        """One Hugging Face checkpoint directory from all ranks (collective: every rank calls it).
+
+        One stage: global rank 0 writes ``model.safetensors``. A pipeline: data-parallel rank 0 of each
+        stage writes its shard ``model-0000s-of-0000p.safetensors`` (a tied head is written once, by the
+        first stage) and global rank 0 writes the index that joins them, so transformers loads one model.
+        """
+        out = Path(self.broadcast(str(out_dir)))
+        cfg = model.cfg
+        if self.dims.pp == 1:
+            if self.is_global_zero:
+                save_hf(model, cfg, out, dtype=dtype, tokenizer_dir=tokenizer_dir)
+            self.barrier("export_hf")
+            return out
+        weight_map: dict[str, str] = {}
+        if self.dp_rank == 0:
+            spec = self.stage_spec
+            skip = {"embed.weight"} if not spec.takes_ids else None
+            name = f"model-{self.pp_rank + 1:05d}-of-{self.dims.pp:05d}.safetensors"
+            weight_map = save_hf_shard(model, out, name, dtype=dtype, skip=skip)
+        maps: list[Any] = [None] * self.dims.world_size
+        dist.all_gather_object(maps, weight_map)
+        if self.is_global_zero:
+            merged = {k: v for m in maps for k, v in (m or {}).items()}
+            dtype_name = str(dtype if dtype is not None else next(model.parameters()).dtype).removeprefix("torch.")
+            write_hf_config(out, cfg, merged, dtype_name, tokenizer_dir=tokenizer_dir, index=True)
+        self.barrier("export_hf")
+        return out
 
     # ---- checkpoints -------------------------------------------------------------------------
     @property

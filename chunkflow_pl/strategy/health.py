@@ -39,7 +39,11 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a dead child not yet reaped by its parent (Lightning's launcher) is a zombie: 'Z' in /proc
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except OSError:
+        return True
 
 
 def describe_failure(rank: int, world_size: int, step: int | None) -> str | None:

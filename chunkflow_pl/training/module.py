@@ -90,6 +90,7 @@ class ChunkFlowLM(L.LightningModule):
         self.log("train/chunks_per_step", float(batch.num_chunks_global or stats.chunks), batch_size=1)
         self.log("train/recomputed_chunks", float(stats.recomputed_chunks), batch_size=1)
         self.log("train/label_tokens", float(batch.num_label_tokens), batch_size=1)
+        self.log("train/dp_imbalance", float(stats.dp_imbalance), batch_size=1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["chunkflow"] = {"tokens_seen": self.tokens_seen, "model_cfg": self.model_cfg.as_dict()}

@@ -1,0 +1,35 @@
+"""Run ``train.py`` as a user would, in 1 process or under ``torchrun --standalone`` (gloo on CPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def train_cmd(nproc: int, *overrides: str) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, str(ROOT / "train.py"), *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(ROOT / "train.py"), *overrides]
+
+
+def run_train(nproc: int, run_dir: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run to completion; raise with the output's tail if it fails."""
+    cmd = train_cmd(nproc, "logger=none", "callbacks.progress=null", "trainer.enable_model_summary=false",
+                    "trainer.accelerator=cpu", f"hydra.run.dir={run_dir}", *overrides)
+    out = subprocess.run(cmd, cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)}\nexit {out.returncode}\n{(out.stdout + out.stderr)[-4000:]}")
+    return out

@@ -1,0 +1,181 @@
+"""Data parallelism across processes (issue 8): torchrun with 2 gloo processes trains exactly as 1 process.
+
+The global batch mixes sequences split into chains of dependent chunks (chunk.size 32, up to 100 tokens)
+and short ones packed together; with dp=2 each rank runs its balanced share (a chain never crosses ranks)
+and gradients are summed after the step's last backward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import hf_reference_step, make_hf_model
+from multiproc import ROOT, run_train, train_cmd, train_env
+from safetensors.torch import load_file
+
+LENS = [7, 64, 100, 33, 2, 70, 32, 5, 90, 40, 3, 12, 66, 20]  # two global batches of 7
+COMMON = ["data=jsonl", "data.global_batch_size=7", "data.shuffle=false", "chunk.size=32", "chunk.k=1",
+          "trainer.precision=64-true", "optim.weight_decay=0", "optim.grad_clip=0", "model.loss_chunk=16"]
+ADAMW = ["optim=adamw", "optim.lr=1e-2", "optim.schedule=constant", "optim.warmup_steps=0"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dp")
+    make_hf_model(tie=False, dtype=torch.float32, seed=7, std=0.1).save_pretrained(d / "hf")
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, 97, (n,), generator=g) for n in LENS]
+    labels = [s.clone() for s in seqs]
+    labels[2][:30] = -100  # a prompt that is not supervised, inside a split sequence
+    with open(d / "data.jsonl", "w") as f:
+        for s, y in zip(seqs, labels):
+            f.write(json.dumps({"input_ids": s.tolist(), "labels": y.tolist()}) + "\n")
+    return d, seqs, labels
+
+
+def data_args(d: Path) -> list[str]:
+    return [f"model.pretrained={d / 'hf'}", f"data.path={d / 'data.jsonl'}", f"data.cache_dir={d / 'cache'}", *COMMON]
+
+
+def ckpt_args(run: Path) -> list[str]:
+    return [f"callbacks.checkpoint.dirpath={run / 'ckpt'}", "callbacks.checkpoint.every_n_train_steps=1",
+            "callbacks.checkpoint.save_top_k=-1", "callbacks.checkpoint.save_last=false"]
+
+
+def exported(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "export" / "model.safetensors"))
+
+
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        err = float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-300))
+        assert err < rtol, f"{k}: relative difference {err:.2e}"
+
+
+def step_ckpt(run: Path, step: int) -> Path:
+    (p,) = (run / "ckpt").glob(f"*step={step}.ckpt")
+    return p
+
+
+def test_dp2_trains_like_one_process_and_resumes_across_layouts(case, tmp_path):
+    d, _, _ = case
+    one, two = tmp_path / "dp1", tmp_path / "dp2"
+    run_train(1, one, *data_args(d), *ADAMW, "trainer.max_steps=2", f"export.hf_dir={one / 'export'}", *ckpt_args(one))
+    run_train(2, two, *data_args(d), *ADAMW, "trainer.max_steps=2", f"export.hf_dir={two / 'export'}",
+              *ckpt_args(two), "parallel.dp=2")
+    w1, w2 = exported(one), exported(two)
+    assert_close(w2, w1, 1e-8)
+    assert any(not torch.equal(w2[k], load_file(str(d / "hf" / "model.safetensors"))[k.replace("model.", "model.")])
+               for k in w2)  # the weights moved
+
+    # The merged export loads in transformers with the same logits.
+    from transformers import Qwen2ForCausalLM
+
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(0))
+    l1 = Qwen2ForCausalLM.from_pretrained(one / "export").eval()(ids).logits
+    l2 = Qwen2ForCausalLM.from_pretrained(two / "export").eval()(ids).logits
+    torch.testing.assert_close(l2, l1, rtol=1e-7, atol=1e-7)
+
+    # Resume the dp=2 run's step-1 checkpoint in 1 process, and the 1-process one with dp=2.
+    a, b = tmp_path / "dp2_then_dp1", tmp_path / "dp1_then_dp2"
+    run_train(1, a, *data_args(d), *ADAMW, "trainer.max_steps=2", f"export.hf_dir={a / 'export'}",
+              f"ckpt_path='{step_ckpt(two, 1)}'")
+    run_train(2, b, *data_args(d), *ADAMW, "trainer.max_steps=2", f"export.hf_dir={b / 'export'}",
+              f"ckpt_path='{step_ckpt(one, 1)}'", "parallel.dp=2")
+    assert_close(exported(a), w2, 1e-8)
+    assert_close(exported(b), w1, 1e-8)
+
+
+def test_cli_step_with_dp2_is_minus_lr_times_the_whole_batch_gradient(case, tmp_path):
+    d, seqs, labels = case
+    lr = 0.5
+    run_train(2, tmp_path, *data_args(d), "optim=sgd", f"optim.lr={lr}", "trainer.max_steps=1",
+              "optim.warmup_steps=0", f"export.hf_dir={tmp_path / 'export'}", "parallel.dp=2",
+              "callbacks.checkpoint=null")
+    ref_w, ref_g = hf_reference_step(d / "hf", seqs[:7], labels[:7])
+    new = exported(tmp_path)
+    for k, w in new.items():
+        delta, expect = w - ref_w[k], -lr * ref_g[k]
+        err = float((delta - expect).norm() / expect.norm().clamp_min(1e-300))
+        assert err < 1e-8, f"{k}: relative error {err:.2e}"
+
+
+def test_killing_one_rank_stops_the_other_with_the_rank_named_and_resume_is_exact(case, tmp_path):
+    d, _, _ = case
+    ref = tmp_path / "ref"
+    run_train(2, ref, *data_args(d), *ADAMW, "trainer.max_steps=3", f"export.hf_dir={ref / 'export'}",
+              "parallel.dp=2", "callbacks.checkpoint=null")
+
+    killed = tmp_path / "killed"
+    cmd = train_cmd(2, "logger=none", "callbacks.progress=null", "trainer.enable_model_summary=false",
+                    "trainer.accelerator=cpu", f"hydra.run.dir={killed}", *data_args(d), *ADAMW,
+                    "trainer.max_steps=1000", "parallel.dp=2", *ckpt_args(killed))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.time() + 240
+        while not list((killed / "ckpt").glob("*step=1.ckpt")) and time.time() < deadline:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.2)
+        time.sleep(0.5)  # let rank 0 enter step 2
+        rank1 = _child_with_env(proc.pid, "RANK", "1")
+        rank1.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate(timeout=120)  # no hang: the run ends within the timeout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "rank" in out and ("[1]" in out or "rank: 1" in out or "rank 1" in out), out[-3000:]
+
+    resumed = tmp_path / "resumed"
+    run_train(2, resumed, *data_args(d), *ADAMW, "trainer.max_steps=3", f"export.hf_dir={resumed / 'export'}",
+              "parallel.dp=2", f"ckpt_path='{step_ckpt(killed, 1)}'", "callbacks.checkpoint=null")
+    assert_close(exported(resumed), exported(ref), 1e-12)
+
+
+def _child_with_env(parent_pid: int, key: str, value: str) -> _Proc:
+    """The descendant process of ``parent_pid`` whose environment has ``key=value`` (a torchrun worker)."""
+    parents = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                ppid = next(line for line in (p / "status").read_text().splitlines() if line.startswith("PPid:"))
+                parents[int(p.name)] = int(ppid.split()[1])
+            except (OSError, StopIteration):
+                continue
+
+    def descends(pid: int) -> bool:
+        while pid in parents and pid > 1:
+            pid = parents[pid]
+            if pid == parent_pid:
+                return True
+        return False
+
+    want = f"{key}={value}".encode()
+    for pid in parents:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if descends(pid) and want in env and b"train.py" in cmd:
+            return _Proc(pid)
+    raise AssertionError(f"no child of {parent_pid} with {key}={value}")
+
+
+class _Proc:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
