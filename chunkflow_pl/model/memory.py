@@ -51,14 +51,13 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, precision: str) -> int:
     """Bytes autograd saves per token and decoder layer for backward (counted on ``Qwen2Decoder``).
 
     Per token: each RMSNorm keeps its input, the normalised input and its output (3 D, twice); attention
-    keeps q and k after RoPE, v, its output in the kernel's layout and the same output as ``o_proj``'s
-    input (3 D + Dkv for k and v together) plus one fp32 log-sum-exp per query head; the MLP keeps gate,
-    SiLU(gate), up and their product (4 F). ``tests/test_plan.py`` checks this count against the saved
-    tensors of a real forward.
+    keeps q and k after RoPE, v, and its output (also ``o_proj``'s input): 2 D + Dkv for k and v together,
+    plus one fp32 log-sum-exp per query head; the MLP keeps gate, SiLU(gate), up and their product (4 F).
+    ``tests/test_plan.py`` checks this count against the saved tensors of a real forward.
     """
     _, ab = precision_bytes(precision)
     d, f, kv = cfg.hidden_size, cfg.intermediate_size, 2 * cfg.num_kv_heads * cfg.head_dim
-    return (9 * d + kv + 4 * f) * ab + 4 * cfg.num_heads
+    return (8 * d + kv + 4 * f) * ab + 4 * cfg.num_heads
 
 
 def estimate_stage_memory(cfg: ModelConfig, stage: StageSpec, chunk_size: int, live_chunks: int, precision: str,
