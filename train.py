@@ -28,6 +28,7 @@ from chunkflow_pl.model.attention import resolve_backend
 from chunkflow_pl.model.config import ModelSettings
 from chunkflow_pl.model.memory import InsufficientMemoryError, available_memory, estimate_training_memory
 from chunkflow_pl.model.stages import split_stages
+from chunkflow_pl.plan.auto import resolve_auto_chunk
 from chunkflow_pl.schedule.executor import StepInterrupted
 from chunkflow_pl.schedule.pipeline_planner import default_caps
 from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
@@ -117,6 +118,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     # Every group is typed: unknown keys and wrong types fail here, naming the key.
     model = ModelSettings.from_dict(cfg.model)
     mcfg = model.architecture()
+    cfg = resolve_auto_chunk(cfg, mcfg)  # chunk.size=auto: the planner's pick (python -m chunkflow_pl.plan)
     chunk = ChunkConfig.from_dict(cfg.chunk)
     parallel = ParallelConfig.from_dict(cfg.parallel)
     optim = OptimConfig.from_dict(cfg.optim)

@@ -138,17 +138,16 @@ def test_stage_without_head_or_embedding_has_only_its_layers():
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_stage_memory_counts_the_parameters_each_stage_builds(tie):
-    from chunkflow_pl.model.memory import estimate_training_memory, stage_num_params
+    from chunkflow_pl.model.memory import estimate_training_memory, stage_params
 
     cfg = ModelConfig(num_layers=5, tie_word_embeddings=tie)
     for pp in (1, 2, 3):
         for spec in split_stages(cfg.num_layers, pp):
             built = sum(p.numel() for p in Qwen2Decoder(cfg, stage=spec).parameters())
-            assert stage_num_params(cfg, spec) == built, (pp, spec)
+            assert stage_params(cfg, spec) == built, (pp, spec)
     whole = estimate_training_memory(cfg, 1024, 1, "32-true")
     first, last = (estimate_training_memory(cfg, 1024, 1, "32-true", stage=s, live_chunks=c)
                    for s, c in zip(split_stages(5, 2), (2, 1)))
     assert whole.params == cfg.num_params()
-    # Stage 0 holds 2 chunks' activations of its 3 layers; the loss slice is the last stage's alone.
-    assert first.activations == 2 * (whole.activations - last.activations)
+    # (per-stage activations are checked against autograd's saved tensors in tests/test_plan.py)
     assert first.params + last.params == cfg.num_params() + (cfg.vocab_size * cfg.hidden_size if tie else 0)

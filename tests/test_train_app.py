@@ -222,7 +222,7 @@ def test_cosine_without_max_steps_and_overrides_with_pretrained_are_clear_errors
 
 
 def test_parallel_presets_compose_and_pipelines_estimate_the_largest_stage(tmp_path):
-    from chunkflow_pl.model.memory import estimate_training_memory, stage_num_params
+    from chunkflow_pl.model.memory import estimate_training_memory, stage_params
     from chunkflow_pl.model.stages import split_stages
 
     runs = {p: train(compose_cfg(tmp_path, f"parallel={p}", "model=qwen7b", "chunk.size=8k", "dry_run=true"))
@@ -234,9 +234,9 @@ def test_parallel_presets_compose_and_pipelines_estimate_the_largest_stage(tmp_p
     for p in ("pp2", "dp2_pp2"):
         est = runs[p]["memory"]
         # 7B is untied: stage 0 (embedding, 14 layers, 2 chunks live) outweighs stage 1 (14 layers, head, 1 chunk).
-        assert est.params == stage_num_params(cfg, first) and est.total < whole.total
+        assert est.params == stage_params(cfg, first) and est.total < whole.total
         assert est == estimate_training_memory(cfg, 8192, 1, "32-true", stage=first, live_chunks=2)
-    assert stage_num_params(cfg, first) + stage_num_params(cfg, last) == cfg.num_params()
+    assert stage_params(cfg, first) + stage_params(cfg, last) == cfg.num_params()
 
 
 def test_timeline_of_a_one_process_step_is_its_plan_and_is_logged(tmp_path):

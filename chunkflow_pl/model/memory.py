@@ -29,7 +29,7 @@ class MemoryEstimate:
     grads: int
     optimizer: int
     activations: int
-    state: int = 0  # K/V state of the longest sequence: pieces + gradient accumulators + one prefix copy
+    state: int = 0  # K/V state of split sequences: keys/values + gradient accumulators
 
     @property
     def total(self) -> int:
@@ -38,7 +38,7 @@ class MemoryEstimate:
     def table(self) -> str:
         rows = [("parameters", f"{self.params / 1e9:.3f} B"), ("weights", _g(self.weights)),
                 ("gradients", _g(self.grads)), ("optimizer state", _g(self.optimizer)),
-                ("activations (chunk x k)", _g(self.activations)), ("K/V state (longest seq)", _g(self.state)),
+                ("activations (chunk x k)", _g(self.activations)), ("K/V state", _g(self.state)),
                 ("total", _g(self.total))]
         return "\n".join(f"  {k:<26}{v:>12}" for k, v in rows)
 
@@ -47,42 +47,80 @@ def _g(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
-def stage_num_params(cfg: ModelConfig, stage: StageSpec) -> int:
-    """Parameters a pipeline stage holds (a tied head on the last stage counts: it is a second copy)."""
-    d, v = cfg.hidden_size, cfg.vocab_size
-    head = v * d  # lm_head, or the tied embed.weight the last stage holds for it
-    per_layer = (cfg.num_params() - v * d - d - (0 if cfg.tie_word_embeddings else head)) // cfg.num_layers
-    return (len(stage.layer_ids) * per_layer + (v * d if stage.takes_ids else 0)
-            + (d if stage.has_head else 0)
-            + (head if stage.has_head and not (stage.takes_ids and cfg.tie_word_embeddings) else 0))
+def activation_bytes_per_token_layer(cfg: ModelConfig, precision: str) -> int:
+    """Bytes autograd saves per token and decoder layer for backward (counted on ``Qwen2Decoder``).
+
+    Per token: each RMSNorm keeps its input, the normalised input and its output (3 D, twice); attention
+    keeps q and k after RoPE, v, and its output (also ``o_proj``'s input): 2 D + Dkv for k and v together,
+    plus one fp32 log-sum-exp per query head; the MLP keeps gate, SiLU(gate), up and their product (4 F).
+    ``tests/test_plan.py`` checks this count against the saved tensors of a real forward.
+    """
+    _, ab = precision_bytes(precision)
+    d, f, kv = cfg.hidden_size, cfg.intermediate_size, 2 * cfg.num_kv_heads * cfg.head_dim
+    return (8 * d + kv + 4 * f) * ab + 4 * cfg.num_heads
+
+
+def estimate_stage_memory(cfg: ModelConfig, stage: StageSpec, chunk_size: int, live_chunks: int, precision: str,
+                          optimizer: str = "adamw", loss_chunk: int = 4096, state_tokens: int = 0,
+                          boundary_tokens: int = 0) -> MemoryEstimate:
+    """Peak training memory of one pipeline stage (the whole model when ``stage`` is whole).
+
+    ``live_chunks``: chunks holding activations at once (``k`` on one device; the stage's cap in a
+    pipeline). ``state_tokens``: tokens of the split sequences whose key/value state is alive at once
+    (the store allocates a whole sequence at its first write). ``boundary_tokens``: ``[T, D]`` inputs kept
+    by dropped forwards for their recompute (stages after the first).
+    """
+    wb, ab = precision_bytes(precision)
+    n = stage_params(cfg, stage)
+    opt_states = {"adamw": 2, "sgd": 1}.get(optimizer, 2)
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    kv = 2 * cfg.num_kv_heads * hd
+    layers = len(stage.layer_ids)
+    per_token = layers * activation_bytes_per_token_layer(cfg, precision) + 2 * hd * ab  # + RoPE cos/sin
+    if stage.has_head:
+        per_token += 3 * d * ab  # final norm
+    act = live_chunks * chunk_size * per_token
+    # Transient at the peak, on top of what is saved: one layer's activation gradients during backward ...
+    act += chunk_size * (2 * d + 3 * f) * ab
+    if stage.has_head:
+        # ... and one slice of fp32 logits, log-softmax and their gradient (a whole chunk up to loss_chunk).
+        act += min(chunk_size, loss_chunk) * cfg.vocab_size * 4 * 3
+    act += boundary_tokens * d * ab
+    state = 0
+    if state_tokens:
+        acc = max(ab, 4)  # gradient accumulators are kept in >= fp32
+        # keys/values + their gradient accumulators per layer; one layer's prefix gradient in flight
+        state = state_tokens * (layers * kv * (ab + acc) + kv * ab)
+    return MemoryEstimate(params=n, weights=n * wb, grads=n * wb, optimizer=n * max(wb, 4) * opt_states,
+                          activations=act, state=state)
 
 
 def estimate_training_memory(cfg: ModelConfig, chunk_size: int, k: int, precision: str,
                              optimizer: str = "adamw", loss_chunk: int = 4096,
                              max_seq_len: int | None = None, stage: StageSpec | None = None,
                              live_chunks: int | None = None) -> MemoryEstimate:
-    """One device's memory: the whole model, or pipeline ``stage`` holding up to ``live_chunks`` chunks'
-    activations at once (its cap in the pipeline plan; default ``k``)."""
-    wb, ab = precision_bytes(precision)
+    """One device's memory: the whole model with ``k`` live chunks, or pipeline ``stage`` holding up to
+    ``live_chunks`` chunks' activations at once (its cap in the pipeline plan; default ``k``). The state of
+    the longest sequence counts when it is split; stages after the first also keep the ``[T, D]`` inputs of
+    its dropped chunks until their recompute."""
     stage = stage if stage is not None else StageSpec.whole(cfg.num_layers)
-    layers = len(stage.layer_ids)
-    n = stage_num_params(cfg, stage)
-    opt_states = {"adamw": 2, "sgd": 1}.get(optimizer, 2)
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    kv = 2 * cfg.num_kv_heads * cfg.head_dim
-    # Saved tensors per token and layer: norms, q/k/v, attention out, MLP in/gate/up/act (rough, no fusion).
-    per_token_layer = (4 * d + d + kv + 3 * f) * ab
-    act = (live_chunks if live_chunks is not None else k) * chunk_size * layers * per_token_layer
+    state = max_seq_len if max_seq_len is not None and max_seq_len > chunk_size else 0
+    return estimate_stage_memory(cfg, stage, chunk_size, live_chunks if live_chunks is not None else k, precision,
+                                 optimizer, loss_chunk, state_tokens=state,
+                                 boundary_tokens=0 if stage.takes_ids else state)
+
+
+def stage_params(cfg: ModelConfig, stage: StageSpec) -> int:
+    """Parameters a stage builds (``Qwen2Decoder(cfg, stage=stage)``); the whole model's count if whole."""
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    attn = d * d + d + 2 * (d * cfg.num_kv_heads * hd + cfg.num_kv_heads * hd) + d * d
+    n = len(stage.layer_ids) * (attn + 3 * d * f + 2 * d)
+    tied = cfg.tie_word_embeddings
+    if stage.takes_ids or (stage.has_head and tied):
+        n += cfg.vocab_size * d
     if stage.has_head:
-        act += min(chunk_size, loss_chunk) * cfg.vocab_size * 4 * 2  # one slice of fp32 logits + grad
-    state = 0
-    if max_seq_len is not None and max_seq_len > chunk_size:
-        # k/v pieces + their fp32 gradient accumulators + the prefix copy a live chunk holds
-        state = max_seq_len * layers * kv * (ab + 4 + ab)
-        if not stage.takes_ids:  # inputs [T, D] of the dropped chunks, kept until their recompute
-            state += max_seq_len * d * ab
-    return MemoryEstimate(params=n, weights=n * wb, grads=n * wb, optimizer=n * max(wb, 4) * opt_states,
-                          activations=act, state=state)
+        n += d + (0 if tied else cfg.vocab_size * d)
+    return n
 
 
 class InsufficientMemoryError(MemoryError):

@@ -4,7 +4,7 @@ A chunk's forward on stage ``s`` costs ``per_token[s] * tokens + per_pair[s] * a
 (``data.balance.chunk_cost``: a segment ``[start, end)`` attends to its prefix, so its pairs grow with
 ``start``); backward costs ``backward`` times that, recompute ``recompute`` times. A message of ``T``
 tokens costs ``comm_latency + comm_per_token * T`` and does not occupy either stage (sends are
-asynchronous). ``from_model`` derives the terms from a ``ModelConfig``'s FLOPs::
+asynchronous). ``from_model`` derives the terms from a ``ModelConfig``'s FLOPs (``model/flops.py``)::
 
     per layer, forward:  linear 2 * (2 D^2 + 2 D Dkv + 3 D F) FLOPs per token     (q, o; k, v; MLP)
                          attention 4 D FLOPs per causal (query, key) pair           (q.k and p.v)
@@ -23,6 +23,7 @@ from typing import Protocol
 from chunkflow_pl.data.balance import DEFAULT_A_ATTN, chunk_cost
 from chunkflow_pl.data.types import Segment
 from chunkflow_pl.model.config import ModelConfig
+from chunkflow_pl.model.flops import ModelFlops
 from chunkflow_pl.schedule.actions import Op
 
 # Defaults for from_model: the ratio of message time to compute time is all they set.
@@ -102,14 +103,12 @@ class CostModel:
         layers = tuple(stage_layers) if stage_layers is not None else even_stage_layers(cfg.num_layers, pp)
         if len(layers) != pp or sum(layers) != cfg.num_layers or min(layers) < 1:
             raise ValueError(f"stage_layers {layers} must be {pp} counts >= 1 summing to {cfg.num_layers} layers")
-        d, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_kv_heads * cfg.head_dim
-        linear = 2.0 * (2 * d * d + 2 * d * kv + 3 * d * f)
-        pair = 4.0 * d
-        head = 2.0 * cfg.vocab_size * d
+        fl = ModelFlops.from_config(cfg, layers=1)  # the FLOP counts themselves live with the model
+        linear, pair, head = fl.linear_per_layer_token, fl.attn_per_layer_pair, fl.head_per_token
         per_token = tuple((n * linear + (head if s == pp - 1 else 0.0)) / flops_per_s for s, n in enumerate(layers))
         per_pair = tuple(n * pair / flops_per_s for n in layers)
         comm = {} if link_bytes_per_s is None else dict(
-            comm_latency=latency_s, comm_per_token=d * act_bytes / link_bytes_per_s)
+            comm_latency=latency_s, comm_per_token=cfg.hidden_size * act_bytes / link_bytes_per_s)
         return cls(per_token=per_token, per_pair=per_pair, backward=backward, recompute=recompute, **comm)
 
 

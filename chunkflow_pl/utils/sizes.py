@@ -23,3 +23,27 @@ def parse_size(value: int | str, key: str = "size") -> int:
     if n <= 0:
         raise ValueError(f"{key}={value!r} must be positive; expected {ACCEPTED_FORMS}")
     return n
+
+
+_BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)([bB]?)\s*$")
+_BYTE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+BYTES_FORMS = "bytes as an integer, or a number with a unit: 75GiB, 512MiB (x1024), 80GB (x1000), 1.5TiB"
+
+
+def parse_bytes(value: int | float | str, key: str = "memory", allow_zero: bool = False) -> int:
+    """Parse a memory amount: ``75GiB`` / ``75G`` = 75 * 1024**3, ``80GB`` = 80 * 1000**3, plain integers are bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"{key}={value!r} is not a memory amount; expected {BYTES_FORMS}")
+    if isinstance(value, int | float):
+        n = int(value)
+    else:
+        m = _BYTES_RE.match(str(value))
+        if m is None:
+            raise ValueError(f"{key}={value!r} is not a memory amount; expected {BYTES_FORMS}")
+        number, unit, binary, b = m.groups()
+        # "GB" is decimal; "GiB" and a bare "G" are binary (what free/nvidia-smi users mean by G)
+        base = 1000 if (b and not binary and unit) else 1024
+        n = int(float(number) * base ** _BYTE_POWERS[unit.lower()])
+    if n < 0 or (n == 0 and not allow_zero):
+        raise ValueError(f"{key}={value!r} must be {'>= 0' if allow_zero else 'positive'}; expected {BYTES_FORMS}")
+    return n

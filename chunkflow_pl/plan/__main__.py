@@ -1,0 +1,87 @@
+"""``python -m chunkflow_pl.plan [overrides]``: predicted memory and step time per (chunk.size, chunk.k).
+
+Takes the training command's overrides (composed with Hydra from ``conf/``, ``plan.*`` included)::
+
+    python -m chunkflow_pl.plan model=qwen7b data.max_len=256k plan.memory_budget=75GiB trainer.precision=bf16-mixed
+    python -m chunkflow_pl.plan model=qwen7b parallel.pp=4 plan.memory_budget=75GiB plan.chunk_sizes=[8k,16k,32k]
+    python -m chunkflow_pl.plan data=jsonl data.path=train.jsonl
+
+Prints the data's length histogram, a table (chunks per batch, recompute share of compute, predicted
+step time and tokens/s, predicted peak memory, per stage when ``parallel.pp > 1``), the recommended
+setting, the override line that selects it, and one JSON line. See ``core.py`` for how each number is
+predicted and what is not modelled.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from chunkflow_pl.plan.core import PlanResult, format_table, plan_chunking
+from chunkflow_pl.plan.settings import plan_inputs
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+BUCKETS = ((1024, "<1K"), (4096, "1K-4K"), (32768, "4K-32K"), (131072, "32K-128K"), (None, ">128K"))
+
+
+def histogram(batches: Sequence[Sequence[int]]) -> dict[str, int]:
+    out = {name: 0 for _, name in BUCKETS}
+    for lens in batches:
+        for n in lens:
+            out[next(name for top, name in BUCKETS if top is None or n < top)] += 1
+    return out
+
+
+def report(result: PlanResult, hist: dict[str, int]) -> str:
+    spec = result.spec
+    total = max(sum(hist.values()), 1)
+    lines = ["sequence lengths: " + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in hist.items())
+             + f"; longest {result.max_len}",
+             f"budget {spec.memory_budget / 2**30:.2f} GiB per device (runtime overhead "
+             f"{spec.overhead / 2**30:.2f} GiB counted against it), {spec.precision}, {spec.optimizer}, "
+             f"pp={spec.pp} dp={spec.dp}; step time: cost model at {spec.flops_per_s:.3g} FLOP/s over "
+             f"{result.sampled_batches} global batches", "", format_table(result), ""]
+    if result.best is None:
+        lines.append("nothing fits the budget: use parallel.pp > 1, chunk.offload_state=true, a smaller model or "
+                     "trainer.precision=bf16-true, or raise plan.memory_budget")
+    else:
+        b = result.best
+        lines.append(f"recommended: chunk.size={b.chunk_size} chunk.k={b.k} (predicted peak {b.peak / 2**30:.2f} GiB, "
+                     f"step {b.step_time:.4g} s)")
+        lines.append(f"override: {result.override()}")
+    return "\n".join(lines)
+
+
+def to_json(result: PlanResult, hist: dict[str, int]) -> dict:
+    return {
+        "benchmark": "plan", "max_len": result.max_len, "length_histogram": hist,
+        "memory_budget": result.spec.memory_budget, "overhead": result.spec.overhead,
+        "flops_per_s": result.spec.flops_per_s, "pp": result.spec.pp, "dp": result.spec.dp,
+        "rows": [{"chunk_size": r.chunk_size, "k": r.k, "chunks_per_batch": r.chunks_per_batch,
+                  "recompute_share": r.recompute_share, "step_time": r.step_time, "tokens_per_s": r.tokens_per_s,
+                  "peak_bytes": r.peak, "stage_peak_bytes": list(r.stage_peaks), "fits": r.fits} for r in result.rows],
+        "recommended": None if result.best is None else {"chunk_size": result.best.chunk_size, "k": result.best.k},
+        "override": result.override(),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> PlanResult:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=list(sys.argv[1:] if argv is None else argv))
+    inputs = plan_inputs(cfg)
+    result = plan_chunking(inputs.model, inputs.spec, inputs.sample, inputs.epoch)
+    hist = histogram(inputs.epoch)
+    print(report(result, hist))
+    print(json.dumps(to_json(result, hist)))
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
