@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra.errors import HydraException
 
 from chunkflow_pl.data import stats
 from chunkflow_pl.data.balance import round_robin_assign
@@ -55,17 +56,20 @@ def test_overrides_long_tail_and_dp():
     assert out["max_len"] > 32 * 1024
     assert out["chain_length_histogram"]  # long sequences become chains of dependent chunks
     # the balancer beats dealing chunk groups out in turn on the same batches
-    cfg, _ = stats.parse_overrides(argv)
+    cfg = stats.load_settings(argv).data
     lengths = synthetic_lengths(cfg.num_sequences, cfg.max_len, cfg.min_len, cfg.seed)
     rr = [round_robin_assign(build_chunk_plan(b, 8192), 4).imbalance for b in stats.global_batches(lengths, cfg, 40)]
     assert out["dp_imbalance_mean"] < 0.95 * float(np.mean(rr))
 
 
 def test_bad_override_is_reported():
-    with pytest.raises(SystemExit, match="unknown key chunk.k"):
-        stats.main(["chunk.k=2"])
-    with pytest.raises(ValueError, match=r"unknown key data\.max_length"):
+    # composed by Hydra like train.py: a key the training config does not have fails, named
+    with pytest.raises(HydraException, match=r"max_length"):
         stats.main(["data.max_length=10"])
+    with pytest.raises(ValueError, match=r"unknown key stats\.max_batch; this command's own keys"):
+        stats.main(["stats.max_batch=3"])
+    with pytest.raises(ValueError, match=r"chunk\.size"):
+        stats.main(["chunk.size=lots"])
 
 
 def test_records_source(tmp_path):

@@ -1,15 +1,15 @@
 """``python -m chunkflow_pl.data.stats [overrides]``: how a data config chunks, before training.
 
-Overrides use the training command's keys (Hydra style, ``key=value``)::
+Takes the training command's overrides, composed with Hydra from ``conf/`` exactly as ``train.py`` does::
 
     python -m chunkflow_pl.data.stats data.num_sequences=100000 data.global_batch_size=256 \\
         chunk.size=8k data.max_len=256k parallel.dp=4
     python -m chunkflow_pl.data.stats data=chat data.path=chats.jsonl data.tokenizer=/ckpt/qwen
 
-``data=<name>`` picks ``conf/data/<name>.yaml`` (default: synthetic); ``data.<field>`` sets a
-``DataConfig`` field; ``chunk.size`` (default 8k), ``parallel.dp`` (default 1),
-``stats.max_batches`` (default: all global batches of one epoch). Synthetic data needs lengths only
-(100k sequences take seconds); record files are tokenised into the usual cache first.
+Uses ``data``, ``chunk.size`` and ``parallel.dp`` (and the model's vocabulary for synthetic token ids);
+``stats.max_batches=N`` (this command's own key) stops after N global batches (default: all of epoch 0).
+Synthetic data needs lengths only (100k sequences take seconds); record files are tokenised into the
+usual cache first.
 
 Prints the length histogram (the paper's Table 1 buckets), chunks per global batch against the
 lower bound ``ceil(tokens / chunk.size)``, packing efficiency, dependent-chunk chain lengths and
@@ -22,53 +22,58 @@ import json
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from chunkflow_pl.data.config import DataConfig
 from chunkflow_pl.data.dataset import epoch_permutation
 from chunkflow_pl.data.stats_core import format_table, summarize_global_batches
-from chunkflow_pl.utils.sizes import parse_size
 
-CONF_DATA_DIR = Path(__file__).resolve().parents[2] / "conf" / "data"
-OTHER_KEYS = {"chunk.size": "8k", "parallel.dp": 1, "stats.max_batches": None, "model.vocab_size": None}
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+OWN_KEYS = ("stats.max_batches",)
 
 
-def parse_overrides(argv: Sequence[str]) -> tuple[DataConfig, dict[str, Any]]:
-    """``key=value`` args -> (DataConfig, other settings). Values are parsed as YAML scalars."""
-    group = "synthetic"
-    data: dict[str, Any] = {}
-    other: dict[str, Any] = dict(OTHER_KEYS)
-    pairs: list[tuple[str, Any]] = []
+@dataclass(frozen=True)
+class StatsSettings:
+    """What this command reads from the composed training config, plus its own ``stats.*`` keys."""
+
+    data: DataConfig
+    chunk_size: int
+    dp: int
+    vocab_size: int
+    max_batches: int | None = None
+
+
+def load_settings(argv: Sequence[str]) -> StatsSettings:
+    """Compose ``conf/train.yaml`` with ``argv`` (Hydra overrides; unknown keys fail as in ``train.py``)."""
+    from hydra import compose, initialize_config_dir
+
+    from chunkflow_pl.config import ChunkConfig, ParallelConfig
+    from chunkflow_pl.model.config import ModelSettings
+
+    own: dict[str, str] = {}
+    overrides = []
     for arg in argv:
-        if "=" not in arg:
-            raise SystemExit(f"expected key=value, got {arg!r} (e.g. data.num_sequences=100000 chunk.size=8k)")
-        key, raw = arg.split("=", 1)
-        key = key.lstrip("+")
-        value = yaml.safe_load(raw) if raw != "" else None
-        if key == "data":
-            group = str(value)
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key.startswith("stats."):
+            if key not in OWN_KEYS or "=" not in arg:
+                raise ValueError(f"unknown key {key}; this command's own keys: {', '.join(OWN_KEYS)}=N "
+                                 f"(every other key is the training config's)")
+            own[key] = arg.split("=", 1)[1]
         else:
-            pairs.append((key, value))
-    base = CONF_DATA_DIR / f"{group}.yaml"
-    if base.is_file():
-        data.update(yaml.safe_load(base.read_text()) or {})
-    elif group != "synthetic":
-        raise SystemExit(f"data={group}: no {base}")
-    for key, value in pairs:
-        if key.startswith("data."):
-            data[key[len("data.") :]] = value
-        elif key in other:
-            other[key] = value
-        else:
-            raise SystemExit(f"unknown key {key}; accepted: data=<name>, data.<field>, {', '.join(OTHER_KEYS)}")
-    cfg = DataConfig.from_dict(data)
-    other["chunk.size"] = parse_size(other["chunk.size"], key="chunk.size")
-    other["parallel.dp"] = int(other["parallel.dp"])
-    return cfg, other
+            overrides.append(arg)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    raw = own.get("stats.max_batches")
+    if raw is not None and not raw.strip().isdigit():
+        raise ValueError(f"stats.max_batches={raw!r} must be a positive integer")
+    return StatsSettings(data=DataConfig.from_dict(cfg.data), chunk_size=ChunkConfig.from_dict(cfg.chunk).size,
+                         dp=ParallelConfig.from_dict(cfg.parallel).dp,
+                         vocab_size=ModelSettings.from_dict(cfg.model).architecture().vocab_size,
+                         max_batches=int(raw) if raw is not None else None)
 
 
 def sequence_lengths(cfg: DataConfig, vocab_size: int | None) -> np.ndarray:
@@ -134,19 +139,19 @@ def render(stats: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    cfg, other = parse_overrides(sys.argv[1:] if argv is None else argv)
-    vocab = other["model.vocab_size"]
-    stats = compute_stats(
-        cfg,
-        other["chunk.size"],
-        other["parallel.dp"],
-        other["stats.max_batches"],
-        int(vocab) if vocab is not None else None,
-    )
+    st = load_settings(sys.argv[1:] if argv is None else argv)
+    # Record files: lengths only, so no vocabulary check here (training checks ids against the model's).
+    vocab = st.vocab_size if st.data.kind == "synthetic" else None
+    stats = compute_stats(st.data, st.chunk_size, st.dp, st.max_batches, vocab)
     print(render(stats))
     print(json.dumps(stats))
     return stats
 
 
 if __name__ == "__main__":
-    main()
+    from hydra.errors import HydraException
+
+    try:
+        main()
+    except (ValueError, HydraException) as e:
+        sys.exit(f"error: {e}")

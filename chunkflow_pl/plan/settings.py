@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from chunkflow_pl.data.config import DataConfig
 from chunkflow_pl.data.stats import global_batches, sequence_lengths
-from chunkflow_pl.model.config import ModelConfig, get_preset
+from chunkflow_pl.model.config import ModelConfig, ModelSettings
 from chunkflow_pl.model.memory import available_memory
 from chunkflow_pl.plan.core import PlanSpec
 from chunkflow_pl.utils.sizes import parse_bytes, parse_size
@@ -34,15 +34,8 @@ class PlanInputs:
 
 
 def model_config(node: DictConfig) -> ModelConfig:
-    """``cfg.model`` -> ``ModelConfig`` (preset + overrides, or a checkpoint's config.json)."""
-    overrides = {k: v for k, v in (OmegaConf.to_container(node.get("overrides") or OmegaConf.create({}))).items()
-                 if v is not None}
-    if node.get("pretrained"):
-        if overrides:
-            raise ValueError(f"model.overrides {sorted(overrides)} cannot change the architecture of "
-                             f"model.pretrained={node.pretrained} (its config.json defines it); drop them")
-        return ModelConfig.from_hf_dir(node.pretrained)
-    return get_preset(node.preset, **overrides)
+    """``cfg.model`` -> ``ModelConfig`` (preset + overrides, or a checkpoint's config.json), as train.py builds it."""
+    return ModelSettings.from_dict(node).architecture()
 
 
 def _device(accelerator: str) -> str:
