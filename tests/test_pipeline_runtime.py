@@ -10,7 +10,6 @@ stage is covered.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -236,8 +235,10 @@ def _diverge_worker(rank: int, init: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_diverging_ranks_fail_naming_rank_and_chunk(tmp_path):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def test_diverging_ranks_fail_naming_rank_and_chunk(tmp_path, monkeypatch):
+    # for the spawned children only: a thread count left in this process's environment would change the
+    # float bits of every later test that compares a subprocess run with an in-process one
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     ctx = mp.start_processes(_diverge_worker, args=(f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2,
                              start_method="spawn", join=False)
     deadline = time.time() + 120
