@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+
+# Two global batches of 7: packed short sequences and split ones at chunk.size=32.
+LENS = [7, 64, 100, 33, 2, 70, 32, 5, 90, 40, 3, 12, 66, 20]
+
+
+def write_token_records(path: Path, lens: list[int] = LENS, vocab: int = 97, seed: int = 2):
+    """A JSONL file of random token ids and labels, with an unsupervised prompt inside a split sequence."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, vocab, (n,), generator=g) for n in lens]
+    labels = [s.clone() for s in seqs]
+    labels[2][:30] = -100
+    with open(path, "w") as f:
+        for s, y in zip(seqs, labels):
+            f.write(json.dumps({"input_ids": s.tolist(), "labels": y.tolist()}) + "\n")
+    return seqs, labels
 
 
 def train_env() -> dict[str, str]:

@@ -7,7 +7,6 @@ and gradients are summed after the step's last backward.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,10 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import hf_reference_step, make_hf_model
-from multiproc import ROOT, run_train, train_cmd, train_env
+from multiproc import ROOT, run_train, train_cmd, train_env, write_token_records
 from safetensors.torch import load_file
 
-LENS = [7, 64, 100, 33, 2, 70, 32, 5, 90, 40, 3, 12, 66, 20]  # two global batches of 7
 COMMON = ["data=jsonl", "data.global_batch_size=7", "data.shuffle=false", "chunk.size=32", "chunk.k=1",
           "trainer.precision=64-true", "optim.weight_decay=0", "optim.grad_clip=0", "model.loss_chunk=16"]
 ADAMW = ["optim=adamw", "optim.lr=1e-2", "optim.schedule=constant", "optim.warmup_steps=0"]
@@ -32,13 +30,7 @@ pytestmark = pytest.mark.slow
 def case(tmp_path_factory):
     d = tmp_path_factory.mktemp("dp")
     make_hf_model(tie=False, dtype=torch.float32, seed=7, std=0.1).save_pretrained(d / "hf")
-    g = torch.Generator().manual_seed(2)
-    seqs = [torch.randint(0, 97, (n,), generator=g) for n in LENS]
-    labels = [s.clone() for s in seqs]
-    labels[2][:30] = -100  # a prompt that is not supervised, inside a split sequence
-    with open(d / "data.jsonl", "w") as f:
-        for s, y in zip(seqs, labels):
-            f.write(json.dumps({"input_ids": s.tolist(), "labels": y.tolist()}) + "\n")
+    seqs, labels = write_token_records(d / "data.jsonl")
     return d, seqs, labels
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import hf_reference_step, make_hf_model
-from multiproc import run_train
+from multiproc import run_train, write_token_records
 from safetensors.torch import load_file
 
 from chunkflow_pl.data.types import Segment
@@ -26,7 +26,6 @@ from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.schedule.pipeline_planner import plan_pipeline
 from chunkflow_pl.strategy.pipeline import pipeline_cost
 
-LENS = [7, 64, 100, 33, 2, 70, 32, 5, 90, 40, 3, 12, 66, 20]  # two global batches of 7
 COMMON = ["data=jsonl", "data.global_batch_size=7", "data.shuffle=false", "chunk.size=32",
           "trainer.precision=64-true", "optim.weight_decay=0", "optim.grad_clip=0", "model.loss_chunk=16",
           "optim=sgd", "optim.warmup_steps=0", "optim.schedule=constant", "callbacks.checkpoint=null"]
@@ -37,13 +36,7 @@ def case(tmp_path_factory):
     d = tmp_path_factory.mktemp("pp")
     make_hf_model(tie=True, dtype=torch.float32, seed=7, std=0.1, layers=3).save_pretrained(d / "tied")
     make_hf_model(tie=False, dtype=torch.float32, seed=8, std=0.1, layers=3).save_pretrained(d / "untied")
-    g = torch.Generator().manual_seed(2)
-    seqs = [torch.randint(0, 97, (n,), generator=g) for n in LENS]
-    labels = [s.clone() for s in seqs]
-    labels[2][:30] = -100  # a prompt that is not supervised, inside a split sequence
-    with open(d / "data.jsonl", "w") as f:
-        for s, y in zip(seqs, labels):
-            f.write(json.dumps({"input_ids": s.tolist(), "labels": y.tolist()}) + "\n")
+    seqs, labels = write_token_records(d / "data.jsonl")
     return d, seqs, labels
 
 
