@@ -18,40 +18,12 @@ default. The CUDA peak is reset per step (the run-wide maximum is kept as ``max_
 
 from __future__ import annotations
 
-import os
-import resource
-
 import lightning as L
 import torch
 
+from chunkflow_pl.utils.host_memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+
 MiB = 2**20
-
-
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    """The process's resident high-water mark (``VmHWM``; ``ru_maxrss`` where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Make the high-water mark the current RSS (Linux >= 4.0); False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 class MemoryMonitor(L.Callback):

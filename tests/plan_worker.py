@@ -18,9 +18,9 @@ sys.path.insert(0, str(ROOT))
 import lightning as L  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from callbacks.memory import current_rss_bytes, peak_rss_bytes  # noqa: E402
 from chunkflow_pl.plan.core import plan_chunking  # noqa: E402
 from chunkflow_pl.plan.settings import model_config, plan_inputs  # noqa: E402
+from chunkflow_pl.utils.host_memory import current_rss_bytes, peak_rss_bytes  # noqa: E402
 from train import train  # noqa: E402
 
 

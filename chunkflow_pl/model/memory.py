@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.stages import StageSpec
+from chunkflow_pl.utils.host_memory import available_host_bytes
 
 GiB = 1024**3
 
@@ -133,13 +134,4 @@ def available_memory(device_type: str) -> int:
         import torch
 
         return int(torch.cuda.mem_get_info()[1])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return available_host_bytes()

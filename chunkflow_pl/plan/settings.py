@@ -17,6 +17,7 @@ from chunkflow_pl.data.stats import global_batches, sequence_lengths
 from chunkflow_pl.model.config import ModelConfig, ModelSettings
 from chunkflow_pl.model.memory import available_memory
 from chunkflow_pl.plan.core import PlanSpec
+from chunkflow_pl.utils.host_memory import current_rss_bytes
 from chunkflow_pl.utils.sizes import parse_bytes, parse_size
 
 log = logging.getLogger(__name__)
@@ -44,13 +45,6 @@ def _device(accelerator: str) -> str:
     return "cpu"
 
 
-def _current_rss() -> int:
-    import os
-
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def plan_inputs(cfg: DictConfig, mcfg: ModelConfig | None = None, k: int | None = None) -> PlanInputs:
     """Everything ``core.plan_chunking`` needs from ``cfg``; ``k`` restricts the candidates to one k."""
     mcfg = mcfg or model_config(cfg.model)
@@ -66,7 +60,7 @@ def plan_inputs(cfg: DictConfig, mcfg: ModelConfig | None = None, k: int | None 
     if p.get("overhead") is not None:
         overhead = parse_bytes(p.overhead, key="plan.overhead", allow_zero=True)
     else:
-        overhead = CUDA_OVERHEAD if device == "cuda" else _current_rss()
+        overhead = CUDA_OVERHEAD if device == "cuda" else current_rss_bytes()
     if p.get("flops_per_s") is not None:
         flops = float(p.flops_per_s)
     elif here:
