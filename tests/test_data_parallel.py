@@ -102,37 +102,68 @@ def test_cli_step_with_dp2_is_minus_lr_times_the_whole_batch_gradient(case, tmp_
         assert err < 1e-8, f"{k}: relative error {err:.2e}"
 
 
-def test_killing_one_rank_stops_the_other_with_the_rank_named_and_resume_is_exact(case, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(case, tmp_path_factory):
+    """dp=2, AdamW, 3 steps without a stop: the weights an interrupted and resumed run must reach."""
     d, _, _ = case
-    ref = tmp_path / "ref"
+    ref = tmp_path_factory.mktemp("uninterrupted")
     run_train(2, ref, *data_args(d), *ADAMW, "trainer.max_steps=3", f"export.hf_dir={ref / 'export'}",
               "parallel.dp=2", "callbacks.checkpoint=null")
+    return exported(ref)
 
-    killed = tmp_path / "killed"
+
+def _hit_rank1_after_step1(run: Path, d: Path, sig: int) -> tuple[int, str]:
+    """Start an endless dp=2 run, send ``sig`` to rank 1 once step 1's checkpoint exists; its exit and output."""
     cmd = train_cmd(2, "logger=none", "callbacks.progress=null", "trainer.enable_model_summary=false",
-                    "trainer.accelerator=cpu", f"hydra.run.dir={killed}", *data_args(d), *ADAMW,
-                    "trainer.max_steps=1000", "parallel.dp=2", *ckpt_args(killed))
+                    "trainer.accelerator=cpu", f"hydra.run.dir={run}", *data_args(d), *ADAMW,
+                    "trainer.max_steps=1000", "parallel.dp=2", *ckpt_args(run))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
         deadline = time.time() + 240
-        while not list((killed / "ckpt").glob("*step=1.ckpt")) and time.time() < deadline:
+        while not list((run / "ckpt").glob("*step=1.ckpt")) and time.time() < deadline:
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             time.sleep(0.2)
         time.sleep(0.5)  # let rank 0 enter step 2
-        rank1 = _child_with_env(proc.pid, "RANK", "1")
-        rank1.send_signal(signal.SIGKILL)
+        _child_with_env(proc.pid, "RANK", "1").send_signal(sig)
         out, _ = proc.communicate(timeout=120)  # no hang: the run ends within the timeout
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode != 0
+    return proc.returncode, out
+
+
+def test_killing_one_rank_stops_the_other_with_the_rank_named_and_resume_is_exact(case, uninterrupted, tmp_path):
+    d, _, _ = case
+    killed = tmp_path / "killed"
+    returncode, out = _hit_rank1_after_step1(killed, d, signal.SIGKILL)
+    assert returncode != 0
     assert "rank" in out and ("[1]" in out or "rank: 1" in out or "rank 1" in out), out[-3000:]
 
     resumed = tmp_path / "resumed"
     run_train(2, resumed, *data_args(d), *ADAMW, "trainer.max_steps=3", f"export.hf_dir={resumed / 'export'}",
               "parallel.dp=2", f"ckpt_path='{step_ckpt(killed, 1)}'", "callbacks.checkpoint=null")
-    assert_close(exported(resumed), exported(ref), 1e-12)
+    assert_close(exported(resumed), uninterrupted, 1e-12)
+
+
+def test_sigterm_to_one_rank_stops_every_rank_before_the_next_step_and_resume_is_exact(case, uninterrupted,
+                                                                                       tmp_path):
+    """A scheduler's signal reaches ranks at different moments: the ranks agree at the next step start,
+    all stop there, write one checkpoint together and exit 128 + SIGTERM (callbacks/preemption.py)."""
+    d, _, _ = case
+    stopped = tmp_path / "stopped"
+    returncode, out = _hit_rank1_after_step1(stopped, d, signal.SIGTERM)
+    assert returncode != 0, out[-3000:]
+    # both ranks took the pre-emption path (rank 0 never got the signal itself), neither crashed
+    assert out.count("preempted: stopped on SIGTERM (before step") == 2, out[-3000:]
+    assert "exitcode  : 143" in out, out[-3000:]
+    ckpt = stopped / "hpc_ckpt_1.ckpt"
+    assert (ckpt / ".metadata").is_file(), out[-3000:]  # one DCP checkpoint, every rank's part in it
+
+    resumed = tmp_path / "resumed"
+    run_train(2, resumed, *data_args(d), *ADAMW, "trainer.max_steps=3", f"export.hf_dir={resumed / 'export'}",
+              "parallel.dp=2", f"ckpt_path='{ckpt}'", "callbacks.checkpoint=null")
+    assert_close(exported(resumed), uninterrupted, 1e-12)
 
 
 def _child_with_env(parent_pid: int, key: str, value: str) -> _Proc:
