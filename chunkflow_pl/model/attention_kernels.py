@@ -19,7 +19,7 @@ then each block's backward yields exactly its share of the gradient (``attention
 whatever a kernel needs back (its RNG state tensors); ``spec`` = (shape, dtype) of the native LSE.
 
     kernels         device  dtypes                GQA              native LSE
-    CpuFused        cpu     fp64 / fp32 / bf16    k/v repeated     [Hq, Tq] (one fused call per segment)
+    CpuFused        cpu     fp64 / fp32 / bf16    in the kernel    [Hq, Tq] (one fused call per segment)
     Math            any     any (fp64 reference)  k/v repeated     [Hq, Tq]  materialises scores: tests only
     TorchFlash      cuda    bf16 / fp16           in the kernel    [Hq, Tq]  (older torch: [B, Hq, max_q])
     TorchEfficient  cuda    fp32 / bf16 / fp16    k/v repeated     [B, Hq, ceil32(max_q)]
@@ -27,8 +27,9 @@ whatever a kernel needs back (its RNG state tensors); ``spec`` = (shape, dtype) 
 
 The CUDA kernels take the whole block in one call (``cu_seqlens`` as int32 device tensors, built once
 per block and cached on it) and read strided inputs whose last dimension is contiguous, so a prefix
-view of the state store goes in without a copy. Only the block's causal queries against its own keys
-repeat k/v to the query heads (O(chunk)); ``attention.py`` folds the query heads of an unmasked
+view of the state store goes in without a copy. Only TorchEfficient's and Math's causal blocks
+repeat k/v to the query heads (O(chunk)); the CPU fused kernel reads Hkv < Hq heads itself (no copy, and
+no per-group sum in backward); ``attention.py`` folds the query heads of an unmasked
 prefix block instead, so a prefix is never expanded.
 """
 
@@ -148,7 +149,7 @@ def lse_spec(lse: torch.Tensor) -> LseSpec:
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU: PyTorch's fused flash kernel, one call per segment, no explicit mask
+# CPU: PyTorch's fused flash kernel, one call per segment, no explicit mask, GQA in the kernel
 # ---------------------------------------------------------------------------------------------
 
 
@@ -161,29 +162,26 @@ class CpuFusedKernels(BlockKernels):
     name = "cpu-fused"
 
     def forward(self, q, k, v, blk, causal, scale):
-        g = q.shape[1] // k.shape[1]
         o = q.new_empty(q.shape)
         lses = []
         for b in range(len(blk)):
             qs, qe, ks, ke = blk.cu_q_list[b], blk.cu_q_list[b + 1], blk.cu_k_list[b], blk.cu_k_list[b + 1]
             ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                _bhld(q[qs:qe]), _bhld(repeat_kv(k[ks:ke], g)), _bhld(repeat_kv(v[ks:ke], g)), 0.0, causal,
-                scale=scale)
+                _bhld(q[qs:qe]), _bhld(k[ks:ke]), _bhld(v[ks:ke]), 0.0, causal, scale=scale)
             o[qs:qe] = ob[0].transpose(0, 1)
             lses.append(lb[0])
         return o, (torch.cat(lses, dim=1) if len(lses) > 1 else lses[0]), None
 
     def backward(self, do, q, k, v, o, lse, aux, blk, causal, scale):
-        g = q.shape[1] // k.shape[1]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for b in range(len(blk)):
             qs, qe, ks, ke = blk.cu_q_list[b], blk.cu_q_list[b + 1], blk.cu_k_list[b], blk.cu_k_list[b + 1]
             dqb, dkb, dvb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                _bhld(do[qs:qe]), _bhld(q[qs:qe]), _bhld(repeat_kv(k[ks:ke], g)), _bhld(repeat_kv(v[ks:ke], g)),
+                _bhld(do[qs:qe]), _bhld(q[qs:qe]), _bhld(k[ks:ke]), _bhld(v[ks:ke]),
                 _bhld(o[qs:qe]), lse[:, qs:qe].unsqueeze(0), 0.0, causal, scale=scale)
             dq[qs:qe] = dqb[0].transpose(0, 1)
-            dk[ks:ke] = sum_groups(dkb[0].transpose(0, 1), g)
-            dv[ks:ke] = sum_groups(dvb[0].transpose(0, 1), g)
+            dk[ks:ke] = dkb[0].transpose(0, 1)
+            dv[ks:ke] = dvb[0].transpose(0, 1)
         return dq, dk, dv
 
 

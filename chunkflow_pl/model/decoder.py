@@ -36,22 +36,31 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        if x.dtype in (torch.float32, torch.float64) and self.weight.dtype == x.dtype:
+            # One fused kernel when no gradient is taken (dropped forwards); bit-identical to the ops below
+            # (and to transformers' Qwen2RMSNorm) in fp32 and fp64, checked in tests/test_model_parity.py.
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        dtype = x.dtype  # reduced precision: normalise in fp32, cast back before the weight, as transformers
         x32 = x.to(torch.promote_types(dtype, torch.float32))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def signed_sin(sin_TD: torch.Tensor) -> torch.Tensor:
+    """``cat(-sin[:, :D/2], sin[:, D/2:])``: rotate_half's sign folded into the table, once per chunk."""
+    out_TD = sin_TD.clone()
+    out_TD[:, : sin_TD.shape[-1] // 2].neg_()
+    return out_TD
 
 
-def apply_rope(x_THD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
+def apply_rope(x_THD: torch.Tensor, cos_TD: torch.Tensor, ssin_TD: torch.Tensor) -> torch.Tensor:
+    """``x cos + rotate_half(x) sin`` (transformers' form) with ``ssin_TD = signed_sin(sin_TD)``:
+    ``rotate_half(x) sin = cat(x2, x1) ssin`` exactly (a sign flip is exact), one op fewer per call."""
     # Under autocast q/k come out of the projections in bf16 while cos/sin follow the fp32 residual
     # stream: cast so q, k and v share one dtype (the fused kernels require it).
-    cos_TD, sin_TD = cos_TD.to(x_THD.dtype), sin_TD.to(x_THD.dtype)
-    return (x_THD * cos_TD[:, None, :]) + (_rotate_half(x_THD) * sin_TD[:, None, :])
+    cos_TD, ssin_TD = cos_TD.to(x_THD.dtype), ssin_TD.to(x_THD.dtype)
+    x1, x2 = x_THD.chunk(2, dim=-1)
+    return (x_THD * cos_TD[:, None, :]) + (torch.cat((x2, x1), dim=-1) * ssin_TD[:, None, :])
 
 
 class Attention(nn.Module):
@@ -174,6 +183,7 @@ class Qwen2Decoder(nn.Module):
         # Positions of segment b are prefix_b .. prefix_b + len_b - 1: the table size is known without a sync.
         num_positions = max((p + q for p, q in zip(meta.prefix_lens, meta.seqlens_q)), default=0)
         cos_TD, sin_TD = self.rope.cos_sin(position_ids_T, num_positions, x_TD.dtype)
+        sin_TD = signed_sin(sin_TD)  # the layers take the signed form (apply_rope)
         new_kv: list[KV] = []
         for i, layer in enumerate(self.layers.values()):
             prefix = prefix_kv[i] if prefix_kv is not None else None
