@@ -153,6 +153,11 @@ def lse_spec(lse: torch.Tensor) -> LseSpec:
 # ---------------------------------------------------------------------------------------------
 
 
+def _cat_rows(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """Per-segment results as one tensor (the one part itself when there is one: no copy)."""
+    return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
+
+
 def _bhld(x_LHD: torch.Tensor) -> torch.Tensor:
     """[L, H, D] -> [1, H, L, D] as a strided view: the fused CPU kernel reads it without a copy."""
     return x_LHD.transpose(0, 1).unsqueeze(0)
@@ -162,27 +167,27 @@ class CpuFusedKernels(BlockKernels):
     name = "cpu-fused"
 
     def forward(self, q, k, v, blk, causal, scale):
-        o = q.new_empty(q.shape)
-        lses = []
+        os, lses = [], []
         for b in range(len(blk)):
             qs, qe, ks, ke = blk.cu_q_list[b], blk.cu_q_list[b + 1], blk.cu_k_list[b], blk.cu_k_list[b + 1]
             ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 _bhld(q[qs:qe]), _bhld(k[ks:ke]), _bhld(v[ks:ke]), 0.0, causal, scale=scale)
-            o[qs:qe] = ob[0].transpose(0, 1)
+            os.append(ob[0].transpose(0, 1))
             lses.append(lb[0])
-        return o, (torch.cat(lses, dim=1) if len(lses) > 1 else lses[0]), None
+        # One cat per block, not one copy per segment (a packed chunk holds dozens of segments).
+        return _cat_rows(os, 0), _cat_rows(lses, 1), None
 
     def backward(self, do, q, k, v, o, lse, aux, blk, causal, scale):
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dqs, dks, dvs = [], [], []
         for b in range(len(blk)):
             qs, qe, ks, ke = blk.cu_q_list[b], blk.cu_q_list[b + 1], blk.cu_k_list[b], blk.cu_k_list[b + 1]
             dqb, dkb, dvb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 _bhld(do[qs:qe]), _bhld(q[qs:qe]), _bhld(k[ks:ke]), _bhld(v[ks:ke]),
                 _bhld(o[qs:qe]), lse[:, qs:qe].unsqueeze(0), 0.0, causal, scale=scale)
-            dq[qs:qe] = dqb[0].transpose(0, 1)
-            dk[ks:ke] = dkb[0].transpose(0, 1)
-            dv[ks:ke] = dvb[0].transpose(0, 1)
-        return dq, dk, dv
+            dqs.append(dqb[0].transpose(0, 1))
+            dks.append(dkb[0].transpose(0, 1))
+            dvs.append(dvb[0].transpose(0, 1))
+        return _cat_rows(dqs, 0), _cat_rows(dks, 0), _cat_rows(dvs, 0)
 
 
 # ---------------------------------------------------------------------------------------------
