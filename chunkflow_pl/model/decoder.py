@@ -73,6 +73,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=True)
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
 
+    def kv(self, x_TD, cos_TD, sin_TD) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's new keys/values only (the same ops as in ``forward``, so the same bits)."""
+        T = x_TD.shape[0]
+        k_THD = self.k_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
+        v_THD = self.v_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
+        return apply_rope(k_THD, cos_TD, sin_TD), v_THD
+
     def forward(self, x_TD, cos_TD, sin_TD, meta: VarlenMeta, prefix: KV | None, backend: str):
         T = x_TD.shape[0]
         q_THD = self.q_proj(x_TD).view(T, self.num_heads, self.head_dim)
@@ -107,6 +114,9 @@ class DecoderLayer(nn.Module):
         a_TD, kv = self.attn(self.attn_norm(x_TD), cos_TD, sin_TD, meta, prefix, backend)
         h_TD = x_TD + a_TD
         return h_TD + self.mlp(self.mlp_norm(h_TD)), kv
+
+    def kv(self, x_TD, cos_TD, sin_TD) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.attn.kv(self.attn_norm(x_TD), cos_TD, sin_TD)
 
 
 class Qwen2Decoder(nn.Module):
@@ -171,21 +181,33 @@ class Qwen2Decoder(nn.Module):
         meta: VarlenMeta,
         prefix_kv: list[KV] | None = None,
         return_kv: bool = False,
-    ) -> tuple[torch.Tensor, list[KV] | None]:
+        kv_only: bool = False,
+    ) -> tuple[torch.Tensor | None, list[KV] | None]:
         """This stage's layers on one chunk.
 
         ``x``: token ids ``input_ids_T`` [T] on the first stage, else the residual stream ``x_TD`` [T, D].
         ``prefix_kv[i]``: prefix keys/values of this stage's ``i``-th layer (``layer_names[i]``).
         Returns the normed hidden state on the last stage (feed it to ``loss_sum``), else the residual
         stream for the next stage; plus each layer's new ``(k_TND, v_TND)`` if ``return_kv``.
+
+        ``kv_only`` (last stage, with ``return_kv``): only the keys/values are wanted (a forward whose
+        activations are dropped, run to fill the state store): the last layer stops after its k/v
+        projections (no attention, o_proj, MLP or final norm) and the hidden state returned is None.
+        The keys/values are bit-identical to a full forward's.
         """
+        if kv_only and not (return_kv and self.stage.has_head):
+            raise ValueError("kv_only needs return_kv=True on the last stage (a middle stage must send its output)")
         x_TD = self.embed(x) if self.stage.takes_ids else x
         # Positions of segment b are prefix_b .. prefix_b + len_b - 1: the table size is known without a sync.
         num_positions = max((p + q for p, q in zip(meta.prefix_lens, meta.seqlens_q)), default=0)
         cos_TD, sin_TD = self.rope.cos_sin(position_ids_T, num_positions, x_TD.dtype)
         sin_TD = signed_sin(sin_TD)  # the layers take the signed form (apply_rope)
         new_kv: list[KV] = []
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers.values()):
+            if kv_only and i == last:
+                new_kv.append(layer.kv(x_TD, cos_TD, sin_TD))
+                return None, new_kv
             prefix = prefix_kv[i] if prefix_kv is not None else None
             x_TD, kv = layer(x_TD, cos_TD, sin_TD, meta, prefix, self.attention_backend)
             if return_kv:
