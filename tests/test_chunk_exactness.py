@@ -10,6 +10,7 @@ from conftest import make_hf_model
 from chunkflow_pl.data.assemble import assemble_step
 from chunkflow_pl.data.labels import targets_from_labels
 from chunkflow_pl.data.packing import build_chunk_plan
+from chunkflow_pl.model.attention import VarlenMeta
 from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.decoder import Qwen2Decoder
 from chunkflow_pl.model.hf_io import load_pretrained, to_hf_name
@@ -113,3 +114,23 @@ def test_flash_path_through_the_executor_matches_transformers(setup, monkeypatch
     assert {(c["op"], c["batch"]) for c in calls if c["causal"] and c["rows"] == 16} >= {("fwd", 4), ("bwd", 4)}
     assert {(c["op"], c["rows"], c["keys"]) for c in calls if not c["causal"]} >= {("fwd", 2, 32), ("fwd", 2, 16),
                                                                                   ("bwd", 2, 32), ("bwd", 2, 16)}
+
+
+def test_kv_only_forward_gives_the_same_state_bits(setup):
+    # A dropped forward fills the state store through kv_only (the last layer stops after k/v): the keys and
+    # values must be exactly those of the full forward, which the recompute of that chunk produces.
+    model = setup[0]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.cfg.vocab_size, (12,), generator=g)
+    meta = VarlenMeta.from_lengths([12], [20])
+    prefix = [tuple(torch.randn(20, model.cfg.num_kv_heads, model.cfg.head_dim, generator=g, dtype=torch.float64)
+                    for _ in range(2)) for _ in model.layer_names]
+    with torch.no_grad():
+        full_h, full_kv = model(ids, torch.arange(20, 32), meta, prefix, return_kv=True)
+        none_h, kv = model(ids, torch.arange(20, 32), meta, prefix, return_kv=True, kv_only=True)
+    assert none_h is None and full_h is not None
+    assert len(kv) == len(full_kv) == len(model.layer_names)
+    for (k, v), (fk, fv) in zip(kv, full_kv):
+        assert torch.equal(k, fk) and torch.equal(v, fv)
+    with pytest.raises(ValueError, match="kv_only needs return_kv"):
+        model(ids, torch.arange(20, 32), meta, prefix, kv_only=True)

@@ -101,3 +101,47 @@ def test_decoder_builds_under_a_default_device_context():
     assert {p.device.type for p in m.parameters()} == {"meta"}
     cos_TD, _ = m.rope.cos_sin(torch.arange(5), 5, torch.float32)
     torch.testing.assert_close(cos_TD[1, 0], torch.cos(torch.tensor(1.0)))
+
+
+class _FormulaRMSNorm(torch.nn.Module):
+    """transformers' Qwen2RMSNorm, normalising in the input's dtype when that is wider than fp32 (transformers
+    casts fp64 down to fp32 there, which the float64 exactness tests cannot afford)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight, self.eps = torch.nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("grad", [False, True])
+def test_rms_norm_is_bit_identical_to_the_formula(dtype, grad):
+    # RMSNorm runs through torch's fused rms_norm; the formula (transformers' Qwen2RMSNorm in fp32) is the
+    # reference, bit for bit, output and gradients: a kernel that rounds differently would move every run.
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from chunkflow_pl.model.decoder import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 64, generator=g, dtype=dtype) * 3
+    w = torch.rand(64, generator=g, dtype=dtype) + 0.5
+    refs = [_FormulaRMSNorm(64, 1e-6).to(dtype)] + ([Qwen2RMSNorm(64, eps=1e-6)] if dtype == torch.float32 else [])
+    ours = RMSNorm(64, 1e-6).to(dtype)
+    for ref in refs:
+        with torch.no_grad():
+            ours.weight.copy_(w)
+            ref.weight.copy_(w)
+        ours.weight.grad = None
+        xo, xr = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            yo, yr = ours(xo), ref(xr)
+        assert torch.equal(yo, yr)
+        if grad:
+            dy = torch.randn(yo.shape, generator=g, dtype=dtype)
+            yo.backward(dy)
+            yr.backward(dy)
+            assert torch.equal(xo.grad, xr.grad)
+            assert torch.equal(ours.weight.grad, ref.weight.grad)

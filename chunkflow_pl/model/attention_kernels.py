@@ -19,7 +19,7 @@ then each block's backward yields exactly its share of the gradient (``attention
 whatever a kernel needs back (its RNG state tensors); ``spec`` = (shape, dtype) of the native LSE.
 
     kernels         device  dtypes                GQA              native LSE
-    CpuFused        cpu     fp64 / fp32 / bf16    k/v repeated     [Hq, Tq] (one fused call per segment)
+    CpuFused        cpu     fp64 / fp32 / bf16    in the kernel    [Hq, Tq] (one fused call per segment)
     Math            any     any (fp64 reference)  k/v repeated     [Hq, Tq]  materialises scores: tests only
     TorchFlash      cuda    bf16 / fp16           in the kernel    [Hq, Tq]  (older torch: [B, Hq, max_q])
     TorchEfficient  cuda    fp32 / bf16 / fp16    k/v repeated     [B, Hq, ceil32(max_q)]
@@ -27,8 +27,9 @@ whatever a kernel needs back (its RNG state tensors); ``spec`` = (shape, dtype) 
 
 The CUDA kernels take the whole block in one call (``cu_seqlens`` as int32 device tensors, built once
 per block and cached on it) and read strided inputs whose last dimension is contiguous, so a prefix
-view of the state store goes in without a copy. Only the block's causal queries against its own keys
-repeat k/v to the query heads (O(chunk)); ``attention.py`` folds the query heads of an unmasked
+view of the state store goes in without a copy. Only TorchEfficient's and Math's causal blocks
+repeat k/v to the query heads (O(chunk)); the CPU fused kernel reads Hkv < Hq heads itself (no copy, and
+no per-group sum in backward); ``attention.py`` folds the query heads of an unmasked
 prefix block instead, so a prefix is never expanded.
 """
 
@@ -148,8 +149,13 @@ def lse_spec(lse: torch.Tensor) -> LseSpec:
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU: PyTorch's fused flash kernel, one call per segment, no explicit mask
+# CPU: PyTorch's fused flash kernel, one call per segment, no explicit mask, GQA in the kernel
 # ---------------------------------------------------------------------------------------------
+
+
+def _cat_rows(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """Per-segment results as one tensor (the one part itself when there is one: no copy)."""
+    return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
 
 
 def _bhld(x_LHD: torch.Tensor) -> torch.Tensor:
@@ -161,30 +167,27 @@ class CpuFusedKernels(BlockKernels):
     name = "cpu-fused"
 
     def forward(self, q, k, v, blk, causal, scale):
-        g = q.shape[1] // k.shape[1]
-        o = q.new_empty(q.shape)
-        lses = []
+        os, lses = [], []
         for b in range(len(blk)):
             qs, qe, ks, ke = blk.cu_q_list[b], blk.cu_q_list[b + 1], blk.cu_k_list[b], blk.cu_k_list[b + 1]
             ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                _bhld(q[qs:qe]), _bhld(repeat_kv(k[ks:ke], g)), _bhld(repeat_kv(v[ks:ke], g)), 0.0, causal,
-                scale=scale)
-            o[qs:qe] = ob[0].transpose(0, 1)
+                _bhld(q[qs:qe]), _bhld(k[ks:ke]), _bhld(v[ks:ke]), 0.0, causal, scale=scale)
+            os.append(ob[0].transpose(0, 1))
             lses.append(lb[0])
-        return o, (torch.cat(lses, dim=1) if len(lses) > 1 else lses[0]), None
+        # One cat per block, not one copy per segment (a packed chunk holds dozens of segments).
+        return _cat_rows(os, 0), _cat_rows(lses, 1), None
 
     def backward(self, do, q, k, v, o, lse, aux, blk, causal, scale):
-        g = q.shape[1] // k.shape[1]
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dqs, dks, dvs = [], [], []
         for b in range(len(blk)):
             qs, qe, ks, ke = blk.cu_q_list[b], blk.cu_q_list[b + 1], blk.cu_k_list[b], blk.cu_k_list[b + 1]
             dqb, dkb, dvb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                _bhld(do[qs:qe]), _bhld(q[qs:qe]), _bhld(repeat_kv(k[ks:ke], g)), _bhld(repeat_kv(v[ks:ke], g)),
+                _bhld(do[qs:qe]), _bhld(q[qs:qe]), _bhld(k[ks:ke]), _bhld(v[ks:ke]),
                 _bhld(o[qs:qe]), lse[:, qs:qe].unsqueeze(0), 0.0, causal, scale=scale)
-            dq[qs:qe] = dqb[0].transpose(0, 1)
-            dk[ks:ke] = sum_groups(dkb[0].transpose(0, 1), g)
-            dv[ks:ke] = sum_groups(dvb[0].transpose(0, 1), g)
-        return dq, dk, dv
+            dqs.append(dqb[0].transpose(0, 1))
+            dks.append(dkb[0].transpose(0, 1))
+            dvs.append(dvb[0].transpose(0, 1))
+        return _cat_rows(dqs, 0), _cat_rows(dks, 0), _cat_rows(dvs, 0)
 
 
 # ---------------------------------------------------------------------------------------------

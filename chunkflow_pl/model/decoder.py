@@ -36,22 +36,31 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        if x.dtype in (torch.float32, torch.float64) and self.weight.dtype == x.dtype:
+            # One fused kernel when no gradient is taken (dropped forwards); bit-identical to the ops below
+            # (and to transformers' Qwen2RMSNorm) in fp32 and fp64, checked in tests/test_model_parity.py.
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        dtype = x.dtype  # reduced precision: normalise in fp32, cast back before the weight, as transformers
         x32 = x.to(torch.promote_types(dtype, torch.float32))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def signed_sin(sin_TD: torch.Tensor) -> torch.Tensor:
+    """``cat(-sin[:, :D/2], sin[:, D/2:])``: rotate_half's sign folded into the table, once per chunk."""
+    out_TD = sin_TD.clone()
+    out_TD[:, : sin_TD.shape[-1] // 2].neg_()
+    return out_TD
 
 
-def apply_rope(x_THD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
+def apply_rope(x_THD: torch.Tensor, cos_TD: torch.Tensor, ssin_TD: torch.Tensor) -> torch.Tensor:
+    """``x cos + rotate_half(x) sin`` (transformers' form) with ``ssin_TD = signed_sin(sin_TD)``:
+    ``rotate_half(x) sin = cat(x2, x1) ssin`` exactly (a sign flip is exact), one op fewer per call."""
     # Under autocast q/k come out of the projections in bf16 while cos/sin follow the fp32 residual
     # stream: cast so q, k and v share one dtype (the fused kernels require it).
-    cos_TD, sin_TD = cos_TD.to(x_THD.dtype), sin_TD.to(x_THD.dtype)
-    return (x_THD * cos_TD[:, None, :]) + (_rotate_half(x_THD) * sin_TD[:, None, :])
+    cos_TD, ssin_TD = cos_TD.to(x_THD.dtype), ssin_TD.to(x_THD.dtype)
+    x1, x2 = x_THD.chunk(2, dim=-1)
+    return (x_THD * cos_TD[:, None, :]) + (torch.cat((x2, x1), dim=-1) * ssin_TD[:, None, :])
 
 
 class Attention(nn.Module):
@@ -63,6 +72,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=True)
         self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=True)
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+
+    def kv(self, x_TD, cos_TD, sin_TD) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's new keys/values only (the same ops as in ``forward``, so the same bits)."""
+        T = x_TD.shape[0]
+        k_THD = self.k_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
+        v_THD = self.v_proj(x_TD).view(T, self.num_kv_heads, self.head_dim)
+        return apply_rope(k_THD, cos_TD, sin_TD), v_THD
 
     def forward(self, x_TD, cos_TD, sin_TD, meta: VarlenMeta, prefix: KV | None, backend: str):
         T = x_TD.shape[0]
@@ -98,6 +114,9 @@ class DecoderLayer(nn.Module):
         a_TD, kv = self.attn(self.attn_norm(x_TD), cos_TD, sin_TD, meta, prefix, backend)
         h_TD = x_TD + a_TD
         return h_TD + self.mlp(self.mlp_norm(h_TD)), kv
+
+    def kv(self, x_TD, cos_TD, sin_TD) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.attn.kv(self.attn_norm(x_TD), cos_TD, sin_TD)
 
 
 class Qwen2Decoder(nn.Module):
@@ -162,20 +181,33 @@ class Qwen2Decoder(nn.Module):
         meta: VarlenMeta,
         prefix_kv: list[KV] | None = None,
         return_kv: bool = False,
-    ) -> tuple[torch.Tensor, list[KV] | None]:
+        kv_only: bool = False,
+    ) -> tuple[torch.Tensor | None, list[KV] | None]:
         """This stage's layers on one chunk.
 
         ``x``: token ids ``input_ids_T`` [T] on the first stage, else the residual stream ``x_TD`` [T, D].
         ``prefix_kv[i]``: prefix keys/values of this stage's ``i``-th layer (``layer_names[i]``).
         Returns the normed hidden state on the last stage (feed it to ``loss_sum``), else the residual
         stream for the next stage; plus each layer's new ``(k_TND, v_TND)`` if ``return_kv``.
+
+        ``kv_only`` (last stage, with ``return_kv``): only the keys/values are wanted (a forward whose
+        activations are dropped, run to fill the state store): the last layer stops after its k/v
+        projections (no attention, o_proj, MLP or final norm) and the hidden state returned is None.
+        The keys/values are bit-identical to a full forward's.
         """
+        if kv_only and not (return_kv and self.stage.has_head):
+            raise ValueError("kv_only needs return_kv=True on the last stage (a middle stage must send its output)")
         x_TD = self.embed(x) if self.stage.takes_ids else x
         # Positions of segment b are prefix_b .. prefix_b + len_b - 1: the table size is known without a sync.
         num_positions = max((p + q for p, q in zip(meta.prefix_lens, meta.seqlens_q)), default=0)
         cos_TD, sin_TD = self.rope.cos_sin(position_ids_T, num_positions, x_TD.dtype)
+        sin_TD = signed_sin(sin_TD)  # the layers take the signed form (apply_rope)
         new_kv: list[KV] = []
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers.values()):
+            if kv_only and i == last:
+                new_kv.append(layer.kv(x_TD, cos_TD, sin_TD))
+                return None, new_kv
             prefix = prefix_kv[i] if prefix_kv is not None else None
             x_TD, kv = layer(x_TD, cos_TD, sin_TD, meta, prefix, self.attention_backend)
             if return_kv:

@@ -170,8 +170,11 @@ class ChunkExecutor:
             self._saved_input[c] = inp  # boundary checkpoint for the recompute
         meta = VarlenMeta.from_lengths([s.length for s in cb.segments], [s.start for s in cb.segments])
         prefix = self._prefix(cb, requires_grad=grad)
+        # A dropped forward on the last stage is run for its keys/values only: the model skips what comes
+        # after the last layer's k/v projections (a recompute redoes the whole chunk with autograd anyway).
+        kv_only = not grad and self.stage.has_head
         with torch.set_grad_enabled(grad):
-            hidden, kv = self.model(inp, cb.position_ids_T, meta, prefix, return_kv=True)
+            hidden, kv = self.model(inp, cb.position_ids_T, meta, prefix, return_kv=True, kv_only=kv_only)
             if self.stage.has_head:
                 out = self.model.loss_sum(hidden, cb.labels_T) * self.scale if grad else None
             else:
