@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.throughput_vs_peers import synthetic_batch  # noqa: E402
+from benchmarks.throughput_vs_peers import add_batch_and_model_args, hf_model, synthetic_batch  # noqa: E402
 from chunkflow_pl.data.assemble import assemble_step  # noqa: E402
 from chunkflow_pl.data.labels import targets_from_labels  # noqa: E402
 from chunkflow_pl.data.packing import build_chunk_plan  # noqa: E402
@@ -52,15 +52,8 @@ VARIANTS = ("hf", "k1", "chain", "pack")
 
 
 def build(args, work: Path):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     seqs = [torch.tensor(s) for s in synthetic_batch(args)]
-    cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.kv_heads, tie_word_embeddings=False, rope_theta=1e6,
-                      max_position_embeddings=32768)
-    torch.manual_seed(args.seed)
-    hf = Qwen2ForCausalLM(cfg)
+    hf = hf_model(args, args.vocab)
     hf.config._attn_implementation = "sdpa"
     hf.save_pretrained(work)
     mcfg = ModelConfig.from_hf_dir(work)
@@ -123,15 +116,7 @@ def parse_args(argv=None):
     p.add_argument("--ops", default=None, help="one more step of this variant under torch.profiler")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--chunk-size", type=int, default=512)
-    p.add_argument("--global-batch", type=int, default=16)
-    p.add_argument("--num-sequences", type=int, default=20000)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=704)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--seed", type=int, default=1234)
+    add_batch_and_model_args(p)
     return p.parse_args(argv)
 
 

@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -48,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from chunkflow_pl.utils.host_memory import current_rss_bytes, peak_rss_bytes  # noqa: E402
 from chunkflow_pl.utils.sizes import parse_size  # noqa: E402
 
 MiB = 2**20
@@ -97,22 +96,39 @@ def jsonl_batch(path: Path, n: int) -> list[dict]:
     return out
 
 
-def write_inputs(args, work: Path) -> dict:
+def hf_model(args, vocab: int, max_positions: int = 32768):
+    """The random Qwen2 every row starts from (``--layers`` ... ``--vocab``, seeded by ``--seed``)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                      tie_word_embeddings=False, rope_theta=1e6, max_position_embeddings=max_positions)
+    torch.manual_seed(args.seed)
+    return Qwen2ForCausalLM(cfg)
+
+
+def add_batch_and_model_args(p: argparse.ArgumentParser) -> None:
+    """The synthetic global batch's and the model's options (shared with ``profile_step.py``)."""
+    p.add_argument("--global-batch", type=int, default=16, help="sequences in the global batch (default 16)")
+    p.add_argument("--num-sequences", type=int, default=20000, help="synthetic sequences searched for the batch")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--intermediate", type=int, default=704)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=1234)
+
+
+def write_inputs(args, work: Path) -> dict:
     records = (jsonl_batch(Path(args.jsonl), args.global_batch) if args.jsonl
                else [{"input_ids": s} for s in synthetic_batch(args)])
     with (work / "data.jsonl").open("w") as f:
         for r in records:
             f.write(json.dumps({k: r[k] for k in ("input_ids", "labels") if k in r}) + "\n")
     vocab = max(args.vocab, 1 + max(max(r["input_ids"]) for r in records))
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                      tie_word_embeddings=False, rope_theta=1e6, max_position_embeddings=max(32768, 2 * max(
-                          len(r["input_ids"]) for r in records)))
-    torch.manual_seed(args.seed)
-    Qwen2ForCausalLM(cfg).save_pretrained(work / "hf")
+    hf_model(args, vocab, max(32768, 2 * max(len(r["input_ids"]) for r in records))).save_pretrained(work / "hf")
     lens = [len(r["input_ids"]) for r in records]
     return {"sequences": len(lens), "tokens": sum(lens), "longest": max(lens), "vocab": vocab}
 
@@ -120,19 +136,6 @@ def write_inputs(args, work: Path) -> dict:
 # ------------------------------------------------------------------------------------------------
 # child: one row
 # ------------------------------------------------------------------------------------------------
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class Meter:
@@ -168,12 +171,12 @@ class Meter:
     def _mem(self) -> int:
         import torch
 
-        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else _rss()
+        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else current_rss_bytes()
 
     def peak(self) -> int:
         import torch
 
-        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else _peak_rss()
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else peak_rss_bytes()
 
 
 def _load_records(work: Path) -> list[dict]:
@@ -413,22 +416,14 @@ def parse_args(argv=None):
     p.add_argument("--rows", default="a,b,c,d,e,f", help="rows to run, comma separated (a..f)")
     p.add_argument("--chunk-size", default="512", help="chunk.size of rows d and f (default 512)")
     p.add_argument("--k", type=int, default=1, help="chunk.k of row d (default 1)")
-    p.add_argument("--global-batch", type=int, default=16, help="sequences in the global batch (default 16)")
-    p.add_argument("--num-sequences", type=int, default=20000, help="synthetic sequences searched for the batch")
+    add_batch_and_model_args(p)
     p.add_argument("--jsonl", default=None, help="take the batch from this file of token ids instead")
     p.add_argument("--hf-tokens", default=None, help="rows b, c: padded/packed tokens per micro-batch "
                                                      "(default: the longest sequence)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=704)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--precision", default="32-true", choices=sorted(HF_DTYPES))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (the first one's gradient is compared)")
     p.add_argument("--steps", type=int, default=2, help="timed optimizer steps per row (default 2)")
-    p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--timeout", type=float, default=300, help="seconds per row before it is reported as timed out")
     p.add_argument("--workdir", default=None, help="keep inputs, gradients and runs here (default: a temp dir)")
     p.add_argument("--json-out", default=None)
