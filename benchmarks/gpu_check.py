@@ -15,7 +15,8 @@ b    memory: peak ``torch.cuda.max_memory_allocated`` of one training step (forw
      the real ChunkExecutor, k=1) of Qwen2.5-7B-shaped layers (2 layers, vocab 2048, bf16) vs sequence
      length, chunk 32K (and 8K if time allows), state offload off/on. Reports the K/V state bytes on
      the device and ``peak - base - device state``: the target is that this stays within 1.3x when the
-     sequence grows 8x (32K -> 256K).
+     sequence grows 8x (32K -> 256K). With offload on, the step time relative to offload off (the copies
+     run on side streams, one layer ahead: ``schedule/offload.py``).
 c    throughput: tokens/s and model-FLOPs utilisation of Qwen2.5-7B-shaped layers (4 layers) at chunk
      32K, bf16, against the card's measured bf16 matmul peak (8192^3, median). FLOPs = matmuls + causal
      attention with the prefix counted; training = 3x forward (MFU); HFU also counts the recomputed
@@ -477,7 +478,9 @@ def section_b(ctx, budget):
         if p_on.get("offload") is True and "grad_norm" in p_on and p_off is not None:
             out["verdict"][f"offload parity L={fmt_len(p_on['L'])} C={fmt_len(p_on['C'])}"] = {
                 "loss_equal": p_on["loss"] == p_off["loss"],
-                "grad_norm_rel_diff": abs(p_on["grad_norm"] - p_off["grad_norm"]) / max(p_off["grad_norm"], 1e-30)}
+                "grad_norm_rel_diff": abs(p_on["grad_norm"] - p_off["grad_norm"]) / max(p_off["grad_norm"], 1e-30),
+                # the price of offload: prefixes prefetched / gradients returned on side streams (offload.py)
+                "step_time_ratio": p_on["step_s"] / p_off["step_s"]}
     del model
     return out
 
@@ -683,7 +686,7 @@ def table(results) -> list[str]:
                                  f"{'ok' if v['ok'] else 'FAIL'}; peak grew {v['peak_ratio']:.2f}x")
                 else:
                     lines.append(f"   {key}: loss equal {v['loss_equal']}, grad norm differs by "
-                                 f"{v['grad_norm_rel_diff']:.1e}")
+                                 f"{v['grad_norm_rel_diff']:.1e}, step time on/off {v['step_time_ratio']:.2f}x")
         elif sec == "d":
             if "skipped" in r:
                 lines.append(f"   skipped: {r['skipped']}")

@@ -44,13 +44,13 @@ def setup(tmp_path_factory):
     return model, seqs, targets, n_label, ref, float(total)
 
 
-def chunked_grads(model, seqs, targets, n_label, chunk_size, k, offload=False):
+def chunked_grads(model, seqs, targets, n_label, chunk_size, k, offload=False, engine=None):
     plan = build_chunk_plan([len(s) for s in seqs], chunk_size)
     batch = assemble_step(plan.chunks, seqs, targets, [len(s) for s in seqs], list(range(len(seqs))), n_label, 0,
                           len(plan.chunks))
     model.zero_grad()
     actions = plan_single_device([c.segments for c in batch.chunks], batch.seq_lens, k)
-    stats = ChunkExecutor(model, batch, torch.device("cpu"), offload_state=offload).run(actions)
+    stats = ChunkExecutor(model, batch, torch.device("cpu"), offload_state=offload, copy_engine=engine).run(actions)
     return {n: p.grad.clone() for n, p in model.named_parameters()}, stats
 
 
@@ -134,3 +134,111 @@ def test_kv_only_forward_gives_the_same_state_bits(setup):
         assert torch.equal(k, fk) and torch.equal(v, fv)
     with pytest.raises(ValueError, match="kv_only needs return_kv"):
         model(ids, torch.arange(20, 32), meta, prefix, kv_only=True)
+
+
+def _waits(log):
+    """Split the stand-in's waits into those whose copy was started while an earlier layer was still
+    being computed (``ahead``: another wait lies between its issue and it) and ``cold`` ones."""
+    issued, ahead, cold, last_wait = {}, 0, 0, -1
+    for pos, (op, key) in enumerate(log):
+        if op == "issue":
+            issued[key] = pos  # a copy never waited for is replaced by the next copy of that layer
+        elif op == "wait":
+            if issued.pop(key) < last_wait:
+                ahead += 1
+            else:
+                cold += 1
+            last_wait = pos
+    never_waited = sum(op == "issue" for op, _ in log) - ahead - cold
+    return ahead, cold, never_waited
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_offload_copy_engine_gives_the_same_bits_and_transformers_gradient(setup, k):
+    """``chunk.offload_state`` on CUDA moves prefixes and their gradients through a copy engine (side streams,
+    one layer ahead; gradient adds on a worker). Through the CPU stand-in that enforces its contract (copies
+    are NaN until waited for, gradient adds happen only when the store drains), a step is bit-identical to
+    the one without offload (same adds in the same order) and equals transformers' gradient."""
+    from copy_standin import StandinCopyEngine
+
+    model, seqs, targets, n_label, ref, total = setup
+    engine = StandinCopyEngine()
+    got, stats = chunked_grads(model, seqs, targets, n_label, CHUNK, k=k, offload=True, engine=engine)
+    plain, _ = chunked_grads(model, seqs, targets, n_label, CHUNK, k=k)
+    for name in got:
+        assert torch.equal(got[name], plain[name]), name
+    assert_same(got, ref)
+    assert stats.loss_sum == pytest.approx(total, rel=1e-12)
+    ahead, cold, never_waited = _waits(engine.log)
+    assert ahead > 0 and cold > 0
+    assert engine.max_alive <= 2  # the layer in use and the next one
+    # one gradient per prefix tensor per layer per backward: (k, v) x layers x prefixed segments
+    chunks = _chunks(seqs)
+    prefixed = sum(1 for c in chunks for s in c if s.start > 0 and s.length > 0)
+    assert sum(op == "to_host" for op, _ in engine.log) == 2 * model.cfg.num_layers * prefixed
+    # a dropped forward stops before its last layer's attention (kv_only): the copy started for that layer
+    # is never waited for (and dropped with the pass)
+    actions = plan_single_device(chunks, [len(x) for x in seqs], k)
+    dropped = sum(1 for a in actions if a.op.value == "forward" and not a.keep
+                  and any(s.start > 0 and s.length > 0 for s in chunks[a.chunk]))
+    assert dropped > 0 and never_waited == dropped
+
+
+def _chunks(seqs):
+    return build_chunk_plan([len(s) for s in seqs], CHUNK).chunks
+
+
+def test_copy_engine_prefetches_every_layer_but_the_first_of_each_pass():
+    """Four layers, every forward kept (k = chain): each pass over a prefixed chunk (forward, backward) waits
+    for its first layer cold and finds the other three already copied; the device never holds more than two
+    layers' prefixes, and a step through the engine is bit-identical to one without offload."""
+    from copy_standin import StandinCopyEngine
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_layers=4, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=512)
+    model = Qwen2Decoder(cfg, loss_chunk=8).double()
+    g = torch.Generator().manual_seed(1)
+    lens = [70, 9, 33]
+    seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in lens]
+    targets = [targets_from_labels(s, s.clone()) for s in seqs]
+    n_label = sum(int((t != -100).sum()) for t in targets)
+    engine = StandinCopyEngine()
+    got, stats = chunked_grads(model, seqs, targets, n_label, CHUNK, k=100, offload=True, engine=engine)
+    plain, _ = chunked_grads(model, seqs, targets, n_label, CHUNK, k=100)
+    for name in got:
+        assert torch.equal(got[name], plain[name]), name
+    assert stats.recomputed_chunks == 0
+    passes = 2 * sum(1 for c in _chunks(seqs) if any(s.start > 0 and s.length > 0 for s in c))
+    assert _waits(engine.log) == (3 * passes, passes, 0)
+    assert engine.max_alive == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("k", [1, 2])
+def test_cuda_copy_engine_gives_the_gradient_of_device_state(setup, k):
+    """The real engine (side streams, events, worker adds) on CUDA, float64: offloaded state gives the
+    gradient of device-resident state, and transformers' gradient."""
+    from chunkflow_pl.schedule.offload import CudaCopyEngine
+
+    model, seqs, targets, n_label, ref, _ = setup
+    cuda = torch.device("cuda")
+    model = model.to(cuda)
+    try:
+        plan = build_chunk_plan([len(s) for s in seqs], CHUNK)
+        batch = assemble_step(plan.chunks, seqs, targets, [len(s) for s in seqs], list(range(len(seqs))),
+                              n_label, 0, len(plan.chunks))
+        actions = plan_single_device([c.segments for c in batch.chunks], batch.seq_lens, k)
+        grads = {}
+        for offload in (False, True):
+            model.zero_grad()
+            ex = ChunkExecutor(model, batch, cuda, offload_state=offload)
+            assert isinstance(ex.copy_engine, CudaCopyEngine) == offload
+            ex.run(actions)
+            grads[offload] = {n: p.grad.cpu() for n, p in model.named_parameters()}
+        assert_same(grads[True], grads[False], rtol=1e-12)
+        assert_same(grads[True], ref)
+    finally:
+        model.cpu()
+        model.zero_grad()

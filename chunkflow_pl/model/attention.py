@@ -30,7 +30,10 @@ never expanded to the query heads (a GQA backward would otherwise allocate prefi
 A prefix may live on another device than the queries (host memory with ``chunk.offload_state``):
 each call copies it to the compute device and drops the copy, forward and backward, and its gradient
 goes back to where the prefix lives. Autograd therefore keeps the host views only; device memory holds
-one layer's prefix, transiently, whatever the sequence length.
+one layer's prefix, transiently, whatever the sequence length. In training the executor puts a
+``PrefixMover`` on the chunk's meta (``schedule/offload.py``): it serves these copies from a side
+stream one layer ahead and takes the prefix gradients back to the host off the compute stream (the
+prefix then enters without ``requires_grad``; its gradient goes to the mover, not through autograd).
 
 Kernels (``attention_kernels.py``): ``sdpa`` = PyTorch's own (CPU fused, CUDA flash / memory-efficient,
 float64 math reference off CPU), ``flash`` = the flash-attn package. Cu_seqlens are built once per chunk
@@ -40,7 +43,7 @@ float64 math reference off CPU), ``flash`` = the flash-attn package. Cu_seqlens 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -80,16 +83,19 @@ class VarlenMeta:
 
     seqlens_q: tuple[int, ...]
     prefix_lens: tuple[int, ...]
+    # Serves host-resident prefixes to every layer of this chunk (offloaded state on CUDA); None: the
+    # prefixes given to attention are used as they are.
+    prefix_mover: object | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.seqlens_q) != len(self.prefix_lens):
             raise ValueError("seqlens_q and prefix_lens must have one entry per segment")
 
     @classmethod
-    def from_lengths(cls, seqlens_q, prefix_lens=None) -> VarlenMeta:
+    def from_lengths(cls, seqlens_q, prefix_lens=None, prefix_mover=None) -> VarlenMeta:
         seqlens_q = tuple(int(x) for x in seqlens_q)
         prefix = tuple(int(x) for x in prefix_lens) if prefix_lens is not None else (0,) * len(seqlens_q)
-        return cls(seqlens_q, prefix)
+        return cls(seqlens_q, prefix, prefix_mover)
 
     @property
     def num_tokens(self) -> int:
@@ -170,10 +176,11 @@ def attention(
 ) -> torch.Tensor:
     """Return the attention output ``o_TND`` [T, Hq, D] for a packed chunk (see module docstring)."""
     return block_attention(q_TND, k_TND, v_TND, meta, prefix_k, prefix_v,
-                           select_kernels(backend, q_TND.device, q_TND.dtype))
+                           select_kernels(backend, q_TND.device, q_TND.dtype), mover=meta.prefix_mover)
 
 
-def block_attention(q_TND, k_TND, v_TND, meta: VarlenMeta, prefix_k, prefix_v, kernels: BlockKernels):
+def block_attention(q_TND, k_TND, v_TND, meta: VarlenMeta, prefix_k, prefix_v, kernels: BlockKernels,
+                    mover=None):
     """``attention`` with explicit kernels (benchmarks and tests pick them; training goes through ``attention``)."""
     T, Hq, D = q_TND.shape
     if T != meta.num_tokens:
@@ -183,7 +190,9 @@ def block_attention(q_TND, k_TND, v_TND, meta: VarlenMeta, prefix_k, prefix_v, k
     pks, pvs = _split_prefix(prefix_k, plan, "prefix_k"), _split_prefix(prefix_v, plan, "prefix_v")
     if plan.own is None:
         return q_TND.new_empty(q_TND.shape)
-    return _BlockAttention.apply(q_TND, k_TND, v_TND, plan, kernels, D**-0.5, len(pks), *pks, *pvs)
+    if not pks:
+        mover = None
+    return _BlockAttention.apply(q_TND, k_TND, v_TND, plan, kernels, D**-0.5, mover, len(pks), *pks, *pvs)
 
 
 def _split_prefix(prefix, plan: BlockPlan, name: str) -> tuple[torch.Tensor, ...]:
@@ -258,11 +267,19 @@ def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x if x.device == device else x.to(device, non_blocking=True)
 
 
+def _on_device(prefix: tuple[torch.Tensor, ...], device: torch.device, mover, backward: bool):
+    """The prefix tensors on the compute device: from the mover (copied ahead), or copied here if elsewhere."""
+    if mover is not None:
+        return mover.fetch(prefix, backward)
+    return tuple(_to(p, device) for p in prefix)
+
+
 class _BlockAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan: BlockPlan, kernels: BlockKernels, scale: float, n: int, *prefix):
-        pks, pvs = prefix[:n], prefix[n:]
+    def forward(ctx, q, k, v, plan: BlockPlan, kernels: BlockKernels, scale: float, mover, n: int, *prefix):
         g, dev = q.shape[1] // k.shape[1], q.device
+        on_dev = _on_device(prefix, dev, mover, backward=False)
+        pks, pvs = on_dev[:n], on_dev[n:]
         o, lse_n, aux = kernels.forward(q, k, v, plan.own, True, scale)
         specs, auxes = [lse_spec(lse_n)], [aux]
         lse = kernels.lse_rows(lse_n, plan.own)
@@ -270,23 +287,25 @@ class _BlockAttention(torch.autograd.Function):
             lse = lse.to(torch.promote_types(lse.dtype, torch.float32), copy=True)  # merged rows are written in
         for seg, pk, pv in zip(plan.prefixed, pks, pvs):
             s, e = seg.start, seg.end
-            op, lp_n, aux = kernels.forward(fold_heads(q[s:e], g), _to(pk, dev), _to(pv, dev), seg.block, False, scale)
+            op, lp_n, aux = kernels.forward(fold_heads(q[s:e], g), pk, pv, seg.block, False, scale)
             specs.append(lse_spec(lp_n))
             auxes.append(aux)
             om, lm = merge_blocks(o[s:e].transpose(0, 1), lse[:, s:e],
                                   unfold_heads(op, g).transpose(0, 1), unfold_lse(kernels.lse_rows(lp_n, seg.block), g))
             o[s:e] = om.transpose(0, 1)
             lse[:, s:e] = lm
-        ctx.save_for_backward(q, k, v, o, lse, *prefix)
+        ctx.save_for_backward(q, k, v, o, lse, *prefix)  # the given views (host ones when offloaded)
         ctx.plan, ctx.kernels, ctx.scale, ctx.n, ctx.specs, ctx.auxes = plan, kernels, scale, n, specs, auxes
+        ctx.mover = mover
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, *prefix = ctx.saved_tensors
-        plan, kern, scale, n = ctx.plan, ctx.kernels, ctx.scale, ctx.n
-        pks, pvs = prefix[:n], prefix[n:]
+        plan, kern, scale, n, mover = ctx.plan, ctx.kernels, ctx.scale, ctx.n, ctx.mover
         g, dev = q.shape[1] // k.shape[1], q.device
+        on_dev = _on_device(tuple(prefix), dev, mover, backward=True)
+        pks, pvs = on_dev[:n], on_dev[n:]
         do = do.contiguous()
         dq, dk, dv = kern.backward(do, q, k, v, o, kern.lse_native(lse, plan.own, ctx.specs[0]), ctx.auxes[0],
                                    plan.own, True, scale)
@@ -294,11 +313,15 @@ class _BlockAttention(torch.autograd.Function):
         for i, (seg, pk, pv) in enumerate(zip(plan.prefixed, pks, pvs)):
             s, e = seg.start, seg.end
             lse_f = kern.lse_native(fold_lse(lse[:, s:e], g), seg.block, ctx.specs[i + 1])
-            dqp, dpk, dpv = kern.backward(fold_heads(do[s:e], g), fold_heads(q[s:e], g), _to(pk, dev), _to(pv, dev),
+            dqp, dpk, dpv = kern.backward(fold_heads(do[s:e], g), fold_heads(q[s:e], g), pk, pv,
                                           fold_heads(o[s:e], g), lse_f, ctx.auxes[i + 1], seg.block, False, scale)
             acc = torch.promote_types(dq.dtype, torch.float32)  # sum the two blocks' shares before rounding
             dq[s:e] = (dq[s:e].to(acc) + unfold_heads(dqp, g).to(acc)).to(dq.dtype)
-            dpks.append(dpk if dpk.device == pk.device else dpk.to(pk.device))
-            dpvs.append(dpv if dpv.device == pv.device else dpv.to(pv.device))
-        return (dq, dk, dv, None, None, None, None, *dpks, *dpvs)
+            dpks.append(dpk)
+            dpvs.append(dpv)
+        if mover is not None:  # the mover takes them to the store off the compute stream
+            mover.send_grads(tuple(prefix), (*dpks, *dpvs))
+            return (dq, dk, dv, None, None, None, None, None, *(None,) * (2 * n))
+        back = [_to(d, p.device) for d, p in zip((*dpks, *dpvs), prefix)]  # to where each prefix lives
+        return (dq, dk, dv, None, None, None, None, None, *back)
 

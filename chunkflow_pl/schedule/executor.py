@@ -34,6 +34,7 @@ import torch
 
 from chunkflow_pl.data.types import ChunkBatch, Segment, StepBatch
 from chunkflow_pl.model.attention import VarlenMeta
+from chunkflow_pl.schedule.offload import CopyEngine, PrefixMover, copy_engine_for
 from chunkflow_pl.schedule.state import StateStore
 from chunkflow_pl.schedule.transport import ACT, GRAD, LocalTransport, Transport
 
@@ -73,13 +74,16 @@ class ChunkExecutor:
 
     def __init__(self, model: torch.nn.Module, batch: StepBatch, device: torch.device,
                  offload_state: bool = False, transport: Transport | None = None,
-                 should_stop: Callable[[], bool] | None = None, clock: Callable[[], float] | None = None) -> None:
+                 should_stop: Callable[[], bool] | None = None, clock: Callable[[], float] | None = None,
+                 copy_engine: CopyEngine | None = None) -> None:
         self.model = model
         self.stage = model.stage
         self.batch = batch
         self.device = torch.device(device)
         self.layer_names = model.layer_names
-        self.store = StateStore(self.layer_names, self.device, offload=offload_state)
+        # Offloaded state on CUDA: prefixes and their gradients move off the compute stream (offload.py).
+        self.copy_engine = copy_engine if copy_engine is not None else copy_engine_for(self.device, offload_state)
+        self.store = StateStore(self.layer_names, self.device, offload=offload_state, engine=self.copy_engine)
         self.transport = transport if transport is not None else LocalTransport()
         self.should_stop = should_stop
         self.scale = 1.0 / max(int(batch.num_label_tokens), 1)
@@ -122,27 +126,37 @@ class ChunkExecutor:
         return [s for s in cb.segments if s.start > 0 and s.length > 0]
 
     def _prefix(self, cb: ChunkBatch, requires_grad: bool):
-        """Per layer: ``(ks, vs)``, one prefix per continuing segment, in segment order.
+        """Per layer: ``(ks, vs)``, one prefix per continuing segment, in segment order; and the chunk's
+        ``PrefixMover`` when a copy engine moves them (else None).
 
         Each is a detached leaf viewing the store (host memory when offloaded): never concatenated, so
         no prefix is copied per layer. Its gradient is handed to the store as soon as autograd has
-        accumulated it, layer by layer, so no prefix-sized gradient outlives its layer's backward.
+        accumulated it, layer by layer, so no prefix-sized gradient outlives its layer's backward. With a
+        mover, attention hands the gradients to the mover instead, which sends them to the store.
         """
         segs = self._with_prefix(cb)
         if not segs:
-            return None
+            return None, None
+        hooks = requires_grad and self.copy_engine is None
         leaves = []
         for layer in self.layer_names:
             ks, vs = [], []
             for s in segs:
-                k, v = (t.detach().requires_grad_(requires_grad) for t in self.store.prefix(s.seq, layer, s.start))
-                if requires_grad:
+                k, v = (t.detach().requires_grad_(hooks) for t in self.store.prefix(s.seq, layer, s.start))
+                if hooks:
                     k.register_post_accumulate_grad_hook(self._grad_to_store(s.seq, layer, "k"))
                     v.register_post_accumulate_grad_hook(self._grad_to_store(s.seq, layer, "v"))
                 ks.append(k)
                 vs.append(v)
             leaves.append((tuple(ks), tuple(vs)))
-        return leaves
+        if self.copy_engine is None:
+            return leaves, None
+
+        def on_grad(i: int, j: int, g: torch.Tensor) -> None:  # j-th of layer i's (*ks, *vs)
+            which, s = ("k", segs[j]) if j < len(segs) else ("v", segs[j - len(segs)])
+            self.store.add_grad_from(s.seq, self.layer_names[i], which, g)
+
+        return leaves, PrefixMover(leaves, self.copy_engine, on_grad)
 
     def _grad_to_store(self, seq: int, layer: str, which: str):
         def hook(leaf: torch.Tensor) -> None:
@@ -168,8 +182,8 @@ class ChunkExecutor:
             inp = inp.detach().requires_grad_(True)
         elif not grad and not self.stage.takes_ids:
             self._saved_input[c] = inp  # boundary checkpoint for the recompute
-        meta = VarlenMeta.from_lengths([s.length for s in cb.segments], [s.start for s in cb.segments])
-        prefix = self._prefix(cb, requires_grad=grad)
+        prefix, mover = self._prefix(cb, requires_grad=grad)
+        meta = VarlenMeta.from_lengths([s.length for s in cb.segments], [s.start for s in cb.segments], mover)
         # A dropped forward on the last stage is run for its keys/values only: the model skips what comes
         # after the last layer's k/v projections (a recompute redoes the whole chunk with autograd anyway).
         kv_only = not grad and self.stage.has_head
@@ -244,7 +258,7 @@ class ChunkExecutor:
                         grads += [g[0], g[1]]
             offset += s.length
         if outputs:
-            torch.autograd.backward(outputs, grads)  # prefix gradients reach the store through hooks
+            torch.autograd.backward(outputs, grads)  # prefix gradients reach the store through hooks (or a mover)
         if not self.stage.takes_ids:
             g_in = live.inp.grad
             self._grad_out[c] = g_in if g_in is not None else torch.zeros_like(live.inp)
@@ -280,6 +294,7 @@ class ChunkExecutor:
                 self.events.append((op, a.chunk, start, self.clock()))
             self.stats.peak_state_bytes = max(self.stats.peak_state_bytes, self.store.peak_bytes)
         self.transport.flush()
+        self.store.drain()
         if len(self.store) or self._live or self._outbox or self._grad_out:
             raise RuntimeError(f"step plan left state for {len(self.store)} sequences, live chunks "
                                f"{sorted(self._live)} or unsent messages: the plan is incomplete")

@@ -20,7 +20,9 @@ prefix beyond the layer being computed. This needs no device->host copy when pac
 (the prefix is already on the host, written once and never modified), unlike a
 ``saved_tensors_hooks`` offload of device copies, which would also leave each device copy alive as
 the leaf that autograd's gradient accumulator holds. Prefix gradients come back to the host leaves
-and are added into the host accumulators.
+and are added into the host accumulators. On CUDA both directions run off the compute stream
+(``offload.py``): ``add_grad_from`` hands a device gradient to the copy engine, whose worker adds it
+into the accumulator once it has landed; ``grad`` and ``free`` first wait for those adds (``drain``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from chunkflow_pl.schedule.offload import CopyEngine
 
 
 @dataclass
@@ -41,10 +45,12 @@ class _SeqState:
 
 
 class StateStore:
-    def __init__(self, layer_names: list[str], device: torch.device, offload: bool = False) -> None:
+    def __init__(self, layer_names: list[str], device: torch.device, offload: bool = False,
+                 engine: CopyEngine | None = None) -> None:
         self.layer_names = list(layer_names)
         self.device = torch.device(device)
         self.offload = offload
+        self.engine = engine  # moves prefix gradients to the host off the compute stream (offload on CUDA)
         self._seqs: dict[int, _SeqState] = {}
         self._bytes = 0
         self.peak_bytes = 0
@@ -90,18 +96,36 @@ class StateStore:
             raise RuntimeError(f"state of sequence {seq} holds {st.filled} tokens, a chunk needs a prefix of {end}")
         return st.k[layer][:end], st.v[layer][:end]
 
-    def add_grad(self, seq: int, layer: str, which: str, g: torch.Tensor) -> None:
-        """Add ``g``, the gradient of the ``which`` ("k" or "v") prefix ``[0, len(g))`` from a later chunk."""
+    def _accumulator(self, seq: int, layer: str, which: str) -> torch.Tensor:
         st = self._seqs[seq]
         if st.dk[layer] is None:
             acc = torch.promote_types(st.k[layer].dtype, torch.float32)
             st.dk[layer] = self._buffer(st.k[layer], st.seq_len, acc, zero=True)
             st.dv[layer] = self._buffer(st.k[layer], st.seq_len, acc, zero=True)
-        buf = st.dk[layer] if which == "k" else st.dv[layer]
+        return st.dk[layer] if which == "k" else st.dv[layer]
+
+    def add_grad(self, seq: int, layer: str, which: str, g: torch.Tensor) -> None:
+        """Add ``g``, the gradient of the ``which`` ("k" or "v") prefix ``[0, len(g))`` from a later chunk."""
+        buf = self._accumulator(seq, layer, which)
         buf[: g.shape[0]].add_(g.to(buf.device))
+
+    def add_grad_from(self, seq: int, layer: str, which: str, g: torch.Tensor) -> None:
+        """``add_grad`` for a gradient on the compute device, through the copy engine: the add happens once
+        the copy has landed on the host, in the order of these calls (the same sums as ``add_grad``)."""
+        if self.engine is None:
+            self.add_grad(seq, layer, which, g)
+            return
+        rows = self._accumulator(seq, layer, which)[: g.shape[0]]  # allocated here, not on the engine's worker
+        self.engine.to_host(g, rows.add_)
+
+    def drain(self) -> None:
+        """Wait until every gradient handed to ``add_grad_from`` is in its accumulator."""
+        if self.engine is not None:
+            self.engine.drain()
 
     def grad(self, seq: int, layer: str, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Accumulated gradient of tokens ``[start, end)``; None if no later chunk sent any."""
+        self.drain()
         st = self._seqs.get(seq)
         if st is None or st.dk[layer] is None:
             return None
@@ -110,6 +134,7 @@ class StateStore:
                 st.dv[layer][start:end].to(self.device, dtype, non_blocking=True))
 
     def free(self, seq: int) -> None:
+        self.drain()
         st = self._seqs.pop(seq, None)
         if st is None:
             return

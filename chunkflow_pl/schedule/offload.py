@@ -1,0 +1,170 @@
+"""Offloaded state off the compute stream: prefixes prefetched to the device, their gradients sent back.
+
+With ``chunk.offload_state`` on CUDA the state store lives in pinned host memory (``state.py``). For one
+chunk, a ``PrefixMover`` holds every layer's host prefix views and hands attention a device copy of the
+layer it is computing, while the copy of the layer it computes next is already under way on a side
+stream::
+
+    forward  (layers 0 .. n-1)     fetch(l): wait for layer l's copy; start layer l+1's
+    backward (layers n-1 .. 0)     fetch(l): wait for layer l's copy; start layer l-1's
+
+    compute stream   | attn l | o, mlp l | q,k,v l+1 | attn l+1 | ...
+    h2d stream       | prefix l+1 |                 | prefix l+2 | ...     (each waits for what compute
+                                                                             had queued when it started)
+
+so no host copy waits on the compute stream, and the device holds at most two layers' prefixes (the
+one in use, the next). Prefix gradients go the other way through ``CopyEngine.to_host``: device ->
+pinned host on a second side stream, then added into the store's accumulators by one worker thread
+in the order they were produced (the same sums in the same order: the same bits as a synchronous
+copy), while the device goes on with the backward. The store drains those adds before it reads an
+accumulator (``StateStore.grad``, ``free``).
+
+Ordering facts this relies on: host prefix rows are written once (device -> host, queued on the compute
+stream by an earlier chunk's forward) and never modified, so a copy that waits for the compute stream's
+queue at its start reads final data; a device tensor made on one stream and used on another is
+``record_stream``-ed, so the caching allocator does not hand its memory out while the other still uses it.
+
+``CudaCopyEngine`` is the engine on CUDA; on CPU there is nothing to move (the store is already where
+attention runs), and the test suite drives this module through a CPU stand-in engine that enforces the
+same contract (``tests/copy_standin.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
+
+import torch
+
+
+class Pending(Protocol):
+    def wait(self) -> tuple[torch.Tensor, ...]:
+        """The copies, usable on the caller's current stream (called where they are used)."""
+
+
+class CopyEngine(Protocol):
+    def to_device(self, host: Sequence[torch.Tensor]) -> Pending:
+        """Start copying ``host`` tensors to the compute device off the compute stream."""
+
+    def to_host(self, dev: torch.Tensor, then: Callable[[torch.Tensor], None]) -> None:
+        """Copy ``dev`` to pinned host memory off the compute stream; call ``then(host)`` once it has landed
+        (on a worker, in submission order)."""
+
+    def drain(self) -> None:
+        """Return once every ``then`` submitted so far has run (re-raising its error, if any)."""
+
+
+class _CudaPending:
+    def __init__(self, tensors: tuple[torch.Tensor, ...], done: torch.cuda.Event, device: torch.device) -> None:
+        self.tensors, self.done, self.device = tensors, done, device
+
+    def wait(self) -> tuple[torch.Tensor, ...]:
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(self.done)
+        for t in self.tensors:  # allocated on the h2d stream, used (and freed) on this one
+            t.record_stream(compute)
+        return self.tensors
+
+
+def _land(done: torch.cuda.Event, then: Callable[[torch.Tensor], None], host: torch.Tensor) -> None:
+    done.synchronize()
+    then(host)
+
+
+class CudaCopyEngine:
+    """One h2d and one d2h side stream on ``device``, and one worker thread for the host-side adds."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.h2d = torch.cuda.Stream(self.device)
+        self.d2h = torch.cuda.Stream(self.device)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunkflow-offload")
+        self._pending: list[Future] = []
+
+    def to_device(self, host: Sequence[torch.Tensor]) -> _CudaPending:
+        self.h2d.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.h2d):
+            dev = tuple(t.to(self.device, non_blocking=True) for t in host)
+            done = torch.cuda.Event()
+            done.record(self.h2d)
+        return _CudaPending(dev, done, self.device)
+
+    def to_host(self, dev: torch.Tensor, then: Callable[[torch.Tensor], None]) -> None:
+        self.d2h.wait_stream(torch.cuda.current_stream(self.device))  # dev is written by kernels queued there
+        with torch.cuda.stream(self.d2h):
+            host = torch.empty(dev.shape, dtype=dev.dtype, pin_memory=True)
+            host.copy_(dev, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.d2h)
+        dev.record_stream(self.d2h)
+        self._pending.append(self._worker.submit(_land, done, then, host))
+
+    def drain(self) -> None:
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
+
+
+_ENGINES: dict[torch.device, CudaCopyEngine] = {}
+
+
+def copy_engine_for(device: torch.device, offload: bool) -> CudaCopyEngine | None:
+    """The engine an offloaded store uses on ``device`` (one per device, shared by the steps: its streams and
+    worker live as long as the process); None where the state already lives beside compute."""
+    device = torch.device(device)
+    if not offload or device.type != "cuda":
+        return None
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _ENGINES:
+        _ENGINES[device] = CudaCopyEngine(device)
+    return _ENGINES[device]
+
+
+class PrefixMover:
+    """Serves one chunk's host prefixes to attention, one layer ahead (see module docstring).
+
+    ``layers[i]`` = ``(ks, vs)``: layer ``i``'s prefix views, one per prefixed segment, as attention gets
+    them. ``on_grad(i, j, g)``: the gradient ``g`` (on the device) of the ``j``-th tensor of layer ``i``
+    in the order ``(*ks, *vs)``.
+    """
+
+    def __init__(self, layers: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]], engine: CopyEngine,
+                 on_grad: Callable[[int, int, torch.Tensor], None]) -> None:
+        self.layers = [(*ks, *vs) for ks, vs in layers]
+        self.engine = engine
+        self.on_grad = on_grad
+        # A layer is recognised by its first view (each layer's buffers are its own): attention passes the
+        # views autograd saved, which are these objects or views of the same memory.
+        self._index = {_key(t[0]): i for i, t in enumerate(self.layers)}
+        # Copies started ahead, by layer. Every pass that autograd keeps (a kept forward, a backward) reaches
+        # all layers, so nothing is left here while the chunk waits for its next pass; a dropped ``kv_only``
+        # forward stops before its last layer and leaves that copy, freed with this mover when it ends.
+        self._ahead: dict[int, Pending] = {}
+
+    def _layer(self, host: Sequence[torch.Tensor]) -> int:
+        i = self._index.get(_key(host[0]))
+        if i is None or len(host) != len(self.layers[i]):
+            raise RuntimeError("attention asked the prefix mover for a prefix of another chunk")
+        return i
+
+    def fetch(self, host: Sequence[torch.Tensor], backward: bool) -> tuple[torch.Tensor, ...]:
+        """Device copies of ``host`` (one layer's prefix views); starts copying the layer needed next."""
+        i = self._layer(host)
+        pending = self._ahead.pop(i, None)
+        if pending is None:
+            pending = self.engine.to_device(self.layers[i])
+        nxt = i - 1 if backward else i + 1
+        if 0 <= nxt < len(self.layers) and nxt not in self._ahead:
+            self._ahead[nxt] = self.engine.to_device(self.layers[nxt])
+        return pending.wait()
+
+    def send_grads(self, host: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+        i = self._layer(host)
+        for j, g in enumerate(grads):
+            self.on_grad(i, j, g)
+
+
+def _key(t: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+    return t.data_ptr(), tuple(t.shape)
