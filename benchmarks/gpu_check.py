@@ -398,6 +398,8 @@ def measure_point(ctx, model, L, C, offload, k=1, repeats=1):
         sync(dev)
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None  # before the norms below allocate
+    # reserved also counts memory whose free waits for another stream (what the offload copies could leave)
+    reserved = torch.cuda.max_memory_reserved() if dev.type == "cuda" else None
     grads = [p.grad.float().norm() for p in model.parameters() if p.grad is not None]
     row = {"L": L, "C": C, "k": k, "offload": offload, "chunks": len(chunks), "recomputed": stats.recomputed_chunks,
            "step_s": statistics.median(times), "times": times, "loss": stats.loss_sum / max(stats.tokens, 1),
@@ -412,7 +414,7 @@ def measure_point(ctx, model, L, C, offload, k=1, repeats=1):
     row["device_state_gib"] = 0.0 if offload else state / GiB
     if peak is not None:
         row.update(base_gib=base / GiB, peak_gib=peak / GiB, step_gib=(peak - base) / GiB,
-                   step_minus_state_gib=(peak - base) / GiB - row["device_state_gib"])
+                   step_minus_state_gib=(peak - base) / GiB - row["device_state_gib"], reserved_gib=reserved / GiB)
     model.zero_grad(set_to_none=True)
     return row
 
@@ -711,8 +713,9 @@ def summary(results) -> dict:
         s["memory_ok"] = all(v["ok"] for v in mem.values()) if mem else None
         s["offload_parity"] = {k: v for k, v in b["verdict"].items() if k.startswith("offload")}
         s["memory_points"] = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in p.items()
-                               if k in ("L", "C", "offload", "step_s", "peak_gib", "step_minus_state_gib",
-                                        "device_state_gib", "error", "skipped")} for p in b["points"]]
+                               if k in ("L", "C", "offload", "step_s", "peak_gib", "reserved_gib",
+                                        "step_minus_state_gib", "device_state_gib", "error", "skipped")}
+                              for p in b["points"]]
     c = results.get("c")
     if isinstance(c, dict) and "points" in c:
         s["matmul_peak_tflops"] = round(c["matmul_peak"]["tflops"], 1)

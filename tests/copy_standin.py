@@ -4,13 +4,15 @@ On a GPU the engine's copies run on side streams and land "some time later"; wha
 
 - ``to_device(host)`` returns a ``Pending``; the copies may be read only after ``wait()`` (which makes
   the compute stream wait for the copy). Here the copies are NaN until ``wait()`` fills them, so a caller
-  that reads them early computes NaN. Inputs must be host tensors; each ``Pending`` is waited at most once.
+  that reads them early computes NaN. The copy reads the host when it is queued: host rows that change
+  after that fail an assertion. Inputs must be host tensors; each ``Pending`` ends exactly once, waited
+  for or (never used) released.
 - ``to_host(dev, then)``: ``then(host)`` runs on a worker once the copy has landed, and the copy reads
   ``dev`` whenever the side stream gets to it. Here both happen as late as allowed: at ``drain()``. A
   reader that does not drain first misses the gradient; a caller that changes ``dev`` after handing it
   over corrupts it.
 
-``log`` records ``("issue" | "wait", layer_key)`` and ``("to_host", shape)`` in order; ``max_alive`` is
+``log`` records ``("issue" | "wait" | "release", layer_key)`` and ``("to_host", shape)`` in order; ``max_alive`` is
 the most layer copies (``to_device`` calls with any copy still referenced) alive at once, taken at every
 issue: copies are freed by reference counting, so anything that keeps a copy beyond its use (autograd,
 a cache) shows up here.
@@ -27,16 +29,23 @@ import torch
 class _Pending:
     def __init__(self, engine: StandinCopyEngine, host: tuple[torch.Tensor, ...]) -> None:
         self.engine, self.host = engine, host
+        self.landed = tuple(t.clone() for t in host)  # the copy reads the host when it is queued
         self.copies = tuple(torch.full_like(t, float("nan")) for t in host)
-        self.waited = False
+        self.done = False
 
     def wait(self) -> tuple[torch.Tensor, ...]:
-        assert not self.waited, "a copy was waited for twice"
-        self.waited = True
-        for c, h in zip(self.copies, self.host):
-            c.copy_(h)
+        assert not self.done, "a copy was waited for twice, or after its release"
+        self.done = True
+        for c, h, first in zip(self.copies, self.host, self.landed):
+            assert torch.equal(h, first), "the host rows changed after their copy was queued"
+            c.copy_(first)
         self.engine.log.append(("wait", key(self.host[0])))
         return self.copies
+
+    def release(self) -> None:
+        assert not self.done, "a copy was released after it was waited for, or twice"
+        self.done = True
+        self.engine.log.append(("release", key(self.host[0])))
 
 
 class StandinCopyEngine:

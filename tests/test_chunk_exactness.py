@@ -177,11 +177,11 @@ def test_offload_copy_engine_gives_the_same_bits_and_transformers_gradient(setup
     prefixed = sum(1 for c in chunks for s in c if s.start > 0 and s.length > 0)
     assert sum(op == "to_host" for op, _ in engine.log) == 2 * model.cfg.num_layers * prefixed
     # a dropped forward stops before its last layer's attention (kv_only): the copy started for that layer
-    # is never waited for (and dropped with the pass)
+    # is never waited for, and released when the pass ends
     actions = plan_single_device(chunks, [len(x) for x in seqs], k)
     dropped = sum(1 for a in actions if a.op.value == "forward" and not a.keep
                   and any(s.start > 0 and s.length > 0 for s in chunks[a.chunk]))
-    assert dropped > 0 and never_waited == dropped
+    assert dropped > 0 and never_waited == dropped == sum(op == "release" for op, _ in engine.log)
 
 
 def _chunks(seqs):
@@ -211,19 +211,32 @@ def test_copy_engine_prefetches_every_layer_but_the_first_of_each_pass():
     assert stats.recomputed_chunks == 0
     passes = 2 * sum(1 for c in _chunks(seqs) if any(s.start > 0 and s.length > 0 for s in c))
     assert _waits(engine.log) == (3 * passes, passes, 0)
+    assert not any(op == "release" for op, _ in engine.log)
     assert engine.max_alive == 2
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("k", [1, 2])
-def test_cuda_copy_engine_gives_the_gradient_of_device_state(setup, k):
-    """The real engine (side streams, events, worker adds) on CUDA, float64: offloaded state gives the
-    gradient of device-resident state, and transformers' gradient."""
+def test_cuda_copy_engine_gives_the_bits_of_device_state(setup, k):
+    """The real engine (side streams, events, worker adds) on CUDA, float64: offloaded state gives the bits
+    of device-resident state and transformers' gradient; also with every side-stream copy delayed by a GPU
+    sleep, so that a missing stream/event wait reads a copy before it lands and changes the result."""
     from chunkflow_pl.schedule.offload import CudaCopyEngine
 
+    class SlowCopies(CudaCopyEngine):
+        def to_device(self, host):
+            with torch.cuda.stream(self.h2d):
+                torch.cuda._sleep(20_000_000)
+            return super().to_device(host)
+
+        def to_host(self, dev, then):
+            with torch.cuda.stream(self.d2h):
+                torch.cuda._sleep(20_000_000)
+            super().to_host(dev, then)
+
     model, seqs, targets, n_label, ref, _ = setup
-    cuda = torch.device("cuda")
+    cuda = torch.device("cuda", torch.cuda.current_device())
     model = model.to(cuda)
     try:
         plan = build_chunk_plan([len(s) for s in seqs], CHUNK)
@@ -231,14 +244,17 @@ def test_cuda_copy_engine_gives_the_gradient_of_device_state(setup, k):
                               n_label, 0, len(plan.chunks))
         actions = plan_single_device([c.segments for c in batch.chunks], batch.seq_lens, k)
         grads = {}
-        for offload in (False, True):
+        for run, offload, engine in (("device", False, None), ("engine", True, None),
+                                     ("slow", True, SlowCopies(cuda))):
             model.zero_grad()
-            ex = ChunkExecutor(model, batch, cuda, offload_state=offload)
+            ex = ChunkExecutor(model, batch, cuda, offload_state=offload, copy_engine=engine)
             assert isinstance(ex.copy_engine, CudaCopyEngine) == offload
             ex.run(actions)
-            grads[offload] = {n: p.grad.cpu() for n, p in model.named_parameters()}
-        assert_same(grads[True], grads[False], rtol=1e-12)
-        assert_same(grads[True], ref)
+            grads[run] = {n: p.grad.cpu() for n, p in model.named_parameters()}
+        for name in grads["device"]:
+            assert torch.equal(grads["engine"][name], grads["device"][name]), name
+            assert torch.equal(grads["slow"][name], grads["device"][name]), name
+        assert_same(grads["engine"], ref)
     finally:
         model.cpu()
         model.zero_grad()

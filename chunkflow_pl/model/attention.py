@@ -278,9 +278,9 @@ class _BlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: BlockPlan, kernels: BlockKernels, scale: float, mover, n: int, *prefix):
         g, dev = q.shape[1] // k.shape[1], q.device
-        on_dev = _on_device(prefix, dev, mover, backward=False)
-        pks, pvs = on_dev[:n], on_dev[n:]
         o, lse_n, aux = kernels.forward(q, k, v, plan.own, True, scale)
+        on_dev = _on_device(prefix, dev, mover, backward=False)  # after the own block: it needs no prefix
+        pks, pvs = on_dev[:n], on_dev[n:]
         specs, auxes = [lse_spec(lse_n)], [aux]
         lse = kernels.lse_rows(lse_n, plan.own)
         if n:
@@ -304,11 +304,11 @@ class _BlockAttention(torch.autograd.Function):
         q, k, v, o, lse, *prefix = ctx.saved_tensors
         plan, kern, scale, n, mover = ctx.plan, ctx.kernels, ctx.scale, ctx.n, ctx.mover
         g, dev = q.shape[1] // k.shape[1], q.device
-        on_dev = _on_device(tuple(prefix), dev, mover, backward=True)
-        pks, pvs = on_dev[:n], on_dev[n:]
         do = do.contiguous()
         dq, dk, dv = kern.backward(do, q, k, v, o, kern.lse_native(lse, plan.own, ctx.specs[0]), ctx.auxes[0],
                                    plan.own, True, scale)
+        on_dev = _on_device(tuple(prefix), dev, mover, backward=True)  # after the own block: it needs no prefix
+        pks, pvs = on_dev[:n], on_dev[n:]
         dpks, dpvs = [], []
         for i, (seg, pk, pv) in enumerate(zip(plan.prefixed, pks, pvs)):
             s, e = seg.start, seg.end
@@ -322,6 +322,8 @@ class _BlockAttention(torch.autograd.Function):
         if mover is not None:  # the mover takes them to the store off the compute stream
             mover.send_grads(tuple(prefix), (*dpks, *dpvs))
             return (dq, dk, dv, None, None, None, None, None, *(None,) * (2 * n))
-        back = [_to(d, p.device) for d, p in zip((*dpks, *dpvs), prefix)]  # to where each prefix lives
+        # To where each prefix lives. Blocking: a non_blocking device->host copy returns before the data
+        # lands, and the host-side accumulation that follows would read it too early.
+        back = [d if d.device == p.device else d.to(p.device) for d, p in zip((*dpks, *dpvs), prefix)]
         return (dq, dk, dv, None, None, None, None, None, *back)
 

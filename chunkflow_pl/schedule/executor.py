@@ -193,6 +193,8 @@ class ChunkExecutor:
                 out = self.model.loss_sum(hidden, cb.labels_T) * self.scale if grad else None
             else:
                 out = hidden
+        if mover is not None:
+            mover.close()
         if not recompute:  # the stored state already holds a recomputed chunk's keys/values
             offset = 0
             for s in cb.segments:

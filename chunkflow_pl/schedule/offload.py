@@ -21,8 +21,10 @@ accumulator (``StateStore.grad``, ``free``).
 
 Ordering facts this relies on: host prefix rows are written once (device -> host, queued on the compute
 stream by an earlier chunk's forward) and never modified, so a copy that waits for the compute stream's
-queue at its start reads final data; a device tensor made on one stream and used on another is
-``record_stream``-ed, so the caching allocator does not hand its memory out while the other still uses it.
+queue at its start reads final data. Device memory is only ever allocated and freed by the compute
+stream (copy targets are made there before the copy is queued; a gradient being copied out is held
+until its copy landed), so the caching allocator reuses it in compute-stream order, without
+``record_stream``'s deferred frees, which let reserved memory grow while the CPU runs ahead of the GPU.
 
 ``CudaCopyEngine`` is the engine on CUDA; on CPU there is nothing to move (the store is already where
 attention runs), and the test suite drives this module through a CPU stand-in engine that enforces the
@@ -31,6 +33,7 @@ same contract (``tests/copy_standin.py``).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
@@ -41,6 +44,9 @@ import torch
 class Pending(Protocol):
     def wait(self) -> tuple[torch.Tensor, ...]:
         """The copies, usable on the caller's current stream (called where they are used)."""
+
+    def release(self) -> None:
+        """Give up a copy that was never waited for (its memory may be reused only after the copy)."""
 
 
 class CopyEngine(Protocol):
@@ -60,50 +66,71 @@ class _CudaPending:
         self.tensors, self.done, self.device = tensors, done, device
 
     def wait(self) -> tuple[torch.Tensor, ...]:
-        compute = torch.cuda.current_stream(self.device)
-        compute.wait_event(self.done)
-        for t in self.tensors:  # allocated on the h2d stream, used (and freed) on this one
-            t.record_stream(compute)
+        torch.cuda.current_stream(self.device).wait_event(self.done)
         return self.tensors
 
+    def release(self) -> None:
+        # A copy nobody used: the compute stream owns its memory and may reuse it once freed, so it waits
+        # for the copy first (an event wait on the device; the CPU does not block).
+        torch.cuda.current_stream(self.device).wait_event(self.done)
 
-def _land(done: torch.cuda.Event, then: Callable[[torch.Tensor], None], host: torch.Tensor) -> None:
+
+def _land(done: torch.cuda.Event, then: Callable[[torch.Tensor], None], host: torch.Tensor,
+          dev: torch.Tensor) -> None:
     done.synchronize()
     then(host)
+    del dev  # the device gradient is released only after its copy has landed (see ``to_host``)
 
 
 class CudaCopyEngine:
-    """One h2d and one d2h side stream on ``device``, and one worker thread for the host-side adds."""
+    """One h2d and one d2h side stream on ``device``, and one worker thread for the host-side adds.
 
-    def __init__(self, device: torch.device) -> None:
+    Device memory stays with the compute stream: copy targets are allocated there before the copy is
+    queued on a side stream (no ``record_stream``, whose deferred frees let reserved memory grow while the
+    CPU runs ahead of the GPU), and a gradient being copied out is kept alive by its pending add, which
+    drops it after the copy landed. At most ``max_in_flight`` gradient copies are pending: beyond that the
+    caller waits for the oldest, which bounds both the device gradients held and the pinned staging.
+    """
+
+    def __init__(self, device: torch.device, max_in_flight: int = 8) -> None:
         self.device = torch.device(device)
         self.h2d = torch.cuda.Stream(self.device)
         self.d2h = torch.cuda.Stream(self.device)
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunkflow-offload")
-        self._pending: list[Future] = []
+        # The worker only synchronizes events and adds on the host; setting its device keeps it from
+        # creating a context on GPU 0 in a process that uses another one.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunkflow-offload",
+                                          initializer=torch.cuda.set_device, initargs=(self.device,))
+        self._pending: deque[Future] = deque()
+        self.max_in_flight = max_in_flight
 
     def to_device(self, host: Sequence[torch.Tensor]) -> _CudaPending:
-        self.h2d.wait_stream(torch.cuda.current_stream(self.device))
+        compute = torch.cuda.current_stream(self.device)
+        dev = tuple(torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in host)  # on compute
+        self.h2d.wait_stream(compute)  # host rows written by device->host copies queued there; dev's memory
         with torch.cuda.stream(self.h2d):
-            dev = tuple(t.to(self.device, non_blocking=True) for t in host)
+            for d, t in zip(dev, host):
+                d.copy_(t, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.h2d)
         return _CudaPending(dev, done, self.device)
 
     def to_host(self, dev: torch.Tensor, then: Callable[[torch.Tensor], None]) -> None:
+        while len(self._pending) >= self.max_in_flight:
+            self._pending.popleft().result()
         self.d2h.wait_stream(torch.cuda.current_stream(self.device))  # dev is written by kernels queued there
+        host = torch.empty(dev.shape, dtype=dev.dtype, pin_memory=True)
         with torch.cuda.stream(self.d2h):
-            host = torch.empty(dev.shape, dtype=dev.dtype, pin_memory=True)
             host.copy_(dev, non_blocking=True)
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(blocking=True)  # the worker sleeps in synchronize() instead of spinning
             done.record(self.d2h)
-        dev.record_stream(self.d2h)
-        self._pending.append(self._worker.submit(_land, done, then, host))
+        self._pending.append(self._worker.submit(_land, done, then, host, dev))
 
     def drain(self) -> None:
-        pending, self._pending = self._pending, []
-        for f in pending:
-            f.result()
+        pending, self._pending = self._pending, deque()
+        errors = [f.exception() for f in pending]  # wait for all before raising any
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
 
 
 _ENGINES: dict[torch.device, CudaCopyEngine] = {}
@@ -140,7 +167,7 @@ class PrefixMover:
         self._index = {_key(t[0]): i for i, t in enumerate(self.layers)}
         # Copies started ahead, by layer. Every pass that autograd keeps (a kept forward, a backward) reaches
         # all layers, so nothing is left here while the chunk waits for its next pass; a dropped ``kv_only``
-        # forward stops before its last layer and leaves that copy, freed with this mover when it ends.
+        # forward stops before its last layer's attention and leaves that copy to ``close``.
         self._ahead: dict[int, Pending] = {}
 
     def _layer(self, host: Sequence[torch.Tensor]) -> int:
@@ -164,6 +191,12 @@ class PrefixMover:
         i = self._layer(host)
         for j, g in enumerate(grads):
             self.on_grad(i, j, g)
+
+    def close(self) -> None:
+        """Release copies started for a layer this pass did not reach (called after each forward pass)."""
+        for pending in self._ahead.values():
+            pending.release()
+        self._ahead.clear()
 
 
 def _key(t: torch.Tensor) -> tuple[int, tuple[int, ...]]:
