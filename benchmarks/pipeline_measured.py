@@ -124,7 +124,9 @@ def predicted_durations(one: dict, plan, chunks, cost, pp: int) -> dict[tuple[in
             measured = whole.get((op.value, c))
             if measured is None:  # recomputed here but not on one device: a forward's time
                 measured = whole[(Op.FORWARD.value, c)] * cost.recompute
-            share = cost.op_time(op, s, c, chunks[c]) / sum(cost.op_time(op, x, c, chunks[c]) for x in range(pp))
+            # a dropped forward is dropped on every stage, and on one device too: its kv_only share is split
+            share = (cost.op_time(op, s, c, chunks[c], act.keep)
+                     / sum(cost.op_time(op, x, c, chunks[c], act.keep) for x in range(pp)))
             out[(s, op, c)] = measured * share
     return out
 

@@ -71,6 +71,64 @@ def test_from_model_splits_layers_and_puts_the_head_on_the_last_stage() -> None:
         even_stage_layers(4, 5)
 
 
+def _kv_only_skips(cfg, segments, flops_per_s: float) -> float:
+    """Seconds a dropped (kv_only) last-stage forward skips, counted from the config: the last layer's
+    q_proj, o_proj, MLP and attention pairs, and the LM head (k_proj, v_proj and the earlier layers run)."""
+    d, q, f = cfg.hidden_size, cfg.num_heads * (cfg.hidden_size // cfg.num_heads), cfg.intermediate_size
+    tokens = sum(seg.end - seg.start for seg in segments)
+    pairs = sum((seg.end - seg.start) * seg.start + (seg.end - seg.start) * (seg.end - seg.start + 1) // 2
+                for seg in segments)
+    per_token = 2 * d * q + 2 * q * d + 3 * 2 * d * f + 2 * cfg.vocab_size * d
+    return (per_token * tokens + 4 * q * pairs) / flops_per_s
+
+
+@pytest.mark.parametrize("pp, stage_layers", [(4, None), (1, None), (2, (27, 1))])
+def test_dropped_forward_on_the_last_stage_skips_what_kv_only_skips(pp, stage_layers) -> None:
+    cfg = get_preset("qwen7b")
+    cost = CostModel.from_model(cfg, pp, stage_layers=stage_layers, flops_per_s=1e12, link_bytes_per_s=None)
+    chunk = [Segment(0, 1000, 1500), Segment(1, 0, 300)]  # a continued piece (prefix 1000) and a whole sequence
+    last = pp - 1
+    kept = cost.op_time(Op.FORWARD, last, 0, chunk, keep=True)
+    dropped = cost.op_time(Op.FORWARD, last, 0, chunk, keep=False)
+    assert kept - dropped == pytest.approx(_kv_only_skips(cfg, chunk, 1e12), rel=1e-12)
+    if stage_layers == (27, 1):  # a one-layer last stage computes its k/v projections and nothing else
+        d_kv = cfg.num_kv_heads * (cfg.hidden_size // cfg.num_heads)
+        assert dropped == pytest.approx(2 * 2 * cfg.hidden_size * d_kv * 800 / 1e12, rel=1e-12)
+    # the recompute and the backward redo the whole stage with autograd (and the loss): unchanged
+    assert cost.op_time(Op.RECOMPUTE, last, 0, chunk) == kept
+    assert cost.op_time(Op.BACKWARD, last, 0, chunk) == 2 * kept
+    for s in range(last):  # a middle stage must send its output: its dropped forward is a full one
+        assert cost.op_time(Op.FORWARD, s, 0, chunk, keep=False) == cost.op_time(Op.FORWARD, s, 0, chunk)
+
+
+def test_simulator_and_lower_bound_price_dropped_forwards_as_kv_only() -> None:
+    cfg = get_preset("qwen7b")
+    chunks = [[Segment(0, 0, 4096)], [Segment(0, 4096, 8192)]]  # a chain of 2, k=1: chunk 0 dropped
+    cost = CostModel.from_model(cfg, 2, flops_per_s=1e12, link_bytes_per_s=None)
+    plan = plan_pipeline(chunks, [8192], pp=2, k=1, cost=cost)
+    r = simulate(plan, chunks, [8192], cost)
+    f0 = {e.stage: e.end - e.start for e in r.events if e.op == "forward" and e.chunk == 0}
+    full = cost.op_time(Op.FORWARD, 1, 0, chunks[0])
+    assert f0[1] == pytest.approx(full - _kv_only_skips(cfg, chunks[0], 1e12), rel=1e-12)
+    assert f0[0] == cost.op_time(Op.FORWARD, 0, 0, chunks[0])  # the first stage's dropped forward is full
+    busiest, _ = lower_bound(plan, chunks, [8192], cost)
+    assert busiest == pytest.approx(r.busy[1])  # the last stage is the busiest, with its cheap dropped forward
+    assert r.busy[1] == pytest.approx(f0[1] + sum(cost.op_time(op, 1, c, chunks[c]) for op, c in
+                                                  [(Op.FORWARD, 1), (Op.BACKWARD, 1), (Op.RECOMPUTE, 0),
+                                                   (Op.BACKWARD, 0)]), rel=1e-12)
+
+
+def test_uniform_cost_prices_a_dropped_forward_as_given() -> None:
+    assert CostModel.uniform(2).op_time(Op.FORWARD, 1, 0, CHAIN[1], keep=False) == \
+        CostModel.uniform(2).op_time(Op.FORWARD, 1, 0, CHAIN[1])  # no model to count: a full forward
+    cheap = CostModel.uniform(2, per_token=1.0, per_pair=0.5, drop_last_per_token=0.25, drop_last_per_pair=0.0)
+    assert cheap.op_time(Op.FORWARD, 1, 0, CHAIN[1], keep=False) == 1.0  # 4 tokens x 0.25
+    with pytest.raises(ValueError, match="go together"):
+        CostModel.uniform(2, drop_last_per_token=0.5)
+    with pytest.raises(ValueError, match="computes less than a kept one"):
+        CostModel.uniform(2, per_token=1.0, drop_last_per_token=2.0, drop_last_per_pair=0.0)
+
+
 def test_measured_costs_replay_a_recorded_run() -> None:
     chunks = [[Segment(0, 0, 4)], [Segment(1, 0, 4)]]
     plan = plan_pipeline(chunks, [4, 4], pp=2, k=1)

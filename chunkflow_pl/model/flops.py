@@ -44,6 +44,7 @@ class ModelFlops:
     """Forward FLOPs of ``layers`` decoder layers (plus the LM head if ``head``) of one model."""
 
     linear_per_layer_token: float  # 2 * (2 D^2 + 2 D Dkv + 3 D F)
+    kv_per_layer_token: float  # 2 * (2 D Dkv): k_proj and v_proj alone (a key/value-only pass of a layer)
     attn_per_layer_pair: float  # 4 * D
     head_per_token: float  # 2 * V * D, or 0 when this part holds no head
     layers: int
@@ -54,6 +55,7 @@ class ModelFlops:
         q = cfg.num_heads * cfg.head_dim
         return cls(
             linear_per_layer_token=2.0 * (d * q + q * d + 2 * d * kv + 3 * d * f),
+            kv_per_layer_token=2.0 * (2 * d * kv),
             attn_per_layer_pair=4.0 * q,
             head_per_token=2.0 * cfg.vocab_size * d if head else 0.0,
             layers=cfg.num_layers if layers is None else int(layers),

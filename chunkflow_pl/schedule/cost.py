@@ -10,6 +10,18 @@ asynchronous). ``from_model`` derives the terms from a ``ModelConfig``'s FLOPs (
                          attention 4 D FLOPs per causal (query, key) pair           (q.k and p.v)
     last stage also:     head 2 V D FLOPs per token
 
+A dropped forward (``keep=False``) on the last stage runs for its keys/values only (the executor's
+``kv_only``, ``model/decoder.py``): its last layer stops after the k/v projections, so it costs the
+``drop_last_per_token`` / ``drop_last_per_pair`` terms instead::
+
+    last stage of n layers, dropped:   (n - 1) full layers + k, v of layer n   2 * 2 D Dkv per token
+                                       (n - 1) layers' attention pairs         (none in layer n)
+                                       no head
+
+Middle stages must send their output, so a dropped forward there is a full one; recomputes and
+backwards are full on every stage. ``uniform`` (no model to count) leaves both terms ``None``: a
+dropped forward costs a kept one unless they are passed.
+
 Every rank must build the model from the same numbers: the planner's order depends on it, so a cost
 measured per rank (different on each) would give each rank a different plan.
 """
@@ -38,7 +50,9 @@ class ActionCost(Protocol):
     @property
     def pp(self) -> int: ...
 
-    def op_time(self, op: Op, stage: int, chunk: int, segments: Sequence[Segment]) -> float: ...
+    def op_time(self, op: Op, stage: int, chunk: int, segments: Sequence[Segment], keep: bool = True) -> float:
+        """Seconds of ``op``; ``keep`` is the FORWARD action's (False: a dropped forward)."""
+        ...
 
     def comm_time(self, tokens: int) -> float: ...
 
@@ -51,6 +65,8 @@ class CostModel:
     recompute: float = 1.0  # recompute = recompute * forward
     comm_latency: float = 0.0  # per message
     comm_per_token: float = 0.0  # per token of a [T, D] message
+    drop_last_per_token: float | None = None  # dropped forward on the last stage (kv_only); None: = per_token[-1]
+    drop_last_per_pair: float | None = None  # the same per pair; None: = per_pair[-1]
 
     def __post_init__(self) -> None:
         if not self.per_token or len(self.per_token) != len(self.per_pair):
@@ -60,18 +76,30 @@ class CostModel:
             raise ValueError("per_token must be > 0 (every action takes time) and per_pair >= 0")
         if self.backward <= 0 or self.recompute <= 0 or self.comm_latency < 0 or self.comm_per_token < 0:
             raise ValueError("backward and recompute multipliers must be > 0, comm costs >= 0")
+        if (self.drop_last_per_token is None) != (self.drop_last_per_pair is None):
+            raise ValueError("drop_last_per_token and drop_last_per_pair go together (both None: a dropped "
+                             "forward on the last stage costs a full one)")
+        dt, dp = self.drop_last_per_token, self.drop_last_per_pair
+        if dt is not None and not (0 < dt <= self.per_token[-1] and 0 <= dp <= self.per_pair[-1]):
+            raise ValueError(f"drop_last_per_token {dt} / drop_last_per_pair {dp} must be > 0 / >= 0 and at most the "
+                             f"last stage's per_token {self.per_token[-1]} / per_pair {self.per_pair[-1]} "
+                             "(a dropped forward computes less than a kept one)")
 
     @property
     def pp(self) -> int:
         return len(self.per_token)
 
-    def forward_time(self, stage: int, segments: Sequence[Segment]) -> float:
+    def forward_time(self, stage: int, segments: Sequence[Segment], keep: bool = True) -> float:
+        """A forward on ``stage``; ``keep=False``: a dropped one (cheaper on the last stage, see above)."""
+        if not keep and stage == self.pp - 1 and self.drop_last_per_token is not None:
+            return chunk_cost(segments, self.drop_last_per_token, self.drop_last_per_pair)
         return chunk_cost(segments, self.per_token[stage], self.per_pair[stage])
 
-    def op_time(self, op: Op, stage: int, chunk: int, segments: Sequence[Segment]) -> float:
-        f = self.forward_time(stage, segments)
+    def op_time(self, op: Op, stage: int, chunk: int, segments: Sequence[Segment], keep: bool = True) -> float:
         if op is Op.FORWARD:
-            return f
+            return self.forward_time(stage, segments, keep)
+        # a recompute runs the whole stage with autograd (the loss too), whatever the forward skipped
+        f = self.forward_time(stage, segments)
         return f * (self.backward if op is Op.BACKWARD else self.recompute)
 
     def comm_time(self, tokens: int) -> float:
@@ -107,9 +135,12 @@ class CostModel:
         linear, pair, head = fl.linear_per_layer_token, fl.attn_per_layer_pair, fl.head_per_token
         per_token = tuple((n * linear + (head if s == pp - 1 else 0.0)) / flops_per_s for s, n in enumerate(layers))
         per_pair = tuple(n * pair / flops_per_s for n in layers)
+        n_last = layers[-1]  # kv_only: all but the last layer in full, then that layer's k/v projections
+        drop = dict(drop_last_per_token=((n_last - 1) * linear + fl.kv_per_layer_token) / flops_per_s,
+                    drop_last_per_pair=(n_last - 1) * pair / flops_per_s)
         comm = {} if link_bytes_per_s is None else dict(
             comm_latency=latency_s, comm_per_token=cfg.hidden_size * act_bytes / link_bytes_per_s)
-        return cls(per_token=per_token, per_pair=per_pair, backward=backward, recompute=recompute, **comm)
+        return cls(per_token=per_token, per_pair=per_pair, backward=backward, recompute=recompute, **drop, **comm)
 
 
 def even_stage_layers(num_layers: int, pp: int) -> tuple[int, ...]:
@@ -135,7 +166,8 @@ class MeasuredCost:
     def pp(self) -> int:
         return self.num_stages
 
-    def op_time(self, op: Op, stage: int, chunk: int, segments: Sequence[Segment]) -> float:
+    def op_time(self, op: Op, stage: int, chunk: int, segments: Sequence[Segment], keep: bool = True) -> float:
+        # keep is unused: a chunk runs one forward per stage, timed as it ran (kv_only or not)
         try:
             return self.durations[(stage, op, chunk)]
         except KeyError:

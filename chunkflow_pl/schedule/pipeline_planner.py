@@ -333,7 +333,7 @@ class _ListScheduler:
             st.open_chains += 1
         st.forwarded.add(c)
         st.next_f += 1
-        t = now + self.cost.op_time(Op.FORWARD, s, c, self.chunks[c])
+        t = now + self.cost.op_time(Op.FORWARD, s, c, self.chunks[c], keep)
         self._busy(s, t)
         if s < self.pp - 1:
             self.act_at[s + 1][c] = t + self.cost.comm_time(self._tokens(c))

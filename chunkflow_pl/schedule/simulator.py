@@ -76,7 +76,7 @@ def simulate(
                                                "check the plan with check_pipeline")
                         clock[s] = max(clock[s], at)
                 else:
-                    d = cost.op_time(a.op, s, a.chunk, chunks[a.chunk])
+                    d = cost.op_time(a.op, s, a.chunk, chunks[a.chunk], a.keep)
                     events[s].append(TimedEvent(s, a.op.value, a.chunk, clock[s], clock[s] + d))
                     clock[s] += d
                     memory[s].apply(a, chunks[a.chunk])
@@ -148,7 +148,7 @@ def lower_bound(
     dropped = [set() for _ in range(pp)]
     for s in range(pp):
         acts = plan.compute(s)
-        busiest = max(busiest, math.fsum(cost.op_time(a.op, s, a.chunk, chunks[a.chunk]) for a in acts))
+        busiest = max(busiest, math.fsum(cost.op_time(a.op, s, a.chunk, chunks[a.chunk], a.keep) for a in acts))
         dropped[s] = {a.chunk for a in acts if a.op is Op.RECOMPUTE}
     order = [a.chunk for a in plan.compute(0) if a.op is Op.FORWARD]  # a valid forward order
     msg = {c: cost.comm_time(sum(seg.length for seg in chunks[c])) for c in order}
@@ -157,7 +157,7 @@ def lower_bound(
         for s in range(pp):
             start = max([f_end[(c, s - 1)] + msg[c]] if s else [0.0])
             start = max([start] + [f_end[(p, s)] for p in graph.fwd_deps[c] if (p, s) in f_end])
-            f_end[(c, s)] = start + cost.op_time(Op.FORWARD, s, c, chunks[c])
+            f_end[(c, s)] = start + cost.op_time(Op.FORWARD, s, c, chunks[c], c not in dropped[s])
     b_end: dict[tuple[int, int], float] = {}
     for c in reversed(order):  # reverse forward order is a valid backward order
         for s in reversed(range(pp)):
