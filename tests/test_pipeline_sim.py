@@ -129,6 +129,36 @@ def test_uniform_cost_prices_a_dropped_forward_as_given() -> None:
         CostModel.uniform(2, per_token=1.0, drop_last_per_token=2.0, drop_last_per_pair=0.0)
 
 
+class _Recording:
+    """A real cost model that also records the ``keep`` each forward's time is asked with."""
+
+    def __init__(self, cost: CostModel) -> None:
+        self.cost, self.pp, self.forwards = cost, cost.pp, set()
+
+    def op_time(self, op, stage, chunk, segments, keep=True):
+        if op is Op.FORWARD:
+            self.forwards.add((stage, chunk, keep))
+        return self.cost.op_time(op, stage, chunk, segments, keep)
+
+    def comm_time(self, tokens):
+        return self.cost.comm_time(tokens)
+
+
+def test_planner_and_lower_bound_ask_each_forward_with_its_keep() -> None:
+    # The planner's interleaving and lower_bound's critical path both time forwards: a dropped one on the
+    # last stage must be asked as dropped there too, not only in simulate.
+    chunks = CHAIN + [[Segment(1, 0, 6)]]
+    lens = [12, 6]
+    spy = _Recording(CostModel.from_model(get_preset("qwen7b"), 2, link_bytes_per_s=None))
+    plan = plan_pipeline(chunks, lens, pp=2, k=1, cost=spy)
+    forwards = {(s, a.chunk, a.keep) for s in range(2) for a in plan.compute(s) if a.op is Op.FORWARD}
+    assert {(s, c) for s, c, keep in forwards if not keep} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert spy.forwards == forwards
+    spy.forwards.clear()
+    lower_bound(plan, chunks, lens, spy)
+    assert spy.forwards == forwards
+
+
 def test_measured_costs_replay_a_recorded_run() -> None:
     chunks = [[Segment(0, 0, 4)], [Segment(1, 0, 4)]]
     plan = plan_pipeline(chunks, [4, 4], pp=2, k=1)
