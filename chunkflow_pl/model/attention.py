@@ -302,12 +302,13 @@ class _BlockAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, *prefix = ctx.saved_tensors
+        prefix = tuple(prefix)
         plan, kern, scale, n, mover = ctx.plan, ctx.kernels, ctx.scale, ctx.n, ctx.mover
         g, dev = q.shape[1] // k.shape[1], q.device
         do = do.contiguous()
         dq, dk, dv = kern.backward(do, q, k, v, o, kern.lse_native(lse, plan.own, ctx.specs[0]), ctx.auxes[0],
                                    plan.own, True, scale)
-        on_dev = _on_device(tuple(prefix), dev, mover, backward=True)  # after the own block: it needs no prefix
+        on_dev = _on_device(prefix, dev, mover, backward=True)  # after the own block: it needs no prefix
         pks, pvs = on_dev[:n], on_dev[n:]
         dpks, dpvs = [], []
         for i, (seg, pk, pv) in enumerate(zip(plan.prefixed, pks, pvs)):
@@ -320,7 +321,7 @@ class _BlockAttention(torch.autograd.Function):
             dpks.append(dpk)
             dpvs.append(dpv)
         if mover is not None:  # the mover takes them to the store off the compute stream
-            mover.send_grads(tuple(prefix), (*dpks, *dpvs))
+            mover.send_grads(prefix, (*dpks, *dpvs))
             return (dq, dk, dv, None, None, None, None, None, *(None,) * (2 * n))
         # To where each prefix lives. Blocking: a non_blocking device->host copy returns before the data
         # lands, and the host-side accumulation that follows would read it too early.

@@ -111,10 +111,8 @@ class StateStore:
 
     def add_grad_from(self, seq: int, layer: str, which: str, g: torch.Tensor) -> None:
         """``add_grad`` for a gradient on the compute device, through the copy engine: the add happens once
-        the copy has landed on the host, in the order of these calls (the same sums as ``add_grad``)."""
-        if self.engine is None:
-            self.add_grad(seq, layer, which, g)
-            return
+        the copy has landed on the host, in the order of these calls (the same sums as ``add_grad``). Only a
+        store with an engine gets these calls: the executor builds a prefix mover only then."""
         rows = self._accumulator(seq, layer, which)[: g.shape[0]]  # allocated here, not on the engine's worker
         self.engine.to_host(g, rows.add_)
 
