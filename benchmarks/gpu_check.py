@@ -19,8 +19,8 @@ b    memory: peak ``torch.cuda.max_memory_allocated`` of one training step (forw
      run on side streams, one layer ahead: ``schedule/offload.py``).
 c    throughput: tokens/s and model-FLOPs utilisation of Qwen2.5-7B-shaped layers (4 layers) at chunk
      32K, bf16, against the card's measured bf16 matmul peak (8192^3, median). FLOPs = matmuls + causal
-     attention with the prefix counted; training = 3x forward (MFU); HFU also counts the recomputed
-     forwards.
+     attention with the prefix counted; training = 3x forward (MFU); HFU also counts the first (kv-only)
+     forwards of the recomputed chunks.
 d    ``python train.py model=qwen0.5b chunk.size=32k data.max_len=128k trainer.precision=bf16-mixed
      trainer.max_steps=3 logger=none`` in a subprocess (plus ``callbacks.checkpoint=null``: no 6 GB
      checkpoint write, and a temporary run dir). ``--wheels DIR`` first pip-installs hydra-core,
@@ -359,25 +359,14 @@ def one_step(model, L: int, C: int, k: int, device, offload: bool, seed: int = 0
     return stats, [c.segments for c in batch.chunks], actions
 
 
-def forward_flops(cfg, chunks) -> tuple[float, list[float]]:
-    """Model FLOPs of the forward of each chunk: 2 x matmul params x tokens + attention (QK^T and PV, causal
-    own block, full prefix block) + LM head."""
-    d, hd, hq, hkv, f = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
-    per_token_layer = 2 * (d * hq * hd + 2 * d * hkv * hd + hq * hd * d + 3 * d * f)
-    per = []
-    for segs in chunks:
-        T = sum(s.length for s in segs)
-        attn = sum(4 * hq * hd * (s.length * s.start + s.length * (s.length + 1) / 2) for s in segs)
-        per.append(cfg.num_layers * (per_token_layer * T + attn) + 2 * d * cfg.vocab_size * T)
-    return sum(per), per
-
-
-def step_flops(cfg, chunks, actions):
+def step_flops(cfg, chunks, actions) -> tuple[float, float]:
+    """Model FLOPs (MFU) and hardware FLOPs (HFU: plus the recomputed chunks' first, kv-only forwards)."""
+    from callbacks.flops import step_flops as count
+    from chunkflow_pl.model.flops import ModelFlops
     from chunkflow_pl.schedule.actions import Op
 
-    fwd, per = forward_flops(cfg, chunks)
-    recomputed = sum(per[a.chunk] for a in actions if a.op is Op.RECOMPUTE)
-    return 3 * fwd, 3 * fwd + recomputed  # model FLOPs (MFU), hardware FLOPs (HFU)
+    fl = count(ModelFlops.from_config(cfg), chunks, [a.chunk for a in actions if a.op is Op.RECOMPUTE])
+    return fl.model, fl.hardware
 
 
 def measure_point(ctx, model, L, C, offload, k=1, repeats=1):

@@ -7,8 +7,9 @@ Per step, logged to the active logger(s)::
     perf/model_tflop        model FLOPs of this rank's chunks (forward + backward, ``callbacks/flops.py``)
     perf/tflop_per_s        model FLOPs / step time
     perf/mfu                model FLOP/s / peak FLOP/s
-    perf/hfu                (model + recomputed forwards) FLOP/s / peak; one device only (the plan is
-                            re-derived from the batch to know which chunks were recomputed)
+    perf/hfu                (model + the recomputed chunks' first, kv-only forwards) FLOP/s / peak; one
+                            device only (the plan is re-derived from the batch to know which chunks
+                            were recomputed)
     perf/peak_tflop_per_s   the peak used: ``peak_flops`` if set, else a matrix-product probe at fit start
 
 FLOPs are per rank (its data-parallel share and, in a pipeline, its stage's layers), so MFU is the
@@ -75,7 +76,7 @@ class ChunkThroughput(L.Callback):
         }
         pl_module.log("train/tokens_per_s", out.pop("train/tokens_per_s"), prog_bar=True, batch_size=1)
         if self._model_flops is not None and self.peak_flops:
-            fl = step_flops(self._model_flops, batch, self._recomputed(trainer, batch))
+            fl = step_flops(self._model_flops, [c.segments for c in batch.chunks], self._recomputed(trainer, batch))
             out.update({
                 "perf/model_tflop": fl.model / 1e12,
                 "perf/tflop_per_s": fl.model / dt / 1e12,

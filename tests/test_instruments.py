@@ -33,9 +33,11 @@ CHUNK = 6
 # Per token and layer: q, o 2*8*8 each = 256; k, v 2*8*4 each = 128; gate, up, down 2*8*12 each = 576 -> 960
 # Head 2*50*8 = 800 per token. Per pair and layer 4*8 = 32.
 # Forward = 15 * (2*960 + 800) + 64 * (2*32) = 40800 + 4096 = 44896; model FLOPs = 3 * 44896 = 134688.
-# k = 1: chunk 0 is dropped and recomputed: 6 * 2720 + 21 * 64 = 17664 more.
+# k = 1: chunk 0 is dropped and recomputed. Its recompute and backward are the model FLOPs above; its
+# first forward was kv-only: layer 1 in full, layer 2's k, v only, no head -> per token 960 + 128 = 1088,
+# per pair 32 (layer 1's attention): 6 * 1088 + 21 * 32 = 7200 more hardware FLOPs.
 MODEL_FLOPS = 134688
-RECOMPUTE_FLOPS = 17664
+DROPPED_FORWARD_FLOPS = 7200
 # State of sequence 0 in float64: per layer k and v [10, 1, 4] (8 bytes) and their float64 gradient
 # accumulators: 4 * 10 * 4 * 8 = 1280 bytes per layer, 2560 bytes for 2 layers.
 STATE_BYTES = 2560
@@ -64,9 +66,12 @@ def test_step_flops_match_the_hand_count():
     assert [[tuple(s) for s in c] for c in plan.chunks] == [[(0, 0, 6)], [(0, 6, 10), (1, 0, 2)], [(2, 0, 3)]]
     batch = assemble_step(plan.chunks, seqs, [targets_from_labels(s) for s in seqs], LENS, [0, 1, 2],
                           sum(n - 1 for n in LENS), 0, len(plan.chunks))
-    fl = step_flops(ModelFlops.from_config(ModelConfig(**TINY)), batch, recomputed=[0])
+    chunks = [c.segments for c in batch.chunks]
+    fl = step_flops(ModelFlops.from_config(ModelConfig(**TINY)), chunks, recomputed=[0])
     assert fl.model == MODEL_FLOPS
-    assert fl.recompute == RECOMPUTE_FLOPS
+    assert fl.dropped == DROPPED_FORWARD_FLOPS
+    # a middle stage (no head) sends its output, so its dropped forward is a full one: 6 * 1920 + 21 * 64
+    assert step_flops(ModelFlops.from_config(ModelConfig(**TINY), head=False), chunks, [0]).dropped == 6 * 1920 + 21 * 64
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +102,9 @@ def test_logged_flops_and_mfu_match_the_hand_count(instrumented_run):
         assert m["perf/model_tflop"] == pytest.approx(MODEL_FLOPS / 1e12, rel=1e-6)  # logged as float32
         assert m["perf/peak_tflop_per_s"] == pytest.approx(1e-3)
         assert m["perf/mfu"] == pytest.approx(MODEL_FLOPS / m["train/step_time_s"] / 1e9, rel=1e-5)
-        # the recomputed chunk comes from the planner the strategy ran (k = 1: chunk 0 runs forward twice)
-        assert m["perf/hfu"] / m["perf/mfu"] == pytest.approx((MODEL_FLOPS + RECOMPUTE_FLOPS) / MODEL_FLOPS, rel=1e-5)
+        # the recomputed chunk comes from the planner the strategy ran (k = 1: chunk 0 runs forward twice,
+        # the first time kv-only)
+        assert m["perf/hfu"] / m["perf/mfu"] == pytest.approx((MODEL_FLOPS + DROPPED_FORWARD_FLOPS) / MODEL_FLOPS, rel=1e-5)
 
 
 def test_logged_state_bytes_match_the_hand_count_and_the_store(instrumented_run):

@@ -21,7 +21,13 @@ attending to a prefix of ``P`` earlier tokens of its sequence (the chunk's state
 
 so a sequence cut into any number of chunks counts the same pairs as the whole sequence. Backward
 costs twice the forward; "model FLOPs" of a training step = 3 x forward of every token once.
-Recomputed forwards (dropped chunks, ``chunk.k``) are extra hardware work, not model FLOPs.
+
+A chunk whose activations are dropped (``chunk.k``) runs forward twice: first without autograd to fill
+the state store, later again (the recompute) before its backward. Model FLOPs count one of the two; the
+other is extra hardware work. On the last stage that first forward is the executor's ``kv_only`` pass
+(``model/decoder.py``): the last layer stops after its k/v projections, so it costs::
+
+    (layers - 1) full layers + 2 * (2 D Dkv) per token of the last layer    (no attention there, no head)
 """
 
 from __future__ import annotations
@@ -37,6 +43,15 @@ BACKWARD_FACTOR = 2.0  # backward FLOPs / forward FLOPs of a matrix product (inp
 def causal_pairs(new_tokens: int, prefix: int) -> int:
     """(query, key) pairs of a segment of ``new_tokens`` attending causally to itself and a ``prefix``."""
     return new_tokens * prefix + new_tokens * (new_tokens + 1) // 2
+
+
+def token_pair_counts(segments: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    """Total new tokens and causal pairs of segments given as ``(new_tokens, prefix_tokens)``."""
+    tokens = pairs = 0
+    for n, p in segments:
+        tokens += n
+        pairs += causal_pairs(n, p)
+    return tokens, pairs
 
 
 @dataclass(frozen=True)
@@ -73,11 +88,26 @@ class ModelFlops:
 
     def forward(self, segments: Iterable[tuple[int, int]]) -> float:
         """Forward FLOPs of segments given as ``(new_tokens, prefix_tokens)``."""
-        tokens = pairs = 0
-        for n, p in segments:
-            tokens += n
-            pairs += causal_pairs(n, p)
+        tokens, pairs = token_pair_counts(segments)
         return self.per_token * tokens + self.per_pair * pairs
+
+    @property
+    def kv_only_per_token(self) -> float:
+        """Per-token FLOPs of a ``kv_only`` forward: all layers but the last in full, the last one's k/v."""
+        return (self.layers - 1) * self.linear_per_layer_token + self.kv_per_layer_token
+
+    @property
+    def kv_only_per_pair(self) -> float:
+        """Per-pair FLOPs of a ``kv_only`` forward: the last layer computes no attention."""
+        return (self.layers - 1) * self.attn_per_layer_pair
+
+    def dropped_forward(self, segments: Iterable[tuple[int, int]]) -> float:
+        """FLOPs of the first forward of a chunk whose activations are dropped: ``kv_only`` where this
+        part holds the head (the last stage), a full forward elsewhere (a middle stage sends its output)."""
+        if not self.head_per_token:
+            return self.forward(segments)
+        tokens, pairs = token_pair_counts(segments)
+        return self.kv_only_per_token * tokens + self.kv_only_per_pair * pairs
 
     def train(self, segments: Iterable[tuple[int, int]]) -> float:
         """Model FLOPs of training on these segments: forward + backward (3 x forward)."""

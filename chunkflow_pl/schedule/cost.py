@@ -135,9 +135,9 @@ class CostModel:
         linear, pair, head = fl.linear_per_layer_token, fl.attn_per_layer_pair, fl.head_per_token
         per_token = tuple((n * linear + (head if s == pp - 1 else 0.0)) / flops_per_s for s, n in enumerate(layers))
         per_pair = tuple(n * pair / flops_per_s for n in layers)
-        n_last = layers[-1]  # kv_only: all but the last layer in full, then that layer's k/v projections
-        drop = dict(drop_last_per_token=((n_last - 1) * linear + fl.kv_per_layer_token) / flops_per_s,
-                    drop_last_per_pair=(n_last - 1) * pair / flops_per_s)
+        last = ModelFlops.from_config(cfg, layers=layers[-1])  # kv_only: a dropped forward on the last stage
+        drop = dict(drop_last_per_token=last.kv_only_per_token / flops_per_s,
+                    drop_last_per_pair=last.kv_only_per_pair / flops_per_s)
         comm = {} if link_bytes_per_s is None else dict(
             comm_latency=latency_s, comm_per_token=cfg.hidden_size * act_bytes / link_bytes_per_s)
         return cls(per_token=per_token, per_pair=per_pair, backward=backward, recompute=recompute, **drop, **comm)

@@ -1,0 +1,41 @@
+"""``benchmarks/gpu_check.py --smoke``: the device script runs end to end on CPU with tiny shapes.
+
+A GPU is lent to a session rarely and for minutes; a script broken by a library change (an import, a
+renamed field) would spend that time on a traceback. This runs every section but ``d`` (the train.py
+subprocess, covered by test_train_app) through the same code the GPU run takes, minus the CUDA calls.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_smoke_runs_every_section_without_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert load_gpu_check().main(["--smoke", "--sections", "env,a,b,c"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    result = json.loads(next(line for line in lines if line.startswith("RESULT "))[len("RESULT "):])
+    assert result["errors"] == []
+    # a: each CPU kernel's block attention vs the float64 reference, within its tolerance
+    assert result["kernels"] and all(v.startswith("ok") for v in result["kernels"].values()), result["kernels"]
+    # b: every point measured (none skipped or failed), and offload changes where the state lives, not the bits
+    points = result["memory_points"]
+    assert len(points) == 4 and not any("error" in p or "skipped" in p for p in points), points
+    parity = result["offload_parity"]
+    assert len(parity) == 2 and all(v["loss_equal"] and v["grad_norm_rel_diff"] == 0.0 for v in parity.values())
+    # c: MFU and HFU measured; k=1 on a 4-chunk chain recomputes 3 chunks, so HFU > MFU
+    assert [p["L"] for p in result["throughput"]] == [256, 1024]
+    assert all(p["hfu"] > p["mfu"] > 0 for p in result["throughput"])
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())  # what a killed device run leaves behind
+    assert {"env", "a", "b", "c"} <= saved.keys()
