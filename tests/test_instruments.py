@@ -71,7 +71,8 @@ def test_step_flops_match_the_hand_count():
     assert fl.model == MODEL_FLOPS
     assert fl.dropped == DROPPED_FORWARD_FLOPS
     # a middle stage (no head) sends its output, so its dropped forward is a full one: 6 * 1920 + 21 * 64
-    assert step_flops(ModelFlops.from_config(ModelConfig(**TINY), head=False), chunks, [0]).dropped == 6 * 1920 + 21 * 64
+    middle = ModelFlops.from_config(ModelConfig(**TINY), head=False)
+    assert step_flops(middle, chunks, [0]).dropped == 6 * 1920 + 21 * 64
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,8 @@ def test_logged_flops_and_mfu_match_the_hand_count(instrumented_run):
         assert m["perf/mfu"] == pytest.approx(MODEL_FLOPS / m["train/step_time_s"] / 1e9, rel=1e-5)
         # the recomputed chunk comes from the planner the strategy ran (k = 1: chunk 0 runs forward twice,
         # the first time kv-only)
-        assert m["perf/hfu"] / m["perf/mfu"] == pytest.approx((MODEL_FLOPS + DROPPED_FORWARD_FLOPS) / MODEL_FLOPS, rel=1e-5)
+        hw_over_model = (MODEL_FLOPS + DROPPED_FORWARD_FLOPS) / MODEL_FLOPS
+        assert m["perf/hfu"] / m["perf/mfu"] == pytest.approx(hw_over_model, rel=1e-5)
 
 
 def test_logged_state_bytes_match_the_hand_count_and_the_store(instrumented_run):
