@@ -184,6 +184,21 @@ def test_offload_copy_engine_gives_the_same_bits_and_transformers_gradient(setup
     assert dropped > 0 and never_waited == dropped == sum(op == "release" for op, _ in engine.log)
 
 
+def test_offload_survives_saved_tensor_hooks_that_repack(setup):
+    """Saved-tensor hooks (activation offloading such as ``save_on_cpu``) may hand backward other tensors
+    than the ones forward saved. The prefix mover learns a chunk's layer in forward, from the views the
+    executor passed, and backward asks it by that layer: under hooks that copy every saved tensor a step
+    with offload is still bit-identical to one without."""
+    from copy_standin import StandinCopyEngine
+
+    model, seqs, targets, n_label, _, _ = setup
+    plain, _ = chunked_grads(model, seqs, targets, n_label, CHUNK, k=1)
+    with torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda t: t):
+        got, _ = chunked_grads(model, seqs, targets, n_label, CHUNK, k=1, offload=True, engine=StandinCopyEngine())
+    for name in got:
+        assert torch.equal(got[name], plain[name]), name
+
+
 def _chunks(seqs):
     return build_chunk_plan([len(s) for s in seqs], CHUNK).chunks
 

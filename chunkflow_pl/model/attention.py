@@ -267,11 +267,6 @@ def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x if x.device == device else x.to(device, non_blocking=True)
 
 
-def _on_device(prefix: tuple[torch.Tensor, ...], device: torch.device, mover, backward: bool):
-    """The prefix tensors on the compute device: from the mover (copied ahead), or copied here if elsewhere."""
-    if mover is not None:
-        return mover.fetch(prefix, backward)
-    return tuple(_to(p, device) for p in prefix)
 
 
 class _BlockAttention(torch.autograd.Function):
@@ -279,7 +274,10 @@ class _BlockAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, plan: BlockPlan, kernels: BlockKernels, scale: float, mover, n: int, *prefix):
         g, dev = q.shape[1] // k.shape[1], q.device
         o, lse_n, aux = kernels.forward(q, k, v, plan.own, True, scale)
-        on_dev = _on_device(prefix, dev, mover, backward=False)  # after the own block: it needs no prefix
+        # the prefix on the compute device, after the own block (which needs none): from the mover (copied
+        # ahead on a side stream) or copied here if it lives elsewhere
+        layer = mover.layer_of(prefix) if mover is not None else None
+        on_dev = mover.fetch(layer, backward=False) if mover is not None else tuple(_to(p, dev) for p in prefix)
         pks, pvs = on_dev[:n], on_dev[n:]
         specs, auxes = [lse_spec(lse_n)], [aux]
         lse = kernels.lse_rows(lse_n, plan.own)
@@ -294,9 +292,10 @@ class _BlockAttention(torch.autograd.Function):
                                   unfold_heads(op, g).transpose(0, 1), unfold_lse(kernels.lse_rows(lp_n, seg.block), g))
             o[s:e] = om.transpose(0, 1)
             lse[:, s:e] = lm
-        ctx.save_for_backward(q, k, v, o, lse, *prefix)  # the given views (host ones when offloaded)
+        # the given prefix views (host ones when offloaded); with a mover none: it holds them, by layer
+        ctx.save_for_backward(q, k, v, o, lse, *(prefix if mover is None else ()))
         ctx.plan, ctx.kernels, ctx.scale, ctx.n, ctx.specs, ctx.auxes = plan, kernels, scale, n, specs, auxes
-        ctx.mover = mover
+        ctx.mover, ctx.layer = mover, layer
         return o
 
     @staticmethod
@@ -308,7 +307,7 @@ class _BlockAttention(torch.autograd.Function):
         do = do.contiguous()
         dq, dk, dv = kern.backward(do, q, k, v, o, kern.lse_native(lse, plan.own, ctx.specs[0]), ctx.auxes[0],
                                    plan.own, True, scale)
-        on_dev = _on_device(prefix, dev, mover, backward=True)  # after the own block: it needs no prefix
+        on_dev = mover.fetch(ctx.layer, backward=True) if mover is not None else tuple(_to(p, dev) for p in prefix)
         pks, pvs = on_dev[:n], on_dev[n:]
         dpks, dpvs = [], []
         for i, (seg, pk, pv) in enumerate(zip(plan.prefixed, pks, pvs)):
@@ -321,7 +320,7 @@ class _BlockAttention(torch.autograd.Function):
             dpks.append(dpk)
             dpvs.append(dpv)
         if mover is not None:  # the mover takes them to the store off the compute stream
-            mover.send_grads(prefix, (*dpks, *dpvs))
+            mover.send_grads(ctx.layer, (*dpks, *dpvs))
             return (dq, dk, dv, None, None, None, None, None, *(None,) * (2 * n))
         # To where each prefix lives. Blocking: a non_blocking device->host copy returns before the data
         # lands, and the host-side accumulation that follows would read it too early.

@@ -162,23 +162,24 @@ class PrefixMover:
         self.layers = [(*ks, *vs) for ks, vs in layers]
         self.engine = engine
         self.on_grad = on_grad
-        # A layer is recognised by its first view (each layer's buffers are its own): attention passes the
-        # views autograd saved, which are these objects or views of the same memory.
+        # A layer is recognised by its first view (each layer's buffers are its own): the forward passes
+        # these very views to attention.
         self._index = {_key(t[0]): i for i, t in enumerate(self.layers)}
         # Copies started ahead, by layer. Every pass that autograd keeps (a kept forward, a backward) reaches
         # all layers, so nothing is left here while the chunk waits for its next pass; a dropped ``kv_only``
         # forward stops before its last layer's attention and leaves that copy to ``close``.
         self._ahead: dict[int, Pending] = {}
 
-    def _layer(self, host: Sequence[torch.Tensor]) -> int:
+    def layer_of(self, host: Sequence[torch.Tensor]) -> int:
+        """The layer whose prefix views ``host`` are (attention asks once per forward and keeps the answer
+        for the backward, so the views need not be saved for backward nor survive saved-tensor hooks)."""
         i = self._index.get(_key(host[0]))
         if i is None or len(host) != len(self.layers[i]):
             raise RuntimeError("attention asked the prefix mover for a prefix of another chunk")
         return i
 
-    def fetch(self, host: Sequence[torch.Tensor], backward: bool) -> tuple[torch.Tensor, ...]:
-        """Device copies of ``host`` (one layer's prefix views); starts copying the layer needed next."""
-        i = self._layer(host)
+    def fetch(self, i: int, backward: bool) -> tuple[torch.Tensor, ...]:
+        """Device copies of layer ``i``'s prefix views; starts copying the layer needed next."""
         pending = self._ahead.pop(i, None)
         if pending is None:
             pending = self.engine.to_device(self.layers[i])
@@ -187,8 +188,8 @@ class PrefixMover:
             self._ahead[nxt] = self.engine.to_device(self.layers[nxt])
         return pending.wait()
 
-    def send_grads(self, host: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
-        i = self._layer(host)
+    def send_grads(self, i: int, grads: Sequence[torch.Tensor]) -> None:
+        """Layer ``i``'s prefix gradients (device tensors, in the order ``(*ks, *vs)``) to the store."""
         for j, g in enumerate(grads):
             self.on_grad(i, j, g)
 
