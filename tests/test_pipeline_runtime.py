@@ -10,6 +10,7 @@ stage is covered.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -248,3 +249,55 @@ def test_diverging_ranks_fail_naming_rank_and_chunk(tmp_path, monkeypatch):
     assert r0[1:] == ["exchanged"] and r1[1] == "exchanged"
     assert r1[2].startswith("rank 1 (stage 1, dp rank 0), step 7: expected the act of chunk 0 (4 tokens) of step 7 "
                             "from rank 0 (stage 0), but rank 0 sent the act of chunk 1 (4 tokens) of step 7"), r1[2]
+
+
+# ---- the end of a run: no gloo thread outlives the process groups (2 spawned gloo processes) ----------------
+
+def _gloo_threads() -> list[str]:
+    names = [Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+    return sorted(n for n in names if "gloo" in n)
+
+
+def _teardown_worker(rank: int, port: int, out_dir: str) -> None:
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
+    from chunkflow_pl.strategy.dims import ParallelDims
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                      LOCAL_RANK=str(rank), RANK=str(rank))
+    strategy = ChunkFlowStrategy(ParallelDims(dp=1, pp=2, world_size=2, num_layers=2), accelerator=CPUAccelerator(),
+                                 parallel_devices=[torch.device("cpu")] * 2, cluster_environment=LightningEnvironment())
+    strategy.setup_environment()  # default group, mesh, tied-embedding group, P2P channels
+    during = _gloo_threads()
+    loss = strategy.from_last_stage([float(rank)])
+    strategy.destroy_process_groups()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps([during, loss, dist.is_initialized(), _gloo_threads()]))
+
+
+@pytest.mark.slow
+def test_destroy_process_groups_joins_every_gloo_thread(tmp_path, monkeypatch):
+    """A gloo worker thread alive while the interpreter finalises can abort the process after a finished run
+    ("terminate called without an active exception"; see ``ChunkFlowStrategy.destroy_process_groups``)."""
+    import socket
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_teardown_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn", join=False)
+    deadline = time.time() + 120
+    try:
+        while not ctx.join(timeout=1):
+            assert time.time() < deadline, "the ranks hang"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    for r in (0, 1):
+        during, loss, initialized, after = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert "pt_gloo_runloop" in during and "gloo_tcp_loop" in during, during  # the probe sees the threads
+        assert loss == [1.0]
+        assert not initialized and after == [], (r, after)

@@ -78,6 +78,7 @@ class ChunkFlowStrategy(ParallelStrategy):
         self.check_plan = bool(check_plan)
         self.check_messages = bool(check_messages)
         self._p2p: P2PTransport | None = None
+        self._owns_process_group = False  # setup_environment created the default group (destroy_process_groups ends it)
         self._cost = None  # the pipeline's cost model, from the model config (same on every rank)
         # Timeline: a callback sets record_timeline before a step; the step leaves its StageTimeline here.
         self.record_timeline = False
@@ -139,6 +140,7 @@ class ChunkFlowStrategy(ParallelStrategy):
         kwargs: dict[str, Any] = {"timeout": self.timeout}
         if self.root_device.type == "cuda":
             torch.cuda.set_device(self.root_device)
+        self._owns_process_group = not dist.is_initialized()
         _init_dist_connection(self.cluster_environment, backend, **kwargs)
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -418,4 +420,24 @@ class ChunkFlowStrategy(ParallelStrategy):
                 p.unlink()
 
     def teardown(self) -> None:
-        super().teardown()
+        super().teardown()  # process groups stay: Lightning's on_fit_end hooks (the HF export) run after this
+
+    def destroy_process_groups(self) -> None:
+        """End every process group of the run, on every rank once it is past its last collective (``train`` calls
+        it after ``fit`` returns; it exchanges no message). A no-op with one process or a group made by the caller.
+
+        Why before the interpreter exits: gloo runs collectives on worker threads, and a worker may drop the last
+        reference to a collective's tensor milliseconds after the collective returned (here for about one
+        collective in seven). The tensor's Python object is then freed from that thread, which takes the GIL.
+        Once the interpreter is finalising, Python ends such a thread with ``pthread_exit``, whose unwinding
+        through a C++ ``noexcept`` destructor calls ``std::terminate``: "terminate called without an active
+        exception" and SIGABRT after a run that finished. A gloo group joins its threads when its last reference
+        goes, so the references held here go first; ``destroy_process_group`` drops torch's own.
+        """
+        if not self._owns_process_group:
+            return
+        self._p2p = None
+        self._mesh = self._dp_group = self._pp_group = self._tie_group = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_process_group = False
