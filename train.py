@@ -193,7 +193,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         raise Preempted(preemption.signum, preemption.checkpoint, preemption.detail) from e
     # Every rank is past its last collective (the export in on_fit_end): join gloo's threads before exit.
     strategy.destroy_process_groups()
-    remove_preemption_checkpoints(output_dir)  # spent: this run completed
+    if trainer.is_global_zero:  # spent: this run completed (one rank: concurrent rmtree of one folder fails)
+        remove_preemption_checkpoints(output_dir)
     return {"trainer": trainer, "module": module, "datamodule": datamodule, "model_config": mcfg}
 
 
