@@ -190,6 +190,9 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     except StepInterrupted as e:
         if preemption.signum is None:
             raise
+        # The ranks stopped together at a step boundary and each wrote its part of the checkpoint: all are past
+        # their last collective, so the groups can go (their threads must not outlive the interpreter).
+        strategy.destroy_process_groups()
         raise Preempted(preemption.signum, preemption.checkpoint, preemption.detail) from e
     # Every rank is past its last collective (the export in on_fit_end): join gloo's threads before exit.
     strategy.destroy_process_groups()
