@@ -20,8 +20,9 @@ The attention of a chunk is computed as two blocks and merged by log-sum-exp (as
     merge         rows of prefixed segments only:  o = w_own o_own + w_pre o_pre,  lse = logaddexp(...)
 
 A custom backward calls each block's backward kernel with the *merged* output and LSE, which yields
-exactly that block's share of dq and its dk/dv: autograd saves only q, k, v, the prefix views, o and
-lse, O(chunk) besides the state. No (chunk x prefix) score matrix and no copy of the prefix exists.
+exactly that block's share of dq and its dk/dv: autograd saves only q, k, v, the prefix views (none
+with a prefix mover, below), o and lse, O(chunk) besides the state. No (chunk x prefix) score matrix
+and no copy of the prefix exists.
 Segments without a prefix never reach the prefix block, so no kernel sees an empty key range (flash
 kernels write lse = +inf there). The prefix block folds the query heads that share a kv head into its
 query length (``[L, Hkv*g, D] -> [g*L, Hkv, D]``): exact because it is unmasked, and the prefix is
@@ -265,8 +266,6 @@ def merge_blocks(o1, lse1, o2, lse2):
 
 def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x if x.device == device else x.to(device, non_blocking=True)
-
-
 
 
 class _BlockAttention(torch.autograd.Function):
