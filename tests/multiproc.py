@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -51,3 +52,19 @@ def run_train(nproc: int, run_dir: Path, *overrides: str, timeout: float = 300) 
     if out.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)}\nexit {out.returncode}\n{(out.stdout + out.stderr)[-4000:]}")
     return out
+
+
+def spawn_ranks(fn, args: tuple, nprocs: int = 2, timeout: float = 120, hang: str = "the ranks hang") -> None:
+    """Run ``fn(rank, *args)`` in ``nprocs`` spawned processes; a hang fails with ``hang`` after ``timeout`` s
+    (and kills what is left) instead of stalling the suite; a rank that raises fails it too."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, start_method="spawn", join=False)
+    deadline = time.time() + timeout
+    try:
+        while not ctx.join(timeout=1):
+            assert time.time() < deadline, hang
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()

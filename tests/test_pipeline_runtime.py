@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import hf_reference_step, make_hf_model
-from multiproc import run_train, write_token_records
+from multiproc import run_train, spawn_ranks, write_token_records
 from safetensors.torch import load_file
 
 from chunkflow_pl.data.types import Segment
@@ -233,16 +231,8 @@ def test_diverging_ranks_fail_naming_rank_and_chunk(tmp_path, monkeypatch):
     # for the spawned children only: a thread count left in this process's environment would change the
     # float bits of every later test that compares a subprocess run with an in-process one
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    ctx = mp.start_processes(_diverge_worker, args=(f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2,
-                             start_method="spawn", join=False)
-    deadline = time.time() + 120
-    try:
-        while not ctx.join(timeout=1):
-            assert time.time() < deadline, "the ranks hang instead of naming the divergence"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_ranks(_diverge_worker, (f"file://{tmp_path / 'store'}", str(tmp_path)),
+                hang="the ranks hang instead of naming the divergence")
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     for msgs in (r0, r1):
         assert "the pipeline plan of rank 1" in msgs[0] and "chunk 2 has 5 tokens on rank 1 but 6 on rank 0" in msgs[0]
@@ -287,15 +277,7 @@ def test_destroy_process_groups_joins_every_gloo_thread(tmp_path, monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.start_processes(_teardown_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn", join=False)
-    deadline = time.time() + 120
-    try:
-        while not ctx.join(timeout=1):
-            assert time.time() < deadline, "the ranks hang"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_ranks(_teardown_worker, (port, str(tmp_path)))
     for r in (0, 1):
         during, loss, initialized, after = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert "pt_gloo_runloop" in during and "gloo_tcp_loop" in during, during  # the probe sees the threads
