@@ -130,7 +130,12 @@ def test_cuda_kernels_match_the_float64_reference(kernels, dtype):
         pytest.importorskip("flash_attn")
     kern = get_kernels(kernels)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    for lens, pre in [([64, 33], [100, 0]), ([5, 130, 1], [0, 77, 300]), ([1], [1000])]:
+    layouts = [([64, 33], [100, 0]), ([5, 130, 1], [0, 77, 300]), ([1], [1000])]
+    if kernels == "torch-efficient" and dtype == torch.bfloat16:
+        # its half-precision backward is wrong (H100: NaN or 30-80% off in dq/dprefix) for a one-token segment
+        # attending to a prefix: select_kernels never picks it for half precision (next test)
+        layouts = layouts[:2]
+    for lens, pre in layouts:
         torch.manual_seed(0)
         T, P = sum(lens), sum(pre)
         ref = [torch.randn(n, h, 64, dtype=torch.float64, requires_grad=True)
@@ -144,6 +149,21 @@ def test_cuda_kernels_match_the_float64_reference(kernels, dtype):
         for name, a, b in zip(["o", "dq", "dk", "dv", "dpk", "dpv"], [out, *got_grads], [exp, *exp_grads]):
             err = (a.double().cpu() - b).norm() / b.norm()
             assert err < tol, f"{kernels} {dtype} {lens}/{pre} {name}: relative error {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_half_precision_never_selects_the_memory_efficient_kernel():
+    from chunkflow_pl.model.attention_kernels import select_kernels, torch_flash_usable
+
+    cuda = torch.device("cuda")
+    assert select_kernels("sdpa", cuda, torch.float32).name == "torch-efficient"
+    for dtype in (torch.bfloat16, torch.float16):
+        if torch_flash_usable(cuda):
+            assert select_kernels("sdpa", cuda, dtype).name == "torch-flash"
+        else:
+            with pytest.raises(ValueError, match="needs PyTorch's flash kernel"):
+                select_kernels("sdpa", cuda, dtype)
 
 
 @pytest.mark.gpu
