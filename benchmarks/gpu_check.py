@@ -22,9 +22,10 @@ c    throughput: tokens/s and model-FLOPs utilisation of Qwen2.5-7B-shaped layer
      attention with the prefix counted; training = 3x forward (MFU); HFU also counts the first (kv-only)
      forwards of the recomputed chunks.
 d    ``python train.py model=qwen0.5b chunk.size=32k data.max_len=128k trainer.precision=bf16-mixed
-     trainer.max_steps=3 logger=none`` in a subprocess (plus ``callbacks.checkpoint=null``: no 6 GB
-     checkpoint write, and a temporary run dir). ``--wheels DIR`` first pip-installs hydra-core,
-     omegaconf, antlr4-python3-runtime and torchdata from DIR (``--no-index --no-deps``).
+     trainer.max_steps=3 model.overrides.max_position_embeddings=128k logger=none`` in a subprocess (plus
+     ``callbacks.checkpoint=null``: no 6 GB checkpoint write, and a temporary run dir). ``--wheels DIR``
+     first pip-installs hydra-core, omegaconf, antlr4-python3-runtime and torchdata from DIR
+     (``--no-index --no-deps``).
 
 Output: progress lines while running, then a table (printed LAST, with the verdicts) and one
 ``RESULT {json}`` line; with ``$OUT`` set, the full results also go to ``$OUT/gpu_check.json`` (rewritten
@@ -560,8 +561,9 @@ def section_d(ctx, budget):
         overrides = ["model=tiny", "chunk.size=256", "data.max_len=2k", "data.num_sequences=64",
                      "trainer.precision=32-true", "trainer.max_steps=2", "trainer.accelerator=cpu"]
     else:
+        # Qwen2.5-0.5B's own config says 32K positions; train.py refuses longer records unless raised
         overrides = ["model=qwen0.5b", "chunk.size=32k", "data.max_len=128k", "trainer.precision=bf16-mixed",
-                     "trainer.max_steps=3"]
+                     "trainer.max_steps=3", "model.overrides.max_position_embeddings=128k"]
     overrides += ["logger=none", "callbacks.checkpoint=null", f"hydra.run.dir={run_dir}"]
     cmd = [sys.executable, str(ROOT / "train.py"), *overrides]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
