@@ -542,6 +542,17 @@ def install_wheels(wheels: str) -> dict:
     return {"cmd": " ".join(cmd), "rc": p.returncode, "tail": (p.stdout + p.stderr)[-1500:]}
 
 
+def train_overrides(smoke: bool) -> list[str]:
+    """The run section d trains (the suite composes the GPU one with ``dry_run=true``: train.py's start-up
+    checks, e.g. records longer than the model's positions, fail on CPU, not on a lent device)."""
+    if smoke:
+        return ["model=tiny", "chunk.size=256", "data.max_len=2k", "data.num_sequences=64",
+                "trainer.precision=32-true", "trainer.max_steps=2", "trainer.accelerator=cpu"]
+    # Qwen2.5-0.5B's own config says 32K positions; train.py refuses longer records unless raised
+    return ["model=qwen0.5b", "chunk.size=32k", "data.max_len=128k", "trainer.precision=bf16-mixed",
+            "trainer.max_steps=3", "model.overrides.max_position_embeddings=128k"]
+
+
 def section_d(ctx, budget):
     out = {}
     if ctx.wheels:
@@ -557,14 +568,7 @@ def section_d(ctx, budget):
         log(f"d skipped: {out['skipped']}")
         return out
     run_dir = tempfile.mkdtemp(prefix="gpu_check_train_")
-    if ctx.smoke:
-        overrides = ["model=tiny", "chunk.size=256", "data.max_len=2k", "data.num_sequences=64",
-                     "trainer.precision=32-true", "trainer.max_steps=2", "trainer.accelerator=cpu"]
-    else:
-        # Qwen2.5-0.5B's own config says 32K positions; train.py refuses longer records unless raised
-        overrides = ["model=qwen0.5b", "chunk.size=32k", "data.max_len=128k", "trainer.precision=bf16-mixed",
-                     "trainer.max_steps=3", "model.overrides.max_position_embeddings=128k"]
-    overrides += ["logger=none", "callbacks.checkpoint=null", f"hydra.run.dir={run_dir}"]
+    overrides = train_overrides(ctx.smoke) + ["logger=none", "callbacks.checkpoint=null", f"hydra.run.dir={run_dir}"]
     cmd = [sys.executable, str(ROOT / "train.py"), *overrides]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                HF_HUB_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false")

@@ -1,8 +1,9 @@
 """``benchmarks/gpu_check.py --smoke``: the device script runs end to end on CPU with tiny shapes.
 
 A GPU is lent to a session rarely and for minutes; a script broken by a library change (an import, a
-renamed field) would spend that time on a traceback. This runs every section but ``d`` (the train.py
-subprocess, covered by test_train_app) through the same code the GPU run takes, minus the CUDA calls.
+renamed field) would spend that time on a traceback. This runs every section but ``d`` through the same
+code the GPU run takes, minus the CUDA calls. Section ``d`` is a train.py subprocess: its GPU command goes
+through train.py's start-up checks here (``dry_run``), the part a config change can break.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+
+from test_train_app import compose_cfg
+
+from train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,3 +46,13 @@ def test_gpu_check_smoke_runs_every_section_without_error(tmp_path, monkeypatch,
     assert all(p["hfu"] > p["mfu"] > 0 for p in result["throughput"])
     saved = json.loads((tmp_path / "gpu_check.json").read_text())  # what a killed device run leaves behind
     assert {"env", "a", "b", "c"} <= saved.keys()
+
+
+def test_gpu_check_train_command_passes_the_start_up_checks(tmp_path):
+    """Section d's GPU command, composed as train.py composes it, gets past every check train.py makes
+    before it builds the model (``dry_run=true``: config types, attention backend, the data against the
+    model's max_position_embeddings)."""
+    overrides = load_gpu_check().train_overrides(smoke=False)
+    res = train(compose_cfg(tmp_path, *overrides, "dry_run=true"))
+    assert res["model_config"].name == "qwen0.5b"
+    assert res["longest_sequence"] > 32 * 1024  # the section trains on records longer than one chunk
