@@ -268,15 +268,21 @@ def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x if x.device == device else x.to(device, non_blocking=True)
 
 
+def _on_device(prefix: tuple[torch.Tensor, ...], device: torch.device, mover, layer: int | None, backward: bool):
+    """The prefix on the compute device: the mover's copy of ``layer`` (copied ahead on a side stream), or
+    the given views, copied here if they live elsewhere."""
+    if mover is not None:
+        return mover.fetch(layer, backward)
+    return tuple(_to(p, device) for p in prefix)
+
+
 class _BlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: BlockPlan, kernels: BlockKernels, scale: float, mover, n: int, *prefix):
         g, dev = q.shape[1] // k.shape[1], q.device
         o, lse_n, aux = kernels.forward(q, k, v, plan.own, True, scale)
-        # the prefix on the compute device, after the own block (which needs none): from the mover (copied
-        # ahead on a side stream) or copied here if it lives elsewhere
         layer = mover.layer_of(prefix) if mover is not None else None
-        on_dev = mover.fetch(layer, backward=False) if mover is not None else tuple(_to(p, dev) for p in prefix)
+        on_dev = _on_device(prefix, dev, mover, layer, backward=False)  # after the own block, which needs none
         pks, pvs = on_dev[:n], on_dev[n:]
         specs, auxes = [lse_spec(lse_n)], [aux]
         lse = kernels.lse_rows(lse_n, plan.own)
@@ -306,7 +312,7 @@ class _BlockAttention(torch.autograd.Function):
         do = do.contiguous()
         dq, dk, dv = kern.backward(do, q, k, v, o, kern.lse_native(lse, plan.own, ctx.specs[0]), ctx.auxes[0],
                                    plan.own, True, scale)
-        on_dev = mover.fetch(ctx.layer, backward=True) if mover is not None else tuple(_to(p, dev) for p in prefix)
+        on_dev = _on_device(prefix, dev, mover, ctx.layer, backward=True)
         pks, pvs = on_dev[:n], on_dev[n:]
         dpks, dpvs = [], []
         for i, (seg, pk, pv) in enumerate(zip(plan.prefixed, pks, pvs)):
