@@ -23,7 +23,8 @@ c    throughput: tokens/s and model-FLOPs utilisation of Qwen2.5-7B-shaped layer
      forwards of the recomputed chunks.
 d    ``python train.py model=qwen0.5b chunk.size=32k data.max_len=128k trainer.precision=bf16-mixed
      trainer.max_steps=3 model.overrides.max_position_embeddings=128k logger=none`` in a subprocess (plus
-     ``callbacks.checkpoint=null``: no 6 GB checkpoint write, and a temporary run dir). ``--wheels DIR``
+     ``callbacks.checkpoint=null``: no 6 GB checkpoint write, and a temporary run dir), then, if the
+     budget has room, the same with ``chunk.offload_state=true``. ``--wheels DIR``
      first pip-installs hydra-core, omegaconf, antlr4-python3-runtime and torchdata from DIR
      (``--no-index --no-deps``).
 
@@ -57,7 +58,7 @@ from chunkflow_pl.model.attention import VarlenMeta, block_attention, resolve_ba
 from chunkflow_pl.model.attention_kernels import KERNELS, VarlenBlock, get_kernels, lse_spec  # noqa: E402
 
 GiB = 2**30
-BUDGETS = {"env": 15, "a": 45, "b": 125, "c": 55, "d": 110}  # seconds, scaled by --budget-scale
+BUDGETS = {"env": 15, "a": 45, "b": 125, "c": 55, "d": 150}  # seconds, scaled by --budget-scale
 WHEELS = ("hydra-core", "omegaconf", "antlr4-python3-runtime", "torchdata")
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4, torch.float64: 1e-10}
 MEM_TARGET = 1.3
@@ -567,9 +568,18 @@ def section_d(ctx, budget):
         out["skipped"] = f"missing {missing}: rerun with --wheels DIR (hydra-core, omegaconf, antlr4, torchdata wheels)"
         log(f"d skipped: {out['skipped']}")
         return out
+    out.update(run_train(train_overrides(ctx.smoke), budget))
+    # the same run with the K/V state in host memory (the copy engine), if the budget has room for it
+    if out["rc"] == 0 and budget.left() > out["wall_s"] + 5:
+        out["offload"] = run_train(train_overrides(ctx.smoke) + ["chunk.offload_state=true"], budget)
+    return out
+
+
+def run_train(overrides: list[str], budget) -> dict:
+    """One ``train.py`` subprocess (no logger, no checkpoint, a temporary run dir) within ``budget``."""
     run_dir = tempfile.mkdtemp(prefix="gpu_check_train_")
-    overrides = train_overrides(ctx.smoke) + ["logger=none", "callbacks.checkpoint=null", f"hydra.run.dir={run_dir}"]
-    cmd = [sys.executable, str(ROOT / "train.py"), *overrides]
+    cmd = [sys.executable, str(ROOT / "train.py"), *overrides, "logger=none", "callbacks.checkpoint=null",
+           f"hydra.run.dir={run_dir}"]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                HF_HUB_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false")
     timeout = max(10.0, budget.left() - 3)
@@ -584,10 +594,13 @@ def section_d(ctx, budget):
                ((e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or ""))
     wall = time.perf_counter() - t0
     losses = re.findall(r"train/loss[=:]\s*([0-9.]+(?:e[-+]?\d+)?)", text)
+    rates = re.findall(r"train/tokens_per_s[=:]\s*([0-9.]+(?:e[-+]?\d+)?)", text)
     steps = re.findall(r"max_steps=(\d+)` reached", text)
-    out.update(cmd=" ".join(cmd[1:]), rc=rc, wall_s=wall, last_loss=float(losses[-1]) if losses else None,
-               max_steps_reached=bool(steps), tail=text[-3000:], run_dir=run_dir)
-    log(f"d rc={rc} in {wall:.0f}s, last loss {out['last_loss']}, max_steps reached: {bool(steps)}")
+    out = dict(cmd=" ".join(cmd[1:]), rc=rc, wall_s=wall, last_loss=float(losses[-1]) if losses else None,
+               last_tokens_per_s=float(rates[-1]) if rates else None, max_steps_reached=bool(steps),
+               tail=text[-3000:], run_dir=run_dir)
+    log(f"d rc={rc} in {wall:.0f}s, last loss {out['last_loss']}, last step {out['last_tokens_per_s']} tok/s, "
+        f"max_steps reached: {bool(steps)}")
     if rc != 0:
         log("d output tail:\n" + text[-2500:])
     return out
@@ -688,8 +701,11 @@ def table(results) -> list[str]:
             if "skipped" in r:
                 lines.append(f"   skipped: {r['skipped']}")
             else:
-                lines.append(f"   rc {r['rc']} in {r['wall_s']:.0f}s, last loss {r['last_loss']}, "
-                             f"max_steps reached {r['max_steps_reached']}")
+                for name, x in (("", r), ("chunk.offload_state=true: ", r.get("offload"))):
+                    if x is not None:
+                        lines.append(f"   {name}rc {x['rc']} in {x['wall_s']:.0f}s, last loss {x['last_loss']}, "
+                                     f"last step {x['last_tokens_per_s']} tok/s, max_steps reached "
+                                     f"{x['max_steps_reached']}")
     return lines
 
 
@@ -719,7 +735,10 @@ def summary(results) -> dict:
                            for p in c["points"]]
     d = results.get("d")
     if isinstance(d, dict):
-        s["train"] = {k: d.get(k) for k in ("rc", "wall_s", "last_loss", "max_steps_reached", "skipped") if k in d}
+        keys = ("rc", "wall_s", "last_loss", "last_tokens_per_s", "max_steps_reached", "skipped")
+        s["train"] = {k: d.get(k) for k in keys if k in d}
+        if "offload" in d:
+            s["train"]["offload"] = {k: d["offload"].get(k) for k in keys if k in d["offload"]}
     s["errors"] = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
     return s
 
