@@ -23,7 +23,16 @@ the run after the current step with exit code 0; its SIGUSR1 handler saves in th
 Several ranks: a signal reaches the ranks at different moments, and a rank that abandons a step while
 another goes on into the step's collectives would hang both. So with more than one process the step is
 not abandoned midway: at every step start the ranks take the maximum of their signal numbers (one
-scalar all-reduce) and all stop together before the step; the checkpoint is then written by all.
+scalar all-reduce) and all stop together before the step; the checkpoint is then written by all. Two
+rules keep every rank on the same collectives:
+
+- the decision is the all-reduced value alone. A signal that lands while the all-reduce waits for a
+  slower peer runs its handler as soon as the call returns; had the rank then looked at its own flag it
+  would stop alone while its peers went into the step (gloo: "Received data size doesn't match expected
+  size", SIGABRT, no checkpoint). Such a signal counts at the next step start.
+- Lightning's own SIGTERM handler is never installed: it broadcasts from inside the handler, a
+  collective that only the signalled rank issues. These handlers go in at ``setup`` (before Lightning
+  would register its own) and stay until training ends.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.distributed import ReduceOp
 
 from chunkflow_pl.schedule.executor import StepInterrupted
 
@@ -99,21 +109,34 @@ class Preemption(L.Callback):
         self._previous = {}
 
     # ---- Lightning hooks -------------------------------------------------------------------
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # after Lightning registered its own handlers (Trainer._run), so these win
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
         self._install()
-        if trainer.received_sigterm and self.signum is None:  # arrived while Lightning's handler was in place
-            self.signum = signal.SIGTERM
+        # Trainer._run registers Lightning's handlers after this hook; keep it from replacing these (module docstring).
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None and hasattr(connector, "register_signal_handlers"):
+            connector.register_signal_handlers = _keep_handlers
+        else:  # a Lightning without that connector: its handler may run until on_train_start
+            log.warning("Lightning's signal connector not found: a signal before training starts may not stop "
+                        "every rank together")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._previous:  # setup did not install them (not fitting through Trainer.fit's setup)
+            self._install()
         if trainer.world_size == 1:  # several ranks stop only between steps, together (module docstring)
             trainer.strategy.should_stop = self.stop_requested
         self._position = self._data_position(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.world_size > 1:
-            agreed = trainer.strategy.reduce(torch.tensor(float(self.signum or 0), device=pl_module.device),
-                                             reduce_op="max")
-            if int(agreed) and self.signum is None:
-                self.signum = int(agreed)
+            # Decide on the agreed value only: a signal handled once the all-reduce returns waits a step.
+            mine = torch.tensor(self.signum or 0, dtype=torch.int64, device=pl_module.device)
+            agreed = int(trainer.strategy.reduce(mine, reduce_op=ReduceOp.MAX))
+            if not agreed:
+                return
+            if self.signum is None:
+                self.signum = agreed
         if self.stop_requested():
             self._before_step = True
             raise StepInterrupted(f"before step {trainer.global_step + 1}")
@@ -149,6 +172,10 @@ class Preemption(L.Callback):
         log.warning("%s: saved %s (step %d complete)", signal.Signals(self.signum).name, path, trainer.global_step)
         if self.signum == signal.SIGUSR1 and self.requeue_on_sigusr1 and trainer.is_global_zero:
             _requeue_slurm_job()
+
+
+def _keep_handlers() -> None:
+    """Stands in for Lightning's ``_SignalConnector.register_signal_handlers`` while ``Preemption`` owns the signals."""
 
 
 def _requeue_slurm_job() -> None:

@@ -19,6 +19,7 @@ import torch
 from conftest import hf_reference_step, make_hf_model
 from multiproc import ROOT, run_train, train_cmd, train_env, write_token_records
 from safetensors.torch import load_file
+from step_gate import open_gate, wait_at_gate
 
 COMMON = ["data=jsonl", "data.global_batch_size=7", "data.shuffle=false", "chunk.size=32", "chunk.k=1",
           "trainer.precision=64-true", "optim.weight_decay=0", "optim.grad_clip=0", "model.loss_chunk=16"]
@@ -114,20 +115,26 @@ def uninterrupted(case, tmp_path_factory):
     return exported(ref)
 
 
-def _hit_rank1_after_step1(run: Path, d: Path, sig: int) -> tuple[int, str]:
-    """Start an endless dp=2 run, send ``sig`` to rank 1 once step 1's checkpoint exists; its exit and output."""
+GATE_STEP = 2  # the ranks are held at the end of this step while rank 1 gets its signal
+
+
+def _hit_rank1_at_the_gate(run: Path, d: Path, sig: int) -> tuple[int, str]:
+    """Start an endless dp=2 run, hold both ranks at the end of step ``GATE_STEP`` (before its checkpoint), send
+    ``sig`` to rank 1, let them go; the run's exit code and output. Where the run stops does not depend on how
+    fast this machine runs a step."""
+    gate = run / "gate"
     cmd = train_cmd(2, "logger=none", "callbacks.progress=null", "trainer.enable_model_summary=false",
                     "trainer.accelerator=cpu", f"hydra.run.dir={run}", *data_args(d), *ADAMW,
-                    "trainer.max_steps=1000", "parallel.dp=2", *ckpt_args(run))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                    "trainer.max_steps=1000", "parallel.dp=2", *ckpt_args(run),
+                    "+callbacks.gate._target_=step_gate.StepGate", f"+callbacks.gate.folder={gate}",
+                    f"+callbacks.gate.step={GATE_STEP}")
+    env = {**train_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 240
-        while not list((run / "ckpt").glob("*step=1.ckpt")) and time.time() < deadline:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            time.sleep(0.2)
-        time.sleep(0.5)  # let rank 0 enter step 2
+        wait_at_gate(gate, 2, proc)
         _child_with_env(proc.pid, "RANK", "1").send_signal(sig)
+        time.sleep(0.5)  # delivered while rank 1 waits at the gate (its handler runs there)
+        open_gate(gate)
         out, _ = proc.communicate(timeout=120)  # no hang: the run ends within the timeout
     finally:
         if proc.poll() is None:
@@ -138,7 +145,7 @@ def _hit_rank1_after_step1(run: Path, d: Path, sig: int) -> tuple[int, str]:
 def test_killing_one_rank_stops_the_other_with_the_rank_named_and_resume_is_exact(case, uninterrupted, tmp_path):
     d, _, _ = case
     killed = tmp_path / "killed"
-    returncode, out = _hit_rank1_after_step1(killed, d, signal.SIGKILL)
+    returncode, out = _hit_rank1_at_the_gate(killed, d, signal.SIGKILL)
     assert returncode != 0
     assert "rank" in out and ("[1]" in out or "rank: 1" in out or "rank 1" in out), out[-3000:]
 
@@ -154,16 +161,17 @@ def test_sigterm_to_one_rank_stops_every_rank_before_the_next_step_and_resume_is
     all stop there, write one checkpoint together and exit 128 + SIGTERM (callbacks/preemption.py)."""
     d, _, _ = case
     stopped = tmp_path / "stopped"
-    returncode, out = _hit_rank1_after_step1(stopped, d, signal.SIGTERM)
+    returncode, out = _hit_rank1_at_the_gate(stopped, d, signal.SIGTERM)
     assert returncode != 0, out[-3000:]
     # both ranks took the pre-emption path (rank 0 never got the signal itself), neither crashed
     assert out.count("preempted: stopped on SIGTERM (before step") == 2, out[-3000:]
     assert "exitcode  : 143" in out, out[-3000:]
     ckpt = stopped / "hpc_ckpt_1.ckpt"
     assert (ckpt / ".metadata").is_file(), out[-3000:]  # one DCP checkpoint, every rank's part in it
-    # the ranks stop together at the first step start after the signal; when depends on the machine's speed
-    done = {int(n) for n in re.findall(r"SIGTERM: saved \S+ \(step (\d+) complete\)", out)}
-    assert len(done) == 1 and 1 <= min(done) < STEPS, out[-3000:]
+    # the ranks stop together at the first step start after the signal: the one after the gate, on both
+    done = [int(n) for n in re.findall(r"SIGTERM: saved \S+ \(step (\d+) complete\)", out)]
+    assert done == [GATE_STEP, GATE_STEP], out[-3000:]
+    assert out.count(f"preempted: stopped on SIGTERM (before step {GATE_STEP + 1})") == 2, out[-3000:]
 
     resumed = tmp_path / "resumed"
     run_train(2, resumed, *data_args(d), *ADAMW, f"trainer.max_steps={STEPS}", f"export.hf_dir={resumed / 'export'}",
