@@ -396,8 +396,7 @@ class ChunkFlowStrategy(ParallelStrategy):
             raise TypeError("ChunkFlowStrategy.save_checkpoint does not take storage_options")
         path = Path(self.broadcast(str(filepath)))
         ckpt.save_checkpoint(checkpoint, path, self.lightning_module, [o for o in self.optimizers],
-                             self.is_global_zero)
-        self.barrier("save_checkpoint")
+                             self.is_global_zero, barrier=self.barrier)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import logging
 import os
 import secrets
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 PREEMPT_GLOB = "hpc_ckpt_*.ckpt"  # Lightning's name for a checkpoint saved on a requeue signal
 _INTERACTIVE_SLURM = ("bash", "interactive")
@@ -73,7 +76,9 @@ def resume_policy(output_dir: str | Path, ckpt_path: str | None, env: Mapping[st
 
     * ``ckpt_path`` given: resume from it (the folder may be the one it came from);
     * the folder holds a preemption checkpoint (``hpc_ckpt_N.ckpt``, written on SIGTERM/SIGUSR1):
-      ``"hpc"``, i.e. resume from the newest one (a requeued SLURM job, a restarted torchrun);
+      ``"hpc"``, i.e. resume from the newest one (a requeued SLURM job, a restarted torchrun); when the
+      newest is incomplete (cut off while being written) it is skipped with a warning and the newest
+      complete one is returned by path;
     * the job is a restart (``SLURM_RESTART_COUNT``/``TORCHELASTIC_RESTART_COUNT`` > 0): resume from
       ``checkpoints/last.ckpt`` if it exists, else start over;
     * the folder holds another checkpoint: ``OutputDirInUse`` (never overwrite another run's);
@@ -83,7 +88,9 @@ def resume_policy(output_dir: str | Path, ckpt_path: str | None, env: Mapping[st
         return ckpt_path
     d = Path(output_dir)
     if any(d.glob(PREEMPT_GLOB)):
-        return "hpc"
+        newest = _complete_preemption_checkpoint(d)
+        if newest is not None:
+            return newest
     last = d / "checkpoints" / "last.ckpt"  # a file, or a directory (torch.distributed.checkpoint)
     if is_restart(env):
         return str(last) if last.exists() else None
@@ -96,10 +103,27 @@ def resume_policy(output_dir: str | Path, ckpt_path: str | None, env: Mapping[st
     return None
 
 
+def _complete_preemption_checkpoint(d: Path) -> str | None:
+    """``"hpc"`` (Lightning takes the highest N) when ``hpc_ckpt_N.ckpt`` with the highest N is whole; else the
+    path of the highest whole one, with a warning for each skipped; ``None`` when none is whole."""
+    from chunkflow_pl.strategy.checkpoint import is_complete  # lazily: the folder format belongs to the strategy
+
+    def number(p: Path) -> int:
+        digits = p.name.removeprefix("hpc_ckpt_").removesuffix(".ckpt")
+        return int(digits) if digits.isdigit() else -1
+
+    found = sorted(d.glob(PREEMPT_GLOB), key=number, reverse=True)
+    for i, p in enumerate(found):
+        if p.is_file() or is_complete(p):  # a file: Lightning's single-file format
+            return "hpc" if i == 0 else str(p)
+        log.warning("skipping the incomplete preemption checkpoint %s (cut off while being written)", p)
+    return None
+
+
 def remove_preemption_checkpoints(output_dir: str | Path) -> list[str]:
     """After the run completes: its preemption checkpoints are spent (a later start must not resume them)."""
     removed = []
-    for p in Path(output_dir).glob(PREEMPT_GLOB):
+    for p in [*Path(output_dir).glob(PREEMPT_GLOB), *Path(output_dir).glob(PREEMPT_GLOB + ".*")]:
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         removed.append(str(p))
     return removed
