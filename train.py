@@ -29,6 +29,7 @@ from chunkflow_pl.model.config import ModelSettings
 from chunkflow_pl.model.memory import InsufficientMemoryError, available_memory, estimate_training_memory
 from chunkflow_pl.model.stages import split_stages
 from chunkflow_pl.plan.auto import resolve_auto_chunk
+from chunkflow_pl.schedule.cost import CostModel
 from chunkflow_pl.schedule.executor import StepInterrupted
 from chunkflow_pl.schedule.pipeline_planner import default_caps
 from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
@@ -140,7 +141,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     # Records longer than the model takes are bad records; the K/V state estimate uses the real longest one.
     datamodule = ChunkFlowDataModule(data_cfg, chunk_size=chunk.size, vocab_size=mcfg.vocab_size,
                                      dp_rank=lambda: strategy.dp_rank, dp_size=dims.dp,
-                                     max_seq_len=mcfg.max_position_embeddings)
+                                     max_seq_len=mcfg.max_position_embeddings,
+                                     chunk_cost=CostModel.from_model(mcfg, dims.pp).balance_cost())
     longest = datamodule.longest_sequence()
     # One device's share: the whole model, or the pipeline stage that needs the most (caps: the plan's live chunks).
     est = max((estimate_training_memory(mcfg, chunk.size, chunk.k, precision, optim.name, model.loss_chunk,

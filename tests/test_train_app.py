@@ -293,3 +293,11 @@ def test_memory_estimate_counts_the_state_of_the_longest_sequence_of_the_data(tm
         assert res["longest_sequence"] == n
         states[n] = res["memory"].state
     assert states[8192] > 0 and states[65536] == 8 * states[8192]  # linear in the longest sequence
+
+
+def test_dp_balance_weighs_chunks_with_the_trained_model(tmp_path):
+    from chunkflow_pl.schedule.cost import CostModel
+
+    res = train(compose_cfg(tmp_path, "trainer.max_steps=1", *SMALL))
+    # the datamodule balances ranks with the trained model's own cost model, not a fixed hidden size
+    assert res["datamodule"].chunk_cost == CostModel.from_model(res["model_config"], 1).balance_cost()

@@ -1,12 +1,20 @@
 """Data-parallel balance: give every rank a similar amount of work for one global batch.
 
-Cost of a chunk = linear work per token + attention work per (query, key) pair, prefix included.
-A segment ``[start, end)`` of ``n`` tokens has query ``i`` seeing ``start + i + 1`` keys::
+Cost of a chunk (``ChunkCost``) = linear work per token + attention work per (query, key) pair, prefix
+included, on each pipeline stage of a replica. A segment ``[start, end)`` of ``n`` tokens has query ``i``
+seeing ``start + i + 1`` keys (``utils/pairs.py``)::
 
     keys ->   prefix (start)   own keys
     query 0   ##########       #
     query 1   ##########       ##           pairs = n * start + n (n + 1) / 2
     query 2   ##########       ###
+
+The coefficients come from the model being trained: ``schedule.cost.CostModel.balance_cost()`` builds
+them from the model's FLOPs per stage (the data layer knows no model). The ratio pair/token is what
+matters, and it moves with the model's shape: ~1/(6 D) for hidden size ``D`` (0.5B: 896, 72B: 8192),
+less where the MLP is wide or the LM head large. With pipeline stages, a chunk costs its slowest stage
+(a pipeline advances at that pace); a dropped chunk's recompute is not counted (which chunks drop
+depends on the schedule, not on the assignment's balance).
 
 Chunks that share a sequence must stay on one rank (they pass prefix state to each other), and a
 packed chunk may hold the remainders of several chains, so the unit of assignment is a connected
@@ -30,20 +38,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from chunkflow_pl.data.types import ChunkPlan, Segment
+from chunkflow_pl.utils.pairs import causal_pairs
 from chunkflow_pl.utils.unionfind import connected_groups
 
-# Relative weight of one (query, key) pair vs one token's linear layers, per layer of a dense
-# decoder with hidden size h: linear ~ 2 * 12 h^2 FLOPs per token, attention ~ 4 h FLOPs per pair
-# (q.k and p.v), so a_attn / a_tok ~ 1 / (6 h). Default: h = 4096 (7B class).
-DEFAULT_HIDDEN = 4096
-
-
-def attn_weight(hidden_size: int = DEFAULT_HIDDEN) -> float:
-    """``a_attn`` for ``a_tok = 1`` on a dense decoder of the given hidden size."""
-    return 1.0 / (6.0 * hidden_size)
-
-
-DEFAULT_A_ATTN = attn_weight()
+# Fallback pair/token weight where no model is known (statistics, tests): a fixed 7B-class ratio,
+# 1 / (6 * 4096). Training passes the model's own (``ChunkFlowDataModule(chunk_cost=...)``).
+DEFAULT_A_ATTN = 1.0 / 24576
 # ~1 us per scored candidate: at most a few ms per global batch, whatever dp and the batch size
 DEFAULT_SEARCH_BUDGET = 2000
 
@@ -52,13 +52,43 @@ CostFn = Callable[[Sequence[Segment]], float]
 
 def attention_pairs(seg: Segment) -> int:
     """Causal (query, key) pairs of a segment that attends to its prefix ``[0, start)``."""
-    n = seg.length
-    return n * seg.start + n * (n + 1) // 2
+    return causal_pairs(seg.length, seg.start)
 
 
 def chunk_cost(segments: Sequence[Segment], a_tok: float = 1.0, a_attn: float = DEFAULT_A_ATTN) -> float:
     """``a_tok * tokens + a_attn * attention pairs`` over the chunk's segments (empty chunk: 0)."""
     return sum(a_tok * seg.length + a_attn * attention_pairs(seg) for seg in segments)
+
+
+@dataclass(frozen=True)
+class ChunkCost:
+    """What one chunk costs a data-parallel replica, from per-stage coefficients (see module docstring).
+
+    Stage ``s`` runs a chunk in ``per_token[s] * tokens + per_pair[s] * pairs`` (any unit: only ratios
+    matter); the chunk costs its slowest stage. Frozen and plain numbers, so every rank and loader worker
+    holds the same one and derives the same assignment.
+    """
+
+    per_token: tuple[float, ...]  # by pipeline stage
+    per_pair: tuple[float, ...]  # by pipeline stage
+
+    def __post_init__(self) -> None:
+        if not self.per_token or len(self.per_token) != len(self.per_pair):
+            raise ValueError(f"per_token ({len(self.per_token)}) and per_pair ({len(self.per_pair)}) need one entry "
+                             "per pipeline stage")
+        if min(self.per_token) <= 0 or min(self.per_pair) < 0:
+            raise ValueError(f"per_token {self.per_token} must be > 0 and per_pair {self.per_pair} >= 0")
+
+    def stage_costs(self, segments: Sequence[Segment]) -> tuple[float, ...]:
+        return tuple(chunk_cost(segments, t, p) for t, p in zip(self.per_token, self.per_pair, strict=True))
+
+    def __call__(self, segments: Sequence[Segment]) -> float:
+        if len(self.per_token) == 1:
+            return chunk_cost(segments, self.per_token[0], self.per_pair[0])
+        return max(self.stage_costs(segments))
+
+
+DEFAULT_CHUNK_COST = ChunkCost(per_token=(1.0,), per_pair=(DEFAULT_A_ATTN,))
 
 
 @dataclass
@@ -100,7 +130,7 @@ def _result(plan_costs: list[float], groups: list[list[int]], rank_of: list[int]
     return RankAssignment(per_rank=per_rank, costs=costs)
 
 
-def round_robin_assign(plan: ChunkPlan, dp: int, cost_fn: CostFn = chunk_cost) -> RankAssignment:
+def round_robin_assign(plan: ChunkPlan, dp: int, cost_fn: CostFn = DEFAULT_CHUNK_COST) -> RankAssignment:
     """Baseline: groups dealt to ranks in index order, ignoring cost."""
     if dp < 1:
         raise ValueError(f"dp must be >= 1, got {dp}")
@@ -111,7 +141,7 @@ def round_robin_assign(plan: ChunkPlan, dp: int, cost_fn: CostFn = chunk_cost) -
 def assign_to_ranks(
     plan: ChunkPlan,
     dp: int,
-    cost_fn: CostFn = chunk_cost,
+    cost_fn: CostFn = DEFAULT_CHUNK_COST,
     count_slack: float = 0.0,
     search_budget: int | None = None,
 ) -> RankAssignment:

@@ -28,6 +28,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from chunkflow_pl.data.balance import DEFAULT_CHUNK_COST, ChunkCost
 from chunkflow_pl.data.cache import SourceSpec, build_cache, cache_entry_dir, load_cached_store
 from chunkflow_pl.data.config import DataConfig
 from chunkflow_pl.data.dataset import BatchingSpec, GlobalBatchDataset, GlobalBatchSampler
@@ -108,6 +109,9 @@ class ChunkFlowDataModule(pl.LightningDataModule):
     ``limit_batches``: cap on global batches per epoch (None = all).
     ``max_seq_len``: the longest sequence the model takes (its max_position_embeddings); longer
     records are bad records. None: no limit.
+    ``chunk_cost``: what a chunk costs a replica, for the data-parallel balance; pass the trained model's
+    (``schedule.cost.CostModel.from_model(cfg, pp).balance_cost()``). Default: a fixed 7B-class ratio
+    (``data.balance.DEFAULT_CHUNK_COST``), for use without a model.
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class ChunkFlowDataModule(pl.LightningDataModule):
         dp_size: int = 1,
         limit_batches: int | None = None,
         max_seq_len: int | None = None,
+        chunk_cost: ChunkCost = DEFAULT_CHUNK_COST,
     ) -> None:
         super().__init__()
         if chunk_size < 1:
@@ -133,6 +138,9 @@ class ChunkFlowDataModule(pl.LightningDataModule):
         self.dp_size = int(dp_size)
         self.limit_batches = limit_batches
         self.max_seq_len = max_seq_len
+        if not isinstance(chunk_cost, ChunkCost):
+            raise TypeError(f"chunk_cost must be a data.balance.ChunkCost, got {type(chunk_cost).__name__}")
+        self.chunk_cost = chunk_cost
         self.store: TokenStore | None = None
         self.dataset: GlobalBatchDataset | None = None
         self._loader: ResumableLoader | None = None
@@ -161,6 +169,7 @@ class ChunkFlowDataModule(pl.LightningDataModule):
                 shuffle=self.data.shuffle,
                 seed=self.data.seed,
                 limit_batches=self.limit_batches,
+                chunk_cost=self.chunk_cost,
             ),
         )
 

@@ -4,7 +4,7 @@ batch ``i`` of ``epoch``.
 One global batch (``global_batch_size`` sequences, one optimizer step)::
 
     permutation(epoch) --slice i--> sample ids --lengths--> build_chunk_plan (Alg. 1)
-        --> assign_to_ranks (dp) --> this rank's chunks, in increasing plan index (a valid forward
+        --> assign_to_ranks (dp, chunk cost) --> this rank's chunks, in increasing plan index (a valid forward
         order) --> assemble_step (tokens + whole-sequence targets) --> StepBatch
 
 Every rank computes the same plan and assignment from the same lengths, so ranks agree without
@@ -27,7 +27,7 @@ import torch.utils.data
 from torch.utils.data.distributed import DistributedSampler
 
 from chunkflow_pl.data.assemble import assemble_step
-from chunkflow_pl.data.balance import assign_to_ranks
+from chunkflow_pl.data.balance import DEFAULT_CHUNK_COST, ChunkCost, assign_to_ranks
 from chunkflow_pl.data.labels import num_supervised_from_labels, targets_from_labels
 from chunkflow_pl.data.packing import build_chunk_plan
 from chunkflow_pl.data.sources import TokenStore
@@ -45,6 +45,7 @@ class BatchingSpec:
     shuffle: bool = True
     seed: int = 0
     limit_batches: int | None = None  # cap on global batches per epoch (smoke runs)
+    chunk_cost: ChunkCost = DEFAULT_CHUNK_COST  # what a chunk costs a replica (the trained model's, see balance)
 
     def __post_init__(self) -> None:
         if self.global_batch_size < 1 or self.chunk_size < 1:
@@ -99,7 +100,7 @@ class GlobalBatchDataset(torch.utils.data.Dataset):
         num_label_tokens = sum(num_supervised_from_labels(n, labels[s]) for s, n in enumerate(seq_lens))
 
         plan = build_chunk_plan(seq_lens, spec.chunk_size)
-        assignment = assign_to_ranks(plan, spec.dp_size)
+        assignment = assign_to_ranks(plan, spec.dp_size, spec.chunk_cost)
         mine = assignment.per_rank[spec.dp_rank]  # increasing plan index = valid forward order
         chunks = [plan.chunks[c] for c in mine]
         used = sorted({seg.seq for chunk in chunks for seg in chunk})  # only load what this rank runs

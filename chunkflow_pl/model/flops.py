@@ -12,14 +12,9 @@ are left out, as in the usual MFU convention). One multiply-add = 2 FLOPs. Per t
 
 Causal attention, per (query, key) pair a segment actually computes, per layer: ``q . k`` over
 ``Hq * Dh = D`` numbers and ``p . v`` over the same, so ``4 * D`` FLOPs. A segment of ``n`` new tokens
-attending to a prefix of ``P`` earlier tokens of its sequence (the chunk's state) computes::
-
-    keys ->    prefix P        own n (causal)
-    query 0    ##########      #
-    query 1    ##########      ##                  pairs = n * P + n (n + 1) / 2
-    query 2    ##########      ###
-
-so a sequence cut into any number of chunks counts the same pairs as the whole sequence. Backward
+attending to a prefix of ``P`` earlier tokens of its sequence (the chunk's state) computes
+``n * P + n (n + 1) / 2`` pairs (``utils/pairs.py``, the one definition of the count, drawn there), so a
+sequence cut into any number of chunks counts the same pairs as the whole sequence. Backward
 costs twice the forward; "model FLOPs" of a training step = 3 x forward of every token once.
 
 A chunk whose activations are dropped (``chunk.k``) runs forward twice: first without autograd to fill
@@ -36,13 +31,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from chunkflow_pl.model.config import ModelConfig
+from chunkflow_pl.utils.pairs import causal_pairs
 
 BACKWARD_FACTOR = 2.0  # backward FLOPs / forward FLOPs of a matrix product (input and weight gradients)
-
-
-def causal_pairs(new_tokens: int, prefix: int) -> int:
-    """(query, key) pairs of a segment of ``new_tokens`` attending causally to itself and a ``prefix``."""
-    return new_tokens * prefix + new_tokens * (new_tokens + 1) // 2
 
 
 def token_pair_counts(segments: Iterable[tuple[int, int]]) -> tuple[int, int]:

@@ -144,7 +144,7 @@ def simulate_step(cfg: ModelConfig, spec: PlanSpec, cost: CostModel, lens: Seque
                   k: int) -> tuple[float, float, float, int]:
     """(step time, recompute time, compute time, chunks) of one global batch: the slowest dp rank."""
     plan = build_chunk_plan(lens, chunk_size)
-    assignment = assign_to_ranks(plan, spec.dp)
+    assignment = assign_to_ranks(plan, spec.dp, cost.balance_cost())  # the same cost model
     step = recompute = busy = 0.0
     for mine in assignment.per_rank:
         chunks = [plan.chunks[c] for c in mine]

@@ -4,7 +4,8 @@ A chunk's forward on stage ``s`` costs ``per_token[s] * tokens + per_pair[s] * a
 (``data.balance.chunk_cost``: a segment ``[start, end)`` attends to its prefix, so its pairs grow with
 ``start``); backward costs ``backward`` times that, recompute ``recompute`` times. A message of ``T``
 tokens costs ``comm_latency + comm_per_token * T`` and does not occupy either stage (sends are
-asynchronous). ``from_model`` derives the terms from a ``ModelConfig``'s FLOPs (``model/flops.py``)::
+asynchronous). The data-parallel balance weighs chunks with the same forward terms (``balance_cost``).
+``from_model`` derives the terms from a ``ModelConfig``'s FLOPs (``model/flops.py``)::
 
     per layer, forward:  linear 2 * (2 D^2 + 2 D Dkv + 3 D F) FLOPs per token     (q, o; k, v; MLP)
                          attention 4 D FLOPs per causal (query, key) pair           (q.k and p.v)
@@ -32,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from chunkflow_pl.data.balance import DEFAULT_A_ATTN, chunk_cost
+from chunkflow_pl.data.balance import DEFAULT_A_ATTN, ChunkCost, chunk_cost
 from chunkflow_pl.data.types import Segment
 from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.flops import ModelFlops
@@ -105,6 +106,13 @@ class CostModel:
     def comm_time(self, tokens: int) -> float:
         return self.comm_latency + self.comm_per_token * tokens
 
+    def balance_cost(self) -> ChunkCost:
+        """The data-parallel balancer's chunk cost: this model's forward terms per stage (``data.balance``).
+
+        Backward and recompute multiply every chunk alike (a dropped chunk's recompute depends on the
+        schedule), so the forward terms set the balance."""
+        return ChunkCost(per_token=self.per_token, per_pair=self.per_pair)
+
     @classmethod
     def uniform(cls, pp: int, per_token: float = 1.0, per_pair: float = DEFAULT_A_ATTN, **kw: float) -> CostModel:
         """The same terms on every stage (default: the data layer's 7B-class token/pair ratio)."""
@@ -131,11 +139,11 @@ class CostModel:
         layers = tuple(stage_layers) if stage_layers is not None else even_stage_layers(cfg.num_layers, pp)
         if len(layers) != pp or sum(layers) != cfg.num_layers or min(layers) < 1:
             raise ValueError(f"stage_layers {layers} must be {pp} counts >= 1 summing to {cfg.num_layers} layers")
-        fl = ModelFlops.from_config(cfg, layers=1)  # the FLOP counts themselves live with the model
-        linear, pair, head = fl.linear_per_layer_token, fl.attn_per_layer_pair, fl.head_per_token
-        per_token = tuple((n * linear + (head if s == pp - 1 else 0.0)) / flops_per_s for s, n in enumerate(layers))
-        per_pair = tuple(n * pair / flops_per_s for n in layers)
-        last = ModelFlops.from_config(cfg, layers=layers[-1])  # kv_only: a dropped forward on the last stage
+        # the FLOP terms themselves live with the model (model/flops.py): one ModelFlops per stage
+        stages = [ModelFlops.from_config(cfg, layers=n, head=s == pp - 1) for s, n in enumerate(layers)]
+        per_token = tuple(st.per_token / flops_per_s for st in stages)
+        per_pair = tuple(st.per_pair / flops_per_s for st in stages)
+        last = stages[-1]  # kv_only: a dropped forward on the last stage
         drop = dict(drop_last_per_token=last.kv_only_per_token / flops_per_s,
                     drop_last_per_pair=last.kv_only_per_pair / flops_per_s)
         comm = {} if link_bytes_per_s is None else dict(
