@@ -40,6 +40,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 
 from chunkflow_pl.schedule.executor import StepInterrupted
 
@@ -111,7 +112,7 @@ class Preemption(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.world_size > 1:
             agreed = trainer.strategy.reduce(torch.tensor(float(self.signum or 0), device=pl_module.device),
-                                             reduce_op="max")
+                                             reduce_op=dist.ReduceOp.MAX)
             if int(agreed) and self.signum is None:
                 self.signum = int(agreed)
         if self.stop_requested():
