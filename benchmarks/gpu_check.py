@@ -344,30 +344,27 @@ def build_model(ctx, cfg):
 
 
 def one_step(model, L: int, C: int, k: int, device, offload: bool, seed: int = 0):
-    """Forward + backward of one L-token sequence in chunks of C (the ChunkExecutor path of training)."""
+    """Forward + backward of one L-token sequence in chunks of C (training's step path: a one-stage StepRunner)."""
     from chunkflow_pl.data.assemble import assemble_step
     from chunkflow_pl.data.labels import targets_from_labels
     from chunkflow_pl.data.packing import build_chunk_plan
-    from chunkflow_pl.schedule.executor import ChunkExecutor
-    from chunkflow_pl.schedule.planner import plan_single_device
+    from chunkflow_pl.schedule.runner import StepRunner
 
     g = torch.Generator().manual_seed(seed)
     seq = torch.randint(0, model.cfg.vocab_size, (L,), generator=g)
     targets = targets_from_labels(seq)
     plan = build_chunk_plan([L], C)
     batch = assemble_step(plan.chunks, [seq], [targets], [L], [0], int((targets != -100).sum()), 0, len(plan.chunks))
-    actions = plan_single_device([c.segments for c in batch.chunks], batch.seq_lens, k)
-    stats = ChunkExecutor(model, batch, device, offload_state=offload).run(actions)
-    return stats, [c.segments for c in batch.chunks], actions
+    run = StepRunner(model.cfg, k, device, offload_state=offload).run(model, batch)
+    return run.stats, [c.segments for c in batch.chunks], run.recomputed
 
 
-def step_flops(cfg, chunks, actions) -> tuple[float, float]:
+def step_flops(cfg, chunks, recomputed) -> tuple[float, float]:
     """Model FLOPs (MFU) and hardware FLOPs (HFU: plus the recomputed chunks' first, kv-only forwards)."""
     from callbacks.flops import step_flops as count
     from chunkflow_pl.model.flops import ModelFlops
-    from chunkflow_pl.schedule.actions import Op
 
-    fl = count(ModelFlops.from_config(cfg), chunks, [a.chunk for a in actions if a.op is Op.RECOMPUTE])
+    fl = count(ModelFlops.from_config(cfg), chunks, recomputed)
     return fl.model, fl.hardware
 
 
@@ -385,7 +382,7 @@ def measure_point(ctx, model, L, C, offload, k=1, repeats=1):
         model.zero_grad(set_to_none=True)
         sync(dev)
         t0 = time.perf_counter()
-        stats, chunks, actions = one_step(model, L, C, k, dev, offload)
+        stats, chunks, recomputed = one_step(model, L, C, k, dev, offload)
         sync(dev)
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None  # before the norms below allocate
@@ -395,7 +392,7 @@ def measure_point(ctx, model, L, C, offload, k=1, repeats=1):
     row = {"L": L, "C": C, "k": k, "offload": offload, "chunks": len(chunks), "recomputed": stats.recomputed_chunks,
            "step_s": statistics.median(times), "times": times, "loss": stats.loss_sum / max(stats.tokens, 1),
            "grad_norm": torch.linalg.vector_norm(torch.stack(grads)).item() if grads else None}
-    model_flops, hw_flops = step_flops(model.cfg, chunks, actions)
+    model_flops, hw_flops = step_flops(model.cfg, chunks, recomputed)
     row.update(model_tflop=model_flops / 1e12, hw_tflop=hw_flops / 1e12, tokens_per_s=L / row["step_s"])
     if ctx.peak_tflops:
         row["mfu"] = model_flops / row["step_s"] / 1e12 / ctx.peak_tflops

@@ -6,7 +6,7 @@ gradient), which is O(L) but small (``2 * layers * kv_heads * head_dim`` numbers
 
 Each point ``(L, C, k)`` runs in its own process (``--point L C K``): build the tiny model (float32),
 an AdamW optimizer, one random sequence of ``L`` tokens (fixed seed), run a small warm-up step, take
-the baseline, then one full step (plan -> assemble -> plan_single_device -> ChunkExecutor.run ->
+the baseline, then one full step (chunk layout -> assemble -> StepRunner.run, training's step path ->
 AdamW.step) and report on one JSON line:
 
     peak_kib         ru_maxrss after the step (the process's high-water mark; CPU)
@@ -75,8 +75,7 @@ def _one_step(model, opt, L: int, C: int, k: int, device, seed: int):
     from chunkflow_pl.data.assemble import assemble_step
     from chunkflow_pl.data.labels import targets_from_labels
     from chunkflow_pl.data.packing import build_chunk_plan
-    from chunkflow_pl.schedule.executor import ChunkExecutor
-    from chunkflow_pl.schedule.planner import plan_single_device
+    from chunkflow_pl.schedule.runner import StepRunner
 
     g = torch.Generator().manual_seed(seed)
     seq = torch.randint(0, model.cfg.vocab_size, (L,), generator=g)
@@ -84,8 +83,7 @@ def _one_step(model, opt, L: int, C: int, k: int, device, seed: int):
     n_label = int((targets != -100).sum())
     plan = build_chunk_plan([L], C)
     batch = assemble_step(plan.chunks, [seq], [targets], [L], [0], n_label, 0, len(plan.chunks))
-    actions = plan_single_device([c.segments for c in batch.chunks], batch.seq_lens, k)
-    stats = ChunkExecutor(model, batch, device).run(actions)
+    stats = StepRunner(model.cfg, k, device).run(model, batch).stats
     opt.step()
     opt.zero_grad(set_to_none=True)
     return stats, len(plan.chunks)

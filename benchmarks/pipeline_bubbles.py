@@ -43,8 +43,8 @@ from chunkflow_pl.data.packing import build_chunk_plan  # noqa: E402
 from chunkflow_pl.data.sources.synthetic import synthetic_lengths  # noqa: E402
 from chunkflow_pl.data.types import Segment  # noqa: E402
 from chunkflow_pl.model.config import get_preset  # noqa: E402
-from chunkflow_pl.schedule.actions import Op  # noqa: E402
 from chunkflow_pl.schedule.cost import CostModel  # noqa: E402
+from chunkflow_pl.schedule.pipeline_actions import Op  # noqa: E402
 from chunkflow_pl.schedule.pipeline_checker import check_pipeline_plan  # noqa: E402
 from chunkflow_pl.schedule.pipeline_planner import default_caps, plan_pipeline  # noqa: E402
 from chunkflow_pl.schedule.simulator import SimResult, lower_bound, simulate  # noqa: E402

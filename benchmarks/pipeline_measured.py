@@ -48,11 +48,11 @@ if str(ROOT) not in sys.path:
 from chunkflow_pl.data.types import Segment  # noqa: E402
 from chunkflow_pl.model.config import get_preset  # noqa: E402
 from chunkflow_pl.model.stages import split_stages  # noqa: E402
-from chunkflow_pl.schedule.actions import Op  # noqa: E402
 from chunkflow_pl.schedule.cost import CostModel, MeasuredCost  # noqa: E402
+from chunkflow_pl.schedule.pipeline_actions import Op  # noqa: E402
 from chunkflow_pl.schedule.pipeline_planner import plan_pipeline  # noqa: E402
+from chunkflow_pl.schedule.runner import pipeline_cost  # noqa: E402
 from chunkflow_pl.schedule.simulator import simulate  # noqa: E402
-from chunkflow_pl.strategy.pipeline import pipeline_cost  # noqa: E402
 
 COMPUTE = {op.value for op in Op}
 

@@ -45,8 +45,7 @@ from chunkflow_pl.data.packing import build_chunk_plan  # noqa: E402
 from chunkflow_pl.model.config import ModelConfig  # noqa: E402
 from chunkflow_pl.model.decoder import Qwen2Decoder  # noqa: E402
 from chunkflow_pl.model.hf_io import load_pretrained  # noqa: E402
-from chunkflow_pl.schedule.executor import ChunkExecutor  # noqa: E402
-from chunkflow_pl.schedule.planner import plan_single_device  # noqa: E402
+from chunkflow_pl.schedule.runner import StepRunner  # noqa: E402
 
 VARIANTS = ("hf", "k1", "chain", "pack")
 
@@ -76,15 +75,13 @@ def chunk_step(model, seqs, targets, n_label, chunk_size: int, k: int | None) ->
     plan = build_chunk_plan(lens, chunk_size)
     batch = assemble_step(plan.chunks, seqs, targets, lens, list(range(len(seqs))), n_label, 0, len(plan.chunks))
     k = k or -(-max(lens) // chunk_size)
-    actions = plan_single_device([c.segments for c in batch.chunks], batch.seq_lens, k)
     model.zero_grad(set_to_none=True)
-    ex = ChunkExecutor(model, batch, torch.device("cpu"), clock=time.perf_counter)
-    ex.run(actions)
+    run = StepRunner(model.cfg, k, torch.device("cpu")).run(model, batch, record=True)
     phases: dict[str, float] = {}
-    for op, _, t0, t1 in ex.events:
+    for op, _, t0, t1 in run.timeline.events:
         phases[op] = phases.get(op, 0.0) + t1 - t0
     phases["chunks"] = len(batch.chunks)
-    phases["recomputed"] = ex.stats.recomputed_chunks
+    phases["recomputed"] = run.stats.recomputed_chunks
     return phases
 
 

@@ -8,8 +8,8 @@ Per step, logged to the active logger(s)::
     perf/tflop_per_s        model FLOPs / step time
     perf/mfu                model FLOP/s / peak FLOP/s
     perf/hfu                (model + the recomputed chunks' first, kv-only forwards) FLOP/s / peak; one
-                            device only (the plan is re-derived from the batch to know which chunks
-                            were recomputed)
+                            device only (the recomputed chunks are those of the plan the strategy's
+                            step runner just ran, ``strategy.last_run``)
     perf/peak_tflop_per_s   the peak used: ``peak_flops`` if set, else a matrix-product probe at fit start
 
 FLOPs are per rank (its data-parallel share and, in a pipeline, its stage's layers), so MFU is the
@@ -26,8 +26,6 @@ import torch
 
 from callbacks.flops import step_flops
 from chunkflow_pl.model.flops import ModelFlops
-from chunkflow_pl.schedule.actions import Op
-from chunkflow_pl.schedule.planner import plan_single_device
 from chunkflow_pl.utils.peak_flops import matmul_dtype, measure_peak_flops
 
 log = logging.getLogger(__name__)
@@ -76,7 +74,7 @@ class ChunkThroughput(L.Callback):
         }
         pl_module.log("train/tokens_per_s", out.pop("train/tokens_per_s"), prog_bar=True, batch_size=1)
         if self._model_flops is not None and self.peak_flops:
-            fl = step_flops(self._model_flops, [c.segments for c in batch.chunks], self._recomputed(trainer, batch))
+            fl = step_flops(self._model_flops, [c.segments for c in batch.chunks], self._recomputed(trainer))
             out.update({
                 "perf/model_tflop": fl.model / 1e12,
                 "perf/tflop_per_s": fl.model / dt / 1e12,
@@ -92,10 +90,9 @@ class ChunkThroughput(L.Callback):
         dims = getattr(trainer.strategy, "dims", None)
         return dims is None or dims.pp == 1
 
-    def _recomputed(self, trainer, batch) -> list[int]:
-        """Chunks the single-device plan recomputed (the strategy's plan, derived again: it is deterministic)."""
-        k = getattr(trainer.strategy, "chunk_k", None)
-        if k is None or not self._single_device(trainer):
+    def _recomputed(self, trainer) -> list[int]:
+        """Chunks the step just run recomputed on one device (from its plan, ``StepRun.recomputed``)."""
+        run = getattr(trainer.strategy, "last_run", None)
+        if run is None or not self._single_device(trainer):
             return []
-        actions = plan_single_device([c.segments for c in batch.chunks], batch.seq_lens, k)
-        return [a.chunk for a in actions if a.op is Op.RECOMPUTE and batch.chunks[a.chunk].num_tokens]
+        return run.recomputed

@@ -1,7 +1,7 @@
 """Every N steps, draw the executed schedule of a step as a Gantt chart (stage x time) and log it.
 
 On a recorded step every rank times each action it runs (``ChunkExecutor``'s clock, from an origin
-the ranks of a replica share, see ``ChunkFlowStrategy._run_stage``); rank 0 gathers the stages of
+the ranks of a replica share, see ``schedule/runner.py``); rank 0 gathers the stages of
 replica 0 (data-parallel rank 0) and writes, under ``<run dir>/<dirname>/``::
 
     step_000009.png        executed: forward / recompute / backward / idle per stage
@@ -26,8 +26,8 @@ from pathlib import Path
 import lightning as L
 import torch.distributed as dist
 
-from chunkflow_pl.schedule.actions import Op
 from chunkflow_pl.schedule.cost import MeasuredCost
+from chunkflow_pl.schedule.pipeline_actions import Op
 from chunkflow_pl.schedule.simulator import simulate
 from chunkflow_pl.schedule.timeline import TimedEvent, draw_timeline, timeline_stats
 
@@ -85,7 +85,7 @@ class PipelineTimeline(L.Callback):
         }
         metrics = {"pipeline/bubble": measured.bubble_total}
         plan = records[0].extra.get("plan")
-        if self.simulate and plan is not None:
+        if self.simulate and plan is not None and pp > 1:  # one stage: the replay would be the chart itself
             durations = {(e.stage, Op(e.op), e.chunk): e.end - e.start for e in events}
             sim = simulate(plan, [c.segments for c in batch.chunks], batch.seq_lens, MeasuredCost(durations, pp))
             draw_timeline(sim.events, out / f"step_{step:06d}_sim.png", pp, time_axis=measured.step_time,

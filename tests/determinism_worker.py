@@ -22,8 +22,7 @@ from chunkflow_pl.data.packing import build_chunk_plan
 from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.decoder import Qwen2Decoder
 from chunkflow_pl.model.hf_io import load_pretrained
-from chunkflow_pl.schedule.executor import ChunkExecutor
-from chunkflow_pl.schedule.planner import plan_single_device
+from chunkflow_pl.schedule.runner import StepRunner
 
 
 def main(hf_dir: str, chunk_size: int, noise_seed: int) -> None:
@@ -40,12 +39,12 @@ def main(hf_dir: str, chunk_size: int, noise_seed: int) -> None:
     n_label = sum(int((t != -100).sum()) for t in targets)
     plan = build_chunk_plan(lens, chunk_size)
     batch = assemble_step(plan.chunks, seqs, targets, lens, list(range(len(seqs))), n_label, 0, len(plan.chunks))
-    actions = plan_single_device([c.segments for c in batch.chunks], lens, 1)
+    runner = StepRunner(cfg, 1, torch.device("cpu"))  # training's step path, one stage
 
     digests = []
     for _ in range(2):
         model.zero_grad(set_to_none=True)
-        ChunkExecutor(model, batch, torch.device("cpu")).run(actions)
+        runner.run(model, batch)
         h = hashlib.sha256()
         for _, p in sorted(model.named_parameters()):
             h.update(p.grad.detach().contiguous().numpy().tobytes())

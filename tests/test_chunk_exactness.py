@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_hf_model
+from single_device_oracle import plan_single_device
 
 from chunkflow_pl.data.assemble import assemble_step
 from chunkflow_pl.data.labels import targets_from_labels
@@ -15,7 +16,6 @@ from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.decoder import Qwen2Decoder
 from chunkflow_pl.model.hf_io import load_pretrained, to_hf_name
 from chunkflow_pl.schedule.executor import ChunkExecutor
-from chunkflow_pl.schedule.planner import plan_single_device
 
 CHUNK = 16
 LENS = [5, 40, 13, 1, 320, 33, 16, 17]  # short ones, 2x-20x CHUNK, exactly CHUNK, CHUNK + 1

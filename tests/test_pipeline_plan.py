@@ -8,18 +8,18 @@ from dataclasses import replace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from single_device_oracle import plan_single_device
 
 from chunkflow_pl.data.balance import assign_to_ranks
 from chunkflow_pl.data.packing import build_chunk_plan
 from chunkflow_pl.data.types import Segment
-from chunkflow_pl.schedule.actions import Action, Op
-from chunkflow_pl.schedule.checker import PlanError
+from chunkflow_pl.model.config import get_preset
 from chunkflow_pl.schedule.cost import CostModel
 from chunkflow_pl.schedule.graph import build_graph, forward_order
-from chunkflow_pl.schedule.pipeline_actions import Comm, CommOp, PipeAction, PipelinePlan
-from chunkflow_pl.schedule.pipeline_checker import DeadlockError, check_pipeline, check_pipeline_plan
+from chunkflow_pl.schedule.pipeline_actions import Action, Comm, CommOp, Op, PipeAction, PipelinePlan
+from chunkflow_pl.schedule.pipeline_checker import DeadlockError, PlanError, check_pipeline, check_pipeline_plan
 from chunkflow_pl.schedule.pipeline_planner import default_caps, plan_pipeline
-from chunkflow_pl.schedule.planner import plan_single_device
+from chunkflow_pl.schedule.runner import pipeline_cost
 from chunkflow_pl.schedule.simulator import simulate
 from chunkflow_pl.schedule.timeline import ascii_timeline
 
@@ -132,6 +132,18 @@ def test_one_stage_is_the_single_device_plan(case: tuple[Chunks, list[int]], k: 
     plan = plan_pipeline(chunks, lens, pp=1, k=k)
     single = [a for a in plan_single_device(chunks, lens, k) if chunks[a.chunk]]
     assert list(plan.stages[0]) == single  # no messages, same compute actions
+
+
+@settings(max_examples=40, deadline=None)
+@given(replicas(), st.integers(1, 4), st.sampled_from(["tiny", "qwen0.5b", "qwen72b"]),
+       st.sampled_from([0.0, 0.02, 5.0]))
+def test_one_stage_plan_does_not_depend_on_the_cost_model(case: tuple[Chunks, list[int]], k: int, preset: str,
+                                                         per_pair: float) -> None:
+    """The step runner plans pp = 1 with the model's FLOP costs: on one stage they order nothing."""
+    chunks, lens = case
+    single = [a for a in plan_single_device(chunks, lens, k) if chunks[a.chunk]]
+    for cost in (pipeline_cost(get_preset(preset), 1), CostModel.uniform(1, per_token=0.1, per_pair=per_pair)):
+        assert list(plan_pipeline(chunks, lens, pp=1, k=k, cost=cost).stages[0]) == single
 
 
 def megatron_1f1b(m: int, p: int, s: int) -> list[str]:

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from chunkflow_pl.data.types import Segment
 from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.schedule.pipeline_planner import plan_pipeline
-from chunkflow_pl.strategy.pipeline import pipeline_cost
+from chunkflow_pl.schedule.runner import pipeline_cost
 
 COMMON = ["data=jsonl", "data.global_batch_size=7", "data.shuffle=false", "chunk.size=32",
           "trainer.precision=64-true", "optim.weight_decay=0", "optim.grad_clip=0", "model.loss_chunk=16",
@@ -178,7 +178,7 @@ def _diverge_worker(rank: int, init: str, out_dir: str) -> None:
     from chunkflow_pl.schedule.pipeline_actions import Comm, CommOp
     from chunkflow_pl.strategy.dims import ParallelDims
     from chunkflow_pl.strategy.p2p import P2PTransport
-    from chunkflow_pl.strategy.pipeline import compare_plans
+    from chunkflow_pl.strategy.step import compare_plans
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)

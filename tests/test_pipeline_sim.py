@@ -6,8 +6,8 @@ import pytest
 
 from chunkflow_pl.data.types import Segment
 from chunkflow_pl.model.config import get_preset
-from chunkflow_pl.schedule.actions import Op
 from chunkflow_pl.schedule.cost import CostModel, MeasuredCost, even_stage_layers
+from chunkflow_pl.schedule.pipeline_actions import Op
 from chunkflow_pl.schedule.pipeline_planner import plan_pipeline
 from chunkflow_pl.schedule.simulator import lower_bound, simulate
 from chunkflow_pl.schedule.timeline import COLORS, TimedEvent, draw_timeline, timeline_stats

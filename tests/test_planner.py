@@ -1,4 +1,8 @@
-"""Single-device chunk scheduling (paper Algorithm 2): graph, planner and checker."""
+"""Single-device chunk scheduling (paper Algorithm 2): the chunk graph, and the test oracle's planner and checker.
+
+``single_device_oracle.py`` writes the single-device order directly; production plans every layout with the
+pipeline planner, whose one-stage plans ``test_pipeline_plan.py`` holds equal to this oracle's.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,12 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from single_device_oracle import check_plan, peak_live_activations, plan_single_device
 
 from chunkflow_pl.data.types import Segment
-from chunkflow_pl.schedule.actions import Action, Op
-from chunkflow_pl.schedule.checker import PlanError, check_plan, peak_live_activations
 from chunkflow_pl.schedule.graph import build_graph
-from chunkflow_pl.schedule.planner import plan_single_device
+from chunkflow_pl.schedule.pipeline_actions import Action, Op
+from chunkflow_pl.schedule.pipeline_checker import PlanError
 
 Chunks = list[list[Segment]]
 Case = tuple[Chunks, list[int]]  # chunks, seq_lens

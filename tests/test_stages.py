@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_hf_model
+from single_device_oracle import plan_single_device
 
 from chunkflow_pl.data.assemble import assemble_step
 from chunkflow_pl.data.labels import targets_from_labels
@@ -14,9 +15,8 @@ from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.decoder import Qwen2Decoder
 from chunkflow_pl.model.hf_io import load_pretrained
 from chunkflow_pl.model.stages import StageSpec, split_stages
-from chunkflow_pl.schedule.actions import Op
 from chunkflow_pl.schedule.executor import ChunkExecutor
-from chunkflow_pl.schedule.planner import plan_single_device
+from chunkflow_pl.schedule.pipeline_actions import Op
 from chunkflow_pl.schedule.transport import LocalTransport
 
 LENS = [5, 40, 13, 1, 90, 33, 16, 17]

@@ -240,8 +240,9 @@ def test_parallel_presets_compose_and_pipelines_estimate_the_largest_stage(tmp_p
 
 
 def test_timeline_of_a_one_process_step_is_its_plan_and_is_logged(tmp_path):
+    from single_device_oracle import plan_single_device
+
     from chunkflow_pl.data.types import Segment
-    from chunkflow_pl.schedule.planner import plan_single_device
 
     train(compose_cfg(tmp_path, "trainer.max_steps=2", "data.min_len=300", "chunk.k=1", "logger=csv",
                       "trainer.log_every_n_steps=1", "callbacks.timeline.every_n_train_steps=2", *SMALL))

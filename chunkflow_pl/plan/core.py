@@ -31,9 +31,9 @@ from chunkflow_pl.data.packing import build_chunk_plan
 from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.memory import estimate_stage_memory, precision_bytes
 from chunkflow_pl.model.stages import split_stages
-from chunkflow_pl.schedule.actions import Op
 from chunkflow_pl.schedule.cost import CostModel
 from chunkflow_pl.schedule.graph import build_graph
+from chunkflow_pl.schedule.pipeline_actions import Op
 from chunkflow_pl.schedule.pipeline_planner import default_caps, plan_pipeline
 from chunkflow_pl.schedule.simulator import simulate
 

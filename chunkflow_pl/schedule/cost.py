@@ -37,7 +37,7 @@ from chunkflow_pl.data.balance import DEFAULT_A_ATTN, ChunkCost, chunk_cost
 from chunkflow_pl.data.types import Segment
 from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.flops import ModelFlops
-from chunkflow_pl.schedule.actions import Op
+from chunkflow_pl.schedule.pipeline_actions import Op
 
 # Defaults for from_model: the ratio of message time to compute time is all they set.
 DEFAULT_FLOPS_PER_S = 400e12  # ~40% of an H100's dense bf16 peak

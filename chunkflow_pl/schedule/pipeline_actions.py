@@ -1,10 +1,11 @@
-"""Actions of a pipeline step plan: one ordered list per stage, compute plus point-to-point messages.
+"""Actions of a step plan: one ordered list per pipeline stage, compute plus point-to-point messages.
 
-Compute actions are the single-device ``Action`` (``actions.py``): ``FORWARD(c, keep)``,
-``RECOMPUTE(c)``, ``BACKWARD(c)``, each on the stage's own layers. Messages are ``Comm``: the hidden
-state ``[T, D]`` of a chunk goes forward from stage ``s`` to ``s + 1``, its gradient ``[T, D]``
-backward from ``s + 1`` to ``s``. ``T`` (``Comm.tokens``) is the chunk's token count, which every rank
-derives from the same batch, and ``D`` is the model's hidden size: no shape is ever exchanged.
+Compute actions are ``Action``: ``FORWARD(c, keep)``, ``RECOMPUTE(c)``, ``BACKWARD(c)``, each on the
+stage's own layers (one stage: the whole model, paper Algorithm 2 on one device). Messages are
+``Comm``: the hidden state ``[T, D]`` of a chunk goes forward from stage ``s`` to ``s + 1``, its
+gradient ``[T, D]`` backward from ``s + 1`` to ``s``. ``T`` (``Comm.tokens``) is the chunk's token
+count, which every rank derives from the same batch, and ``D`` is the model's hidden size: no shape
+is ever exchanged.
 
 Channels: one per stage pair and direction, so four kinds of message end on two channels::
 
@@ -26,7 +27,24 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
 
-from chunkflow_pl.schedule.actions import Action
+
+class Op(str, Enum):
+    FORWARD = "forward"  # run the chunk forward; store its keys/values in the state store
+    RECOMPUTE = "recompute"  # re-run a forward whose activations were dropped, right before its backward
+    BACKWARD = "backward"  # backward of the chunk's loss plus the gradient of its keys/values
+
+
+@dataclass(frozen=True)
+class Action:
+    """One compute action of a stage on chunk ``chunk``."""
+
+    op: Op
+    chunk: int
+    keep: bool = True  # FORWARD only: keep activations for backward (False: recompute later)
+
+    def __str__(self) -> str:
+        suffix = "" if self.op is not Op.FORWARD or self.keep else "(drop)"
+        return f"{self.op.value[0].upper()}{self.chunk}{suffix}"
 
 
 class CommOp(str, Enum):

@@ -2,7 +2,7 @@
 
 Any lists, not only the planner's. Checked in this order, each error naming stage, action and rule:
 
-1. **Compute, per stage** (as ``checker.check_plan`` on one device): every chunk with tokens has one
+1. **Compute, per stage** (``check_counts``, ``replay_compute``): every chunk with tokens has one
    forward and one backward on every stage, chunks without tokens have no action; dependencies
    inside the stage (state: forward after the previous piece's forward, backward after the next
    piece's backward); recompute exactly for dropped forwards, before their backward; live
@@ -26,16 +26,18 @@ gloo tolerates orders that hang on NCCL, so a CPU test run is no proof of deadlo
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 from chunkflow_pl.data.types import Segment
-from chunkflow_pl.schedule.actions import Action, Op
-from chunkflow_pl.schedule.checker import PlanError, check_counts, replay_compute
-from chunkflow_pl.schedule.graph import build_graph
-from chunkflow_pl.schedule.pipeline_actions import Channel, Comm, CommOp, PipeAction, PipelinePlan
+from chunkflow_pl.schedule.graph import ChunkGraph, build_graph
+from chunkflow_pl.schedule.pipeline_actions import Action, Channel, Comm, CommOp, Op, PipeAction, PipelinePlan
 
 Sends = Literal["async", "blocking"]
+
+
+class PlanError(ValueError):
+    """A step plan breaks a scheduling rule."""
 
 
 class DeadlockError(PlanError):
@@ -77,6 +79,83 @@ def check_pipeline(
         replay_compute(compute, graph, caps[s], where=where, cap_name="cap")
     _check_channels(stages)
     _check_progress(stages, sends)
+
+
+def replay_compute(
+    indexed: Sequence[tuple[int, Action]], graph: ChunkGraph, cap: int, *, where: str = "", cap_name: str = "k"
+) -> int:
+    """Replay compute actions in order against ``graph``; return the peak of live activations.
+
+    ``indexed`` holds ``(position in the caller's list, action)``, so errors point into that list
+    (``where`` prefixes them, e.g. ``"stage 1, "``). Counts must already be exact (``check_counts``):
+    each chunk in ``indexed`` has one forward and one backward.
+    """
+    kept: dict[int, bool] = {}  # chunk -> keep flag of its forward, once it ran
+    backed: set[int] = set()
+    recomputed: set[int] = set()
+    live: set[int] = set()
+    peak = 0
+    for i, a in indexed:
+        c = a.chunk
+
+        def fail(rule: str, i: int = i, a: Action = a) -> PlanError:
+            return PlanError(f"{where}action {i} ({a}): {rule}")
+
+        if a.op is Op.FORWARD:
+            for p in sorted(graph.fwd_deps[c]):
+                if p not in kept:
+                    raise fail(f"forward of chunk {c} before the forward of chunk {p} it depends on")
+            kept[c] = a.keep
+            if a.keep:
+                live.add(c)
+        elif a.op is Op.RECOMPUTE:
+            if c in backed:
+                raise fail(f"recompute of chunk {c} after its backward")
+            if c not in kept:
+                raise fail(f"recompute of chunk {c} before its forward")
+            if kept[c]:
+                raise fail(f"recompute of chunk {c} whose forward kept its activations")
+            if c in recomputed:
+                raise fail(f"second recompute of chunk {c}")
+            recomputed.add(c)
+            live.add(c)
+        else:
+            if c not in kept:
+                raise fail(f"backward of chunk {c} before its own forward")
+            for m in sorted(graph.bwd_deps[c]):
+                if m not in backed:
+                    raise fail(f"backward of chunk {c} before the backward of chunk {m} it depends on")
+            if not kept[c] and c not in recomputed:
+                raise fail(f"backward of chunk {c} without a recompute of its dropped forward")
+            backed.add(c)
+            live.discard(c)
+        if len(live) > cap:
+            raise fail(f"live activations {len(live)} exceed {cap_name}={cap} (chunks {sorted(live)})")
+        peak = max(peak, len(live))
+    return peak
+
+
+def check_counts(indexed: Sequence[tuple[int, Action]], n: int, required: Iterable[int], *, where: str = "") -> None:
+    """Exactly one FORWARD and one BACKWARD of every chunk in ``required``, none of any other chunk.
+
+    Counted before replaying the order, so a missing action reads as missing rather than as a
+    dependency broken later by the chunk that needed it.
+    """
+    need = set(required)
+    seen: dict[Op, set[int]] = {Op.FORWARD: set(), Op.BACKWARD: set()}
+    for i, a in indexed:
+        if not 0 <= a.chunk < n:
+            raise PlanError(f"{where}action {i} ({a}): chunk index {a.chunk} out of range [0, {n})")
+        if a.chunk not in need:
+            raise PlanError(f"{where}action {i} ({a}): chunk {a.chunk} has no tokens, so no action may name it")
+        if a.op in seen:
+            if a.chunk in seen[a.op]:
+                raise PlanError(f"{where}action {i} ({a}): duplicate {a.op.name} of chunk {a.chunk}")
+            seen[a.op].add(a.chunk)
+    for op, done in seen.items():
+        missing = sorted(need - done)
+        if missing:
+            raise PlanError(f"{where}missing {op.name} of chunks {missing}")
 
 
 def _expected(s: int, pp: int) -> dict[CommOp, int]:

@@ -3,10 +3,11 @@
 Units and orders
 ----------------
 A *unit* is a component of the chunk graph (``graph.py``): one standalone chunk, or chunks linked by
-sequence continuation (a *chain*). As on one device (``planner.py``), a unit's chunks run forward in
-``forward_order`` and backward in exactly the reverse order, on every stage, and only the last
-``k`` forwards keep activations; the others run without autograd and are recomputed before their
-backward. Chunks with 0 tokens (data-parallel padding) get no action at all.
+sequence continuation (a *chain*). A unit's chunks run forward in ``forward_order`` and backward in
+exactly the reverse order, on every stage, and only the last ``k`` forwards keep activations; the
+others run without autograd and are recomputed before their backward (paper Algorithm 2). Chunks
+with 0 tokens (data-parallel padding) get no action at all. One device is the case ``pp = 1``: this
+planner is the only one, and ``schedule/runner.py`` runs its plans for every layout.
 
 Messages between two stages are matched in order (one FIFO per channel), so every stage runs the
 forwards in one global *forward order* and the backwards in one global *backward order*; stages
@@ -27,7 +28,10 @@ A stage other than the last, whenever it is free, starts the first of
 
 The last stage runs a standalone chunk's backward right after its forward, and a chain's
 backwards one per turn, alternating with a forward when one is ready (1F1B), so upstream stages get
-work while the chain drains. With ``pp = 1`` it is plain backward-first: the single-device plan.
+work while the chain drains. With ``pp = 1`` it is plain backward-first, one unit after the other:
+each unit's forwards, then its backwards (with the recomputes just in time), whatever the cost
+model (``tests/single_device_oracle.py`` writes that order directly; ``test_pipeline_plan.py`` holds
+the two equal).
 
 Admission bounds live activations (kept forwards and recomputes until their backward) by
 ``caps[s]``, default ``max(pp - s, k)``: the 1F1B depth, but room for a unit's ``k`` kept chunks.
@@ -94,10 +98,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from chunkflow_pl.data.types import Segment
-from chunkflow_pl.schedule.actions import Action, Op
 from chunkflow_pl.schedule.cost import ActionCost, CostModel
 from chunkflow_pl.schedule.graph import build_graph, forward_order
-from chunkflow_pl.schedule.pipeline_actions import Comm, CommOp, PipeAction, PipelinePlan
+from chunkflow_pl.schedule.pipeline_actions import Action, Comm, CommOp, Op, PipeAction, PipelinePlan
 
 
 def default_caps(pp: int, k: int) -> tuple[int, ...]:
@@ -122,7 +125,8 @@ def plan_pipeline(
     interleaving (default ``CostModel.uniform(pp)``); every rank must pass the same. ``caps``
     default ``default_caps(pp, k)``. ``max_open_chains``: chains whose state may be alive on a stage
     at once (``None``: no limit beyond the caps). With ``pp = 1`` the compute actions are exactly
-    ``plan_single_device``'s minus those on empty chunks.
+    the single-device order of Algorithm 2 (``tests/single_device_oracle.py``) minus those on empty
+    chunks.
 
     Raises ``ValueError`` on bad arguments or chunks that do not tile their sequences.
     """

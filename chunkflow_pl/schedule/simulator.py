@@ -23,10 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from chunkflow_pl.data.types import Segment
-from chunkflow_pl.schedule.actions import Action, Op
 from chunkflow_pl.schedule.cost import ActionCost
 from chunkflow_pl.schedule.graph import build_graph
-from chunkflow_pl.schedule.pipeline_actions import Channel, Comm, PipelinePlan
+from chunkflow_pl.schedule.pipeline_actions import Action, Channel, Comm, Op, PipelinePlan
 from chunkflow_pl.schedule.timeline import TimedEvent, timeline_stats
 
 

@@ -5,14 +5,15 @@ Only two things ever cross a stage boundary (DESIGN.md "Parallel runtime"): a ch
 its gradient stay on their stage. Every rank derives every message's shape from the same step batch
 (``T`` = tokens of the chunk, ``D`` = hidden size), so nothing but the payload goes on the wire.
 
-- ``LocalTransport``: in-process mailboxes, for pp = 1 (never used) and for running two stages one after
-  the other in one process (tests).
+- ``LocalTransport``: in-process mailboxes: the transport of a one-stage plan (pp = 1, which sends
+  nothing) and of two stages run one after the other in one process (tests).
 - ``chunkflow_pl.strategy.p2p.P2PTransport``: torch.distributed point-to-point between ranks.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -21,6 +22,10 @@ GRAD = "grad"  # its gradient, stage s + 1 -> s
 
 
 class Transport(Protocol):
+    def begin_step(self, step: int, stages: Sequence[Sequence[Any]], hidden_size: int, dtype: torch.dtype) -> None:
+        """Take the replica's action lists of step ``step`` (``PipelinePlan.stages``) before the stage runs;
+        a transport that posts receives ahead (``P2PTransport``) learns every message of the step here."""
+
     def send(self, kind: str, chunk: int, tensor: torch.Tensor) -> None:
         """Post ``tensor`` (``kind`` of ``chunk``) to the neighbour; may return before it is received."""
 
@@ -37,6 +42,11 @@ class LocalTransport:
 
     def __init__(self) -> None:
         self._box: dict[tuple[str, int], torch.Tensor] = {}
+
+    def begin_step(self, step: int, stages: Sequence[Sequence[Any]], hidden_size: int, dtype: torch.dtype) -> None:
+        if self._box:
+            raise RuntimeError(f"step {step} began with messages of the previous step never received: "
+                               f"{sorted(self._box)}")
 
     def send(self, kind: str, chunk: int, tensor: torch.Tensor) -> None:
         key = (kind, chunk)

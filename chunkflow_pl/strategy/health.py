@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch.distributed as dist
 
@@ -74,3 +76,16 @@ def describe_failure(rank: int, world_size: int, step: int | None) -> str | None
         return (f"rank {rank}: lost contact with the other ranks{where} (the rank holding the rendezvous store, "
                 f"rank 0, may have died); stopping this rank too")
     return None
+
+
+@contextmanager
+def peer_failures(rank: int, world_size: int, step: int | None) -> Iterator[None]:
+    """Re-raise a failed collective or message as ``PeerFailure`` naming the dead peer, when one is found."""
+    try:
+        yield
+    except (RuntimeError, dist.DistBackendError) as e:
+        if world_size > 1:
+            msg = describe_failure(rank, world_size, step)
+            if msg:
+                raise PeerFailure(msg) from e
+        raise

@@ -5,8 +5,8 @@ packed with other sequences), rebuilds its tokens and whole-sequence targets fro
 computes the gradient of its loss (summed token cross-entropy / its supervised tokens) twice with the
 current weights::
 
-    chunked:    one chunk per piece, cut where training cut it, run by the same planner (same k) and
-                ChunkExecutor (same state offload) as the training step
+    chunked:    one chunk per piece, cut where training cut it, run by the training step's path: a
+                one-stage StepRunner (same planner, same k, same state offload)
     unchunked:  the whole sequence in one forward and one backward
 
 and returns the relative L2 difference over all parameters. The training step's gradients are not
@@ -27,8 +27,7 @@ import torch
 from chunkflow_pl.data.assemble import assemble_step
 from chunkflow_pl.data.types import IGNORE_INDEX, Segment, StepBatch
 from chunkflow_pl.model.attention import VarlenMeta
-from chunkflow_pl.schedule.executor import ChunkExecutor
-from chunkflow_pl.schedule.planner import plan_single_device
+from chunkflow_pl.schedule.runner import StepRunner
 
 
 @dataclass(frozen=True)
@@ -107,9 +106,8 @@ def probe_sequence(model: torch.nn.Module, batch: StepBatch, seq: int, device: t
         del hidden
         one = [[Segment(0, p.start, p.end)] for p in pieces]  # the training cuts, one piece per chunk
         probe = assemble_step(one, {0: ids}, {0: targets}, [length], [0], n_label, batch.step_index, len(one))
-        actions = plan_single_device([c.segments for c in probe.chunks], probe.seq_lens, k)
         with ctx():
-            ChunkExecutor(model, probe, device, offload_state=offload_state).run(actions)
+            StepRunner(model.cfg, k, device, offload_state=offload_state).run(model, probe)
         chunked = _grads(params)
     finally:
         for p, g in zip(params, saved):

@@ -1,0 +1,43 @@
+"""Hugging Face export from every rank of a run: one checkpoint directory that transformers loads.
+
+One stage: global rank 0 writes ``model.safetensors``. A pipeline: data-parallel rank 0 of each stage
+writes its shard ``model-0000s-of-0000p.safetensors`` (a tied head is written once, by the first
+stage) and global rank 0 writes the index that joins them. Collective: every rank calls it with the
+same ``out``; the caller's barrier follows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from chunkflow_pl.model.hf_io import save_hf, save_hf_shard, write_hf_config
+from chunkflow_pl.model.stages import StageSpec
+from chunkflow_pl.strategy.dims import ParallelDims
+
+
+def export_hf(model: torch.nn.Module, out: Path, dims: ParallelDims, rank: int, spec: StageSpec | None,
+              dtype: torch.dtype | None = None, tokenizer_dir=None) -> Path:
+    """Write this rank's part of the export of ``model`` to ``out`` (``spec``: this rank's stage, pp > 1)."""
+    cfg = model.cfg
+    pp_rank, dp_rank = dims.coords(rank)
+    if dims.pp == 1:
+        if rank == 0:
+            save_hf(model, cfg, out, dtype=dtype, tokenizer_dir=tokenizer_dir)
+        return out
+    assert spec is not None, "a pipeline export needs the stage split"
+    weight_map: dict[str, str] = {}
+    if dp_rank == 0:
+        skip = {"embed.weight"} if not spec.takes_ids else None
+        name = f"model-{pp_rank + 1:05d}-of-{dims.pp:05d}.safetensors"
+        weight_map = save_hf_shard(model, out, name, dtype=dtype, skip=skip)
+    maps: list[Any] = [None] * dims.world_size
+    dist.all_gather_object(maps, weight_map)
+    if rank == 0:
+        merged = {k: v for m in maps for k, v in (m or {}).items()}
+        dtype_name = str(dtype if dtype is not None else next(model.parameters()).dtype).removeprefix("torch.")
+        write_hf_config(out, cfg, merged, dtype_name, tokenizer_dir=tokenizer_dir, index=True)
+    return out
