@@ -13,8 +13,8 @@ from chunkflow_pl.data.packing import build_chunk_plan
 from chunkflow_pl.data.sources.synthetic import synthetic_lengths
 from chunkflow_pl.data.types import ChunkPlan
 from chunkflow_pl.model.config import get_preset
-from chunkflow_pl.schedule.actions import Op
 from chunkflow_pl.schedule.cost import CostModel
+from chunkflow_pl.schedule.pipeline_actions import Op
 
 TINY = get_preset("tiny")
 MODELS = {
