@@ -38,6 +38,7 @@ from chunkflow_pl.strategy.health import PeerFailure
 from chunkflow_pl.training.module import ChunkFlowLM
 from chunkflow_pl.training.nonfinite import NonFiniteError
 from chunkflow_pl.training.optim import OptimConfig
+from chunkflow_pl.training.precision import check_precisions
 from chunkflow_pl.utils.reproducibility import CNR_DEFAULT, CNR_ENV, mkl_cnr_mode
 from chunkflow_pl.utils.run_dir import remove_preemption_checkpoints, resume_policy, this_run_dir_name
 
@@ -117,6 +118,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
     warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
     # Every group is typed: unknown keys and wrong types fail here, naming the key.
+    check_precisions(cfg.trainer.get("precision", "32-true"), (cfg.get("export") or {}).get("dtype"))
     model = ModelSettings.from_dict(cfg.model)
     mcfg = model.architecture()
     cfg = resolve_auto_chunk(cfg, mcfg)  # chunk.size=auto: the planner's pick (python -m chunkflow_pl.plan)

@@ -5,21 +5,18 @@ from __future__ import annotations
 import logging
 
 import lightning as L
-import torch
 
 from chunkflow_pl.model.hf_io import save_hf
 from chunkflow_pl.training.nonfinite import assert_finite, strategy_sum
+from chunkflow_pl.training.precision import export_dtype
 
 log = logging.getLogger(__name__)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 class HFExport(L.Callback):
     def __init__(self, hf_dir: str | None = None, dtype: str | None = None, tokenizer_dir: str | None = None) -> None:
-        if dtype is not None and dtype not in _DTYPES:
-            raise ValueError(f"export.dtype={dtype!r} is unknown; choose one of {sorted(_DTYPES)} or null")
         self.hf_dir = hf_dir
-        self.dtype = _DTYPES[dtype] if dtype else None
+        self.dtype = export_dtype(dtype)  # train.py checked it at start already (training/precision.py)
         self.tokenizer_dir = tokenizer_dir
 
     def on_fit_end(self, trainer, pl_module) -> None:

@@ -9,9 +9,11 @@ sequence can run for minutes, so waiting for the step to end may outlast the gra
                                abandoned, its partial gradients dropped; weights, optimizer and lr
                                schedule are still those after the last completed step
     between steps           -> the next on_train_batch_start raises StepInterrupted
-    on_exception            -> the data position is set back to before the interrupted global batch,
-                               so a resumed run redoes it; the checkpoint goes to
-                               <output_dir>/hpc_ckpt_<N>.ckpt (Lightning's name for it)
+    on_exception            -> the data position and Lightning's loop state are set back to those at
+                               the end of the last completed step (what last.ckpt holds), so a resumed
+                               run redoes the interrupted global batch and logs the uninterrupted run's
+                               step numbers; the checkpoint goes to <output_dir>/hpc_ckpt_<N>.ckpt
+                               (Lightning's name for it)
     SIGUSR1 in a SLURM job  -> ``scontrol requeue <job id>`` (as Lightning's own SLURM handler does)
     train.py                -> exit code 128 + signal number (143 for SIGTERM, 138 for SIGUSR1)
 
@@ -85,6 +87,8 @@ class Preemption(L.Callback):
         self.checkpoint: str | None = None
         self.detail = ""
         self._position: dict[str, Any] | None = None  # data position after the last completed step
+        self._loops: dict[str, Any] | None = None  # Lightning's fit-loop state at the same moment
+        self._saving = False  # inside _save: on_save_checkpoint substitutes self._loops
         self._previous: dict[int, Any] = {}
         self._before_step = False  # the stop was raised before the step began (not inside it)
 
@@ -126,7 +130,7 @@ class Preemption(L.Callback):
             self._install()
         if trainer.world_size == 1:  # several ranks stop only between steps, together (module docstring)
             trainer.strategy.should_stop = self.stop_requested
-        self._position = self._data_position(trainer)
+        self._snapshot(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.world_size > 1:
@@ -142,7 +146,16 @@ class Preemption(L.Callback):
             raise StepInterrupted(f"before step {trainer.global_step + 1}")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._position = self._data_position(trainer)
+        self._snapshot(trainer)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Saved from on_exception, the live loop state is mid-batch (batch counted ready, not completed).
+        # Lightning restores such a state by adding one to the logger's step counter (_batches_that_stepped),
+        # as it must for a checkpoint saved on_train_batch_end before that counter moves; here the counter
+        # had already moved, so every logged step came out one too high. The state at the end of the
+        # last completed step is one Lightning restores exactly (it is last.ckpt's).
+        if self._saving and self._loops is not None:
+            checkpoint["loops"]["fit_loop"] = copy.deepcopy(self._loops)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore()
@@ -150,16 +163,17 @@ class Preemption(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         try:
             if isinstance(exception, StepInterrupted) and self.signum is not None:
-                inside = f"inside step {trainer.global_step + 1}, {exception}"
+                inside = f"inside step {trainer.global_step + 1}, {exception}"  # the executor names the action
                 self.detail = str(exception) if self._before_step else inside
                 self._save(trainer, pl_module)
         finally:
             self._restore()
 
-    @staticmethod
-    def _data_position(trainer: L.Trainer) -> dict[str, Any] | None:
+    def _snapshot(self, trainer: L.Trainer) -> None:
+        """Data position and fit-loop state after the last completed step (or at the start): what _save writes."""
         dm = trainer.datamodule
-        return copy.deepcopy(dm.state_dict()) if dm is not None else None
+        self._position = copy.deepcopy(dm.state_dict()) if dm is not None else None
+        self._loops = copy.deepcopy(trainer.fit_loop.state_dict())
 
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for opt in trainer.optimizers:  # the abandoned step's partial gradients
@@ -167,7 +181,11 @@ class Preemption(L.Callback):
         if self._position is not None:  # redo the interrupted global batch on resume
             trainer.datamodule.load_state_dict(copy.deepcopy(self._position))
         path = next_preemption_path(trainer.default_root_dir)
-        trainer.save_checkpoint(path)
+        self._saving = True
+        try:
+            trainer.save_checkpoint(path)
+        finally:
+            self._saving = False
         self.checkpoint = path
         log.warning("%s: saved %s (step %d complete)", signal.Signals(self.signum).name, path, trainer.global_step)
         if self.signum == signal.SIGUSR1 and self.requeue_on_sigusr1 and trainer.is_global_zero:

@@ -52,3 +52,24 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
         load_pretrained(Qwen2Decoder(wrong), tmp_path, wrong)
     with pytest.raises(FileNotFoundError, match="config.json"):
         ModelConfig.from_hf_dir(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_exported_files_have_the_permissions_of_their_neighbours(tmp_path, umask):
+    """safetensors creates its file 0600; the export gives it the mode every other file there gets (the umask's)."""
+    import os
+
+    from chunkflow_pl.model.hf_io import save_hf_shard
+
+    cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
+    m = Qwen2Decoder(cfg)
+    old = os.umask(umask)
+    try:
+        save_hf(m, cfg, tmp_path / "one")
+        save_hf_shard(m, tmp_path / "shards", "model-00001-of-00002.safetensors")
+        (tmp_path / "shards" / "neighbour.json").write_text("{}")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    modes = {p.name: p.stat().st_mode & 0o777 for d in ("one", "shards") for p in (tmp_path / d).iterdir()}
+    assert modes == dict.fromkeys(modes, want) and "model.safetensors" in modes, {k: oct(v) for k, v in modes.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -84,7 +85,26 @@ def test_cli_prints_a_table_a_recommendation_and_its_override(capsys):
 
 def test_cli_says_when_nothing_fits(capsys):
     result = plan_main(["data.num_sequences=50", "plan.memory_budget=1MiB", "plan.overhead=0", "plan.flops_per_s=1e11"])
-    assert result.best is None and "nothing fits the budget" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert result.best is None and "nothing fits the budget" in out
+    assert "budget 1.00 MiB per device (runtime overhead 0 B counted against it)" in out  # not "0.00 GiB"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["+chunk.sise=8k"], r"unknown key chunk\.sise; accepted keys: k, offload_state, size$"),
+    (["+plan.foo=1"], r"unknown key plan\.foo; accepted keys: "),
+    (["parallel.pp=5"], r"parallel\.pp=5 is larger than the model's 4 layers"),
+    (["trainer.precision=16-mixed"], r"trainer\.precision=16-mixed is not supported"),
+    (["data=jsonl", "data.path=train.jsonl", "+data.max_len=8k"],
+     r"data\.max_len applies only to data\.kind=synthetic"),
+    (["data.num_sequences=50", "plan.memory_budget=1MiB", "plan.overhead=0", "plan.flops_per_s=1e11"],
+     r"no \(chunk\.size, chunk\.k\) candidate fits plan\.memory_budget=1\.00 MiB"),
+], ids=["chunk-typo", "plan-typo", "pp-too-large", "16-mixed", "max_len-with-jsonl", "nothing-fits"])
+def test_cli_refusals_exit_1_with_one_line_naming_the_key(overrides, message):
+    r = subprocess.run([sys.executable, "-m", "chunkflow_pl.plan", *overrides], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and re.match(r"error: " + message, lines[0]), r.stderr[-3000:]
 
 
 def test_auto_needs_explicit_budget_and_rate_with_several_processes(tmp_path):

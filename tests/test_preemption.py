@@ -8,7 +8,9 @@ the signal to its own process at a chosen point (inside the forward of a chunk, 
 
 from __future__ import annotations
 
+import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -155,3 +157,39 @@ def test_sigusr1_on_slurm_requeues_and_the_requeued_job_resumes_by_itself(tmp_pa
     assert _losses(tmp_path / "losses") == ref_losses
     assert _export(tmp_path / "hf") == ref_weights
     assert not list(run.glob("hpc_ckpt_*"))  # spent once the run completed
+
+
+def _csv_losses(run: Path) -> list[tuple[str, str]]:
+    """(step, train/loss) of every CSV row holding a loss, over the logger's versions in order (version_1: the
+    resumed half)."""
+    rows = []
+    for f in sorted(run.glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
+        rows += [(r["step"], r["train/loss"]) for r in csv.DictReader(f.open()) if r.get("train/loss")]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def csv_reference(tmp_path_factory):
+    d = tmp_path_factory.mktemp("csv_reference")
+    _train(d, d / "losses", "logger=csv", "trainer.log_every_n_steps=1")
+    rows = _csv_losses(d)
+    assert len(rows) == 4
+    return rows
+
+
+@pytest.mark.parametrize("when", ["SIGTERM:3:mid", "SIGTERM:1:mid", "SIGUSR1:2:between"])
+def test_a_run_resumed_from_a_preemption_checkpoint_logs_the_uninterrupted_runs_steps(tmp_path, csv_reference, when):
+    """The CSV of a pre-empted run and its resumption (auto-resume in the same folder) equals the uninterrupted
+    run's, step by step: no step logged twice, none missing, none shifted (Lightning's loop adds one to the logger
+    step when it restores a checkpoint saved in the middle of a batch), the same losses (inside step 1: an
+    optimizer saved before its first step resumes as one that never stepped)."""
+    run = tmp_path / "run"
+    r = _drive(tmp_path, tmp_path / "losses", f"hydra.run.dir={run}", "logger=csv", "trainer.log_every_n_steps=1",
+               env={"SIGNAL_SELF": when})
+    sig, step, where = when.split(":")
+    assert r.returncode == 128 + getattr(signal, sig), r.stderr[-3000:]
+    # one step number in the message: the optimizer step that was abandoned, or the one not begun
+    detail = rf"inside step {step}, stopped before action \S+" if where == "mid" else rf"before step {int(step) + 1}"
+    assert re.search(rf"stopped on {sig} \({detail}\); saved ", r.stderr), r.stderr[-3000:]
+    _train(run, tmp_path / "losses", "logger=csv", "trainer.log_every_n_steps=1")
+    assert _csv_losses(run) == csv_reference

@@ -302,3 +302,23 @@ def test_dp_balance_weighs_chunks_with_the_trained_model(tmp_path):
     res = train(compose_cfg(tmp_path, "trainer.max_steps=1", *SMALL))
     # the datamodule balances ranks with the trained model's own cost model, not a fixed hidden size
     assert res["datamodule"].chunk_cost == CostModel.from_model(res["model_config"], 1).balance_cost()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.precision=16-true", r"trainer\.precision=16-true is not supported: float16 weights .* overflow"),
+    ("trainer.precision=16-mixed", r"trainer\.precision=16-mixed is not supported: .*loss scaling"),
+    ("trainer.precision=transformer-engine", r"trainer\.precision=transformer-engine is not supported"),
+    ("export.dtype=float8", r"export\.dtype='float8' is unknown; choose one of bfloat16, float16, float32, float64"),
+], ids=["16-true", "16-mixed", "transformer-engine", "float8-export"])
+def test_unsupported_precisions_and_export_dtypes_fail_before_the_data_is_read(tmp_path, override, message):
+    """The data file does not exist: a check that came after tokenising would fail on it instead."""
+    with pytest.raises(ValueError, match=message):
+        train(compose_cfg(tmp_path, override, "data=jsonl", f"data.path={tmp_path / 'missing.jsonl'}"))
+
+
+def test_an_unsupported_precision_is_a_one_line_error_before_the_estimate(tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "trainer.precision=16-mixed", "export.dtype=float8", "logger=none",
+                        f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: trainer.precision=16-mixed is not supported")
+    assert "Traceback" not in r.stderr and "estimated training memory" not in r.stdout + r.stderr

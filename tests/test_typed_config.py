@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from chunkflow_pl.config import ChunkConfig, ParallelConfig
 from chunkflow_pl.data.config import DataConfig
 from chunkflow_pl.model.config import ModelSettings, get_preset
+from chunkflow_pl.plan.settings import PlanSettings
 from chunkflow_pl.training.optim import OptimConfig
 from chunkflow_pl.utils.typed_config import SIZE, from_dict
 from train import train
@@ -98,6 +99,18 @@ def _cfg(tmp_path, *overrides):
     ("+trainer.foo=1", r"unknown key trainer\.foo; accepted keys: .*max_steps"),
     ("trainer.max_steps=many", r"trainer\.max_steps='many' must be an integer"),
     ("+trainer.strategy=ddp", r"trainer\.strategy is set by train\.py"),
+    # the plan group is typed even when chunk.size is not auto (the planner is not asked)
+    ("+plan.foo=1", r"unknown key plan\.foo; accepted keys: chunk_sizes, flops_per_s, ks, memory_budget, num_batches, "
+                    r"overhead$"),
+    ("plan.ks=[1,chain,abc]", r"plan\.ks\[2\]='abc' must be an integer >= 1 or chain"),
+    ("plan.ks=[]", r"plan\.ks=\[\] lists no k"),
+    ("plan.chunk_sizes=[]", r"plan\.chunk_sizes=\[\] lists no chunk size"),
+    ("plan.chunk_sizes=[4k,big]", r"plan\.chunk_sizes\[1\]='big' is not a size"),
+    ("plan.num_batches=0", r"plan\.num_batches=0 must be >= 1"),
+    ("plan.flops_per_s=-1", r"plan\.flops_per_s=-1\.0 must be a positive number"),
+    ("plan.flops_per_s=fast", r"plan\.flops_per_s='fast' must be a number or null"),
+    ("plan.memory_budget=0", r"plan\.memory_budget=0 must be positive"),
+    ("plan.overhead=-1", r"plan\.overhead=-1 must be >= 0"),
 ])
 def test_typos_and_bad_values_fail_before_anything_runs(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
@@ -131,3 +144,17 @@ def test_command_line_typo_exits_1_with_the_key_and_no_traceback(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr[-2000:]
     assert "unknown key trainer.foo" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plan_settings_keep_nulls_and_parse_units():
+    got = PlanSettings.from_dict({"memory_budget": "1MiB", "overhead": 0, "chunk_sizes": ["2k", 512],
+                                  "ks": [1, "chain"], "flops_per_s": 1e11})
+    assert (got.memory_budget, got.overhead, got.chunk_sizes, got.ks) == (2**20, 0, (2048, 512), (1, "chain"))
+    assert PlanSettings.from_dict({}) == PlanSettings() and PlanSettings().memory_budget is None
+
+
+def test_synthetic_only_keys_with_file_data_are_refused_not_ignored(tmp_path):
+    for key in ("max_len=8k", "min_len=4", "num_sequences=10"):
+        with pytest.raises(ValueError, match=rf"data\.{key.split('=')[0]} applies only to data\.kind=synthetic"):
+            train(_cfg(tmp_path, "data=jsonl", f"data.path={tmp_path / 'missing.jsonl'}", f"+data.{key}"))
+    assert DataConfig.from_dict({"kind": "synthetic"}).max_len == 8192  # defaults stay for synthetic data

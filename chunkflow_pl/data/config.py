@@ -22,6 +22,7 @@ from chunkflow_pl.utils.typed_config import from_dict
 KINDS = ("synthetic", "jsonl", "text", "chat")
 TRAIN_ON = ("assistant", "all")
 ON_BAD_RECORD = ("error", "skip")
+SYNTHETIC_ONLY = {"num_sequences": 2000, "max_len": "8k", "min_len": 2}  # data.kind=synthetic's keys, defaults
 
 
 @dataclass
@@ -43,7 +44,8 @@ class DataConfig:
                        inputs, in-process for small ones; 0 = in-process).
     on_bad_record:     "error" (default: stop with file/line/field) or "skip" (skip, count, warn).
     cache_dir:         where tokenised caches are written (see the module docstring).
-    num_sequences, max_len, min_len: synthetic data size and length range; sizes accept ``8k``.
+    num_sequences, max_len, min_len: synthetic data size and length range; sizes accept ``8k``. Only for
+                       "synthetic" (defaults 2000, 8k, 2): set with another kind they are an error, not ignored.
     """
 
     kind: str = "synthetic"
@@ -57,15 +59,22 @@ class DataConfig:
     tokenize_workers: int | None = None
     on_bad_record: str = "error"
     cache_dir: str | None = None
-    num_sequences: int = 2000
-    max_len: int | str = "8k"
-    min_len: int | str = 2
+    num_sequences: int | None = None
+    max_len: int | str | None = None
+    min_len: int | str | None = None
     paths: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         _choice("data.kind", self.kind, KINDS)
         _choice("data.train_on", self.train_on, TRAIN_ON)
         _choice("data.on_bad_record", self.on_bad_record, ON_BAD_RECORD)
+        given = [k for k in SYNTHETIC_ONLY if getattr(self, k) is not None]
+        if self.kind != "synthetic" and given:
+            raise ValueError(f"data.{given[0]} applies only to data.kind=synthetic (generated data), not "
+                             f"data.kind={self.kind}, whose lengths are the records'; remove it")
+        for k, default in SYNTHETIC_ONLY.items():
+            if getattr(self, k) is None:
+                setattr(self, k, default)
         self.max_len = parse_size(self.max_len, key="data.max_len")
         self.min_len = parse_size(self.min_len, key="data.min_len")
         if self.min_len > self.max_len:

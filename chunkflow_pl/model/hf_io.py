@@ -146,7 +146,11 @@ def save_hf_shard(model: torch.nn.Module, out_dir: str | Path, filename: str, dt
         t = t.detach().to("cpu")
         tensors[to_hf_name(name)] = (t.to(dtype) if dtype is not None else t).contiguous()
     tmp = out / (filename + ".tmp")
+    tmp.unlink(missing_ok=True)  # a leftover of a killed export keeps its mode through touch()
+    tmp.touch()  # created as every other file here is (0666 less the umask): safetensors itself makes it 0600
+    mode = tmp.stat().st_mode & 0o777
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.chmod(mode)
     tmp.replace(out / filename)
     return dict.fromkeys(tensors, filename)
 

@@ -20,9 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 
 from chunkflow_pl.plan.core import PlanResult, format_table, plan_chunking
 from chunkflow_pl.plan.settings import plan_inputs
+from chunkflow_pl.utils.sizes import format_bytes
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 BUCKETS = ((1024, "<1K"), (4096, "1K-4K"), (32768, "4K-32K"), (131072, "32K-128K"), (None, ">128K"))
@@ -41,8 +43,8 @@ def report(result: PlanResult, hist: dict[str, int]) -> str:
     total = max(sum(hist.values()), 1)
     lines = ["sequence lengths: " + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in hist.items())
              + f"; longest {result.max_len}",
-             f"budget {spec.memory_budget / 2**30:.2f} GiB per device (runtime overhead "
-             f"{spec.overhead / 2**30:.2f} GiB counted against it), {spec.precision}, {spec.optimizer}, "
+             f"budget {format_bytes(spec.memory_budget)} per device (runtime overhead "
+             f"{format_bytes(spec.overhead)} counted against it), {spec.precision}, {spec.optimizer}, "
              f"pp={spec.pp} dp={spec.dp}; step time: cost model at {spec.flops_per_s:.3g} FLOP/s over "
              f"{result.sampled_batches} global batches", "", format_table(result), ""]
     if result.best is None:
@@ -50,7 +52,7 @@ def report(result: PlanResult, hist: dict[str, int]) -> str:
                      "trainer.precision=bf16-true, or raise plan.memory_budget")
     else:
         b = result.best
-        lines.append(f"recommended: chunk.size={b.chunk_size} chunk.k={b.k} (predicted peak {b.peak / 2**30:.2f} GiB, "
+        lines.append(f"recommended: chunk.size={b.chunk_size} chunk.k={b.k} (predicted peak {format_bytes(b.peak)}, "
                      f"step {b.step_time:.4g} s)")
         lines.append(f"override: {result.override()}")
     return "\n".join(lines)
@@ -69,6 +71,14 @@ def to_json(result: PlanResult, hist: dict[str, int]) -> dict:
     }
 
 
+def nothing_fits(result: PlanResult) -> str | None:
+    """The error of a plan with no candidate under the budget (the CLI then exits 1), or None."""
+    if result.best is not None:
+        return None
+    return (f"no (chunk.size, chunk.k) candidate fits plan.memory_budget={format_bytes(result.spec.memory_budget)}; "
+            f"see the table and the advice printed above")
+
+
 def main(argv: Sequence[str] | None = None) -> PlanResult:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=list(sys.argv[1:] if argv is None else argv))
@@ -82,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> PlanResult:
 
 if __name__ == "__main__":
     try:
-        main()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+        problem = nothing_fits(main())
+    except (ValueError, FileNotFoundError, HydraException) as e:  # one line, as train.py prints its errors
+        sys.exit("error: " + " ".join(str(e).split()))
+    if problem:
+        sys.exit(f"error: {problem}")

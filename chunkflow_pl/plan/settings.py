@@ -1,28 +1,96 @@
 """From the composed Hydra config (the application's) to the planner's typed inputs.
 
 Entry points only (``python -m chunkflow_pl.plan``, ``chunk.size=auto`` in ``train.py``): the planner
-itself (``core.py``) takes a ``ModelConfig``, a ``PlanSpec`` and lists of lengths.
+itself (``core.py``) takes a ``ModelConfig``, a ``PlanSpec`` and lists of lengths. ``PlanSettings`` is the
+typed ``plan`` group; the planner also checks the other groups it reads as ``train.py`` does, so a key that
+stops a run (``+chunk.sise=8k``) stops the planner too.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from chunkflow_pl.config import ChunkConfig, ParallelConfig
 from chunkflow_pl.data.config import DataConfig
 from chunkflow_pl.data.stats import global_batches, sequence_lengths
 from chunkflow_pl.model.config import ModelConfig, ModelSettings
 from chunkflow_pl.model.memory import available_memory
+from chunkflow_pl.model.stages import split_stages
 from chunkflow_pl.plan.core import PlanSpec
+from chunkflow_pl.training.optim import OptimConfig
+from chunkflow_pl.training.precision import check_precision
 from chunkflow_pl.utils.host_memory import current_rss_bytes
 from chunkflow_pl.utils.sizes import parse_bytes, parse_size
+from chunkflow_pl.utils.typed_config import from_dict
 
 log = logging.getLogger(__name__)
 DEFAULT_FLOPS_PER_S = 400e12  # no device here to measure: ~40% of an H100's dense bf16 peak
 CUDA_OVERHEAD = 2**30  # CUDA context + cuBLAS workspace + caching-allocator slack, roughly
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """The ``plan`` group (conf/plan/default.yaml), checked: unknown keys, wrong types, empty lists and
+    non-positive values fail naming the key. Memory amounts accept ``75GiB``/``80GB``, sizes ``8k``.
+
+    memory_budget: device bytes to plan for; None = what the training device has available now.
+    overhead:      bytes the runtime holds besides the estimated tensors; None = measured (module docstring
+                   of core.py). 0 is allowed.
+    chunk_sizes:   candidate chunk sizes; None = powers of two from 512 up to the longest sequence.
+    ks:            candidate k (an integer >= 1, or "chain": every chunk of the longest sequence kept).
+    num_batches:   global batches simulated for the step time.
+    flops_per_s:   FLOP/s of the cost model; None = measured on the training device (or 400e12 without one).
+    """
+
+    memory_budget: int | float | str | None = None
+    overhead: int | float | str | None = None
+    chunk_sizes: tuple[int | str, ...] | None = None
+    ks: tuple[int | str, ...] = (1, 2, 4, 8, "chain")
+    num_batches: int = 16
+    flops_per_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory_budget is not None:
+            object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget, key="plan.memory_budget"))
+        if self.overhead is not None:
+            object.__setattr__(self, "overhead", parse_bytes(self.overhead, key="plan.overhead", allow_zero=True))
+        if self.chunk_sizes is not None:
+            if not self.chunk_sizes:
+                raise ValueError("plan.chunk_sizes=[] lists no chunk size; give some (plan.chunk_sizes=[2k,4k,8k]) or "
+                                 "null (powers of two up to the longest sequence)")
+            object.__setattr__(self, "chunk_sizes", tuple(parse_size(c, key=f"plan.chunk_sizes[{i}]")
+                                                          for i, c in enumerate(self.chunk_sizes)))
+        if not self.ks:
+            raise ValueError("plan.ks=[] lists no k; give some, e.g. plan.ks=[1,2,chain]")
+        for i, k in enumerate(self.ks):
+            if k != "chain" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+                raise ValueError(f"plan.ks[{i}]={k!r} must be an integer >= 1 or chain")
+        if self.num_batches < 1:
+            raise ValueError(f"plan.num_batches={self.num_batches} must be >= 1 (global batches simulated)")
+        if self.flops_per_s is not None and not (math.isfinite(self.flops_per_s) and self.flops_per_s > 0):
+            raise ValueError(f"plan.flops_per_s={self.flops_per_s!r} must be a positive number of FLOP/s, or null "
+                             f"(measured on the training device)")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PlanSettings:
+        return from_dict(cls, d, "plan")
+
+
+def check_groups(cfg: DictConfig) -> tuple[PlanSettings, ParallelConfig, OptimConfig]:
+    """The groups the planner reads, typed as train.py types them (``chunk.size=auto``/``chunk.k=auto`` are the
+    planner's to fill, so they are left out of the chunk check)."""
+    chunk = OmegaConf.to_container(cfg.chunk, resolve=True) if cfg.get("chunk") is not None else {}
+    ChunkConfig.from_dict({k: v for k, v in chunk.items() if str(v).lower() != "auto"})
+    check_precision(cfg.trainer.get("precision", "32-true"))
+    return (PlanSettings.from_dict(cfg.get("plan") or {}), ParallelConfig.from_dict(cfg.parallel),
+            OptimConfig.from_dict(cfg.optim))
 
 
 @dataclass
@@ -47,22 +115,23 @@ def _device(accelerator: str) -> str:
 
 def plan_inputs(cfg: DictConfig, mcfg: ModelConfig | None = None, k: int | None = None) -> PlanInputs:
     """Everything ``core.plan_chunking`` needs from ``cfg``; ``k`` restricts the candidates to one k."""
+    settings, parallel, optim = check_groups(cfg)
     mcfg = mcfg or model_config(cfg.model)
-    p = cfg.get("plan") or OmegaConf.create({})
+    split_stages(mcfg.num_layers, parallel.pp)  # parallel.pp larger than the model's layers: say so now
     device = _device(str(cfg.trainer.get("accelerator", "auto")))
     here = device == "cpu" or torch.cuda.is_available()
-    if p.get("memory_budget") is not None:
-        budget = parse_bytes(p.memory_budget, key="plan.memory_budget")
+    if settings.memory_budget is not None:
+        budget = int(settings.memory_budget)
     elif here:
         budget = available_memory(device)
     else:
         raise ValueError("trainer.accelerator asks for CUDA but none is here: give plan.memory_budget (e.g. 75GiB)")
-    if p.get("overhead") is not None:
-        overhead = parse_bytes(p.overhead, key="plan.overhead", allow_zero=True)
+    if settings.overhead is not None:
+        overhead = int(settings.overhead)
     else:
         overhead = CUDA_OVERHEAD if device == "cuda" else current_rss_bytes()
-    if p.get("flops_per_s") is not None:
-        flops = float(p.flops_per_s)
+    if settings.flops_per_s is not None:
+        flops = settings.flops_per_s
     elif here:
         from chunkflow_pl.utils.peak_flops import matmul_dtype, measure_peak_flops
 
@@ -70,22 +139,19 @@ def plan_inputs(cfg: DictConfig, mcfg: ModelConfig | None = None, k: int | None 
         flops = measure_peak_flops(dev, matmul_dtype(str(cfg.trainer.precision)))
     else:
         flops = DEFAULT_FLOPS_PER_S
-    sizes = p.get("chunk_sizes")
-    ks = (k,) if k is not None else tuple(x if x == "chain" else int(x) for x in (p.get("ks") or (1,)))
     spec = PlanSpec(
         memory_budget=budget,
         precision=str(cfg.trainer.precision),
-        optimizer=str(cfg.optim.name),
+        optimizer=optim.name,
         loss_chunk=int(cfg.model.loss_chunk),
-        pp=int(cfg.parallel.pp),
-        dp=int(cfg.parallel.dp),
-        chunk_sizes=tuple(parse_size(s, key="plan.chunk_sizes") for s in sizes) if sizes else None,
-        ks=ks,
+        pp=parallel.pp,
+        dp=parallel.dp,
+        chunk_sizes=settings.chunk_sizes,  # type: ignore[arg-type]  # parsed to ints in __post_init__
+        ks=(k,) if k is not None else settings.ks,
         flops_per_s=flops,
         overhead=overhead,
     )
     data = DataConfig.from_dict(OmegaConf.to_container(cfg.data, resolve=True))
     lengths = sequence_lengths(data, mcfg.vocab_size)
     epoch = global_batches(lengths, data, None)
-    n = int(p.get("num_batches") or 16)
-    return PlanInputs(model=mcfg, spec=spec, sample=epoch[:n], epoch=epoch, device=device)
+    return PlanInputs(model=mcfg, spec=spec, sample=epoch[:settings.num_batches], epoch=epoch, device=device)

@@ -283,7 +283,8 @@ class ChunkExecutor:
         ``"forward"``), ``chunk`` and, for forwards, ``keep``."""
         for a in actions:
             if self.should_stop is not None and self.should_stop():
-                raise StepInterrupted(f"stopped before action {a} of step {self.batch.step_index}")
+                # the caller names the step (its optimizer-step count; batch.step_index counts global batches from 0)
+                raise StepInterrupted(f"stopped before action {a}")
             op = a.op.value
             start = self.clock() if self.clock is not None else 0.0
             if op == "forward":

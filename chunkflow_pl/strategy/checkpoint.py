@@ -45,6 +45,7 @@ import torch
 log = logging.getLogger(__name__)
 
 META = "meta.pt"
+UNSTEPPED = "chunkflow_unstepped_optimizers"  # indices of optimizers saved before their first step
 _DCP_INDEX = ".metadata"
 PARTIAL = ".partial"  # suffix of the folder a save writes into
 OLD = ".old"  # suffix of the previous checkpoint during the swap
@@ -143,9 +144,15 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | Path, module: torch.
     checkpoint = dict(checkpoint)
     checkpoint.pop("state_dict", None)
     checkpoint.pop("optimizer_states", None)
+    # An optimizer that has not stepped yet (a pre-emption inside step 1) has no state, and DCP's state-dict
+    # helper creates one with a zero-gradient step (AdamW: step=1): resumed, the first real step would then
+    # bias-correct as a second one. Recorded here, undone after saving and after loading.
+    checkpoint[UNSTEPPED] = [i for i, opt in enumerate(optimizers) if not opt.state]
     with warnings.catch_warnings():  # one process without a process group is a supported layout
         warnings.filterwarnings("ignore", message=".*assuming the intent is to.*single process.*")
         dcp.save(_state(module, optimizers), checkpoint_id=str(partial))
+    for i in checkpoint[UNSTEPPED]:
+        optimizers[i].state.clear()
     if is_global_zero:  # DCP's save returns on rank 0 once every rank's shards and the index are written
         tmp = partial / (META + ".tmp")
         torch.save(checkpoint, tmp)
@@ -230,11 +237,14 @@ def load_checkpoint(path: str | Path, module: torch.nn.Module, optimizers: list[
         raise ValueError(f"ckpt_path={path}: cannot load this rank's tensors ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:300]}); the checkpoint is damaged or of another layout") from e
     set_model_state_dict(module, state["state_dict"])
-    if with_optimizers:
-        for i, opt in enumerate(optimizers):
-            set_optimizer_state_dict(module, opt, state[f"optimizer_{i}"])
     try:
-        return torch.load(path / META, map_location="cpu", weights_only=True)
+        meta = torch.load(path / META, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"ckpt_path={path}: {META} cannot be read ({type(e).__name__}: {e}); the checkpoint is "
                          f"damaged: resume from an earlier one") from e
+    if with_optimizers:
+        for i, opt in enumerate(optimizers):
+            set_optimizer_state_dict(module, opt, state[f"optimizer_{i}"])
+            if i in meta.get(UNSTEPPED, ()):  # saved before its first step (save_checkpoint)
+                opt.state.clear()
+    return meta

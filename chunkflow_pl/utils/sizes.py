@@ -47,3 +47,11 @@ def parse_bytes(value: int | float | str, key: str = "memory", allow_zero: bool 
     if n < 0 or (n == 0 and not allow_zero):
         raise ValueError(f"{key}={value!r} must be {'>= 0' if allow_zero else 'positive'}; expected {BYTES_FORMS}")
     return n
+
+
+def format_bytes(n: int | float) -> str:
+    """``n`` bytes in the largest binary unit that keeps the number >= 1: ``1.00 MiB``, ``75.00 GiB``, ``512 B``."""
+    for unit, power in (("TiB", 4), ("GiB", 3), ("MiB", 2), ("KiB", 1)):
+        if abs(n) >= 1024**power:
+            return f"{n / 1024**power:.2f} {unit}"
+    return f"{int(n)} B"
