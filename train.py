@@ -20,7 +20,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.preemption import Preempted, Preemption
 from chunkflow_pl.config import ChunkConfig, ParallelConfig
 from chunkflow_pl.data.config import DataConfig
 from chunkflow_pl.data.datamodule import ChunkFlowDataModule
@@ -34,6 +33,7 @@ from chunkflow_pl.schedule.pipeline_planner import default_caps
 from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
 from chunkflow_pl.strategy.dims import ParallelDims, world_from_launch
 from chunkflow_pl.strategy.health import PeerFailure
+from chunkflow_pl.strategy.preemption import Preempted, Preemption
 from chunkflow_pl.training.module import ChunkFlowLM
 from chunkflow_pl.training.nonfinite import NonFiniteError
 from chunkflow_pl.training.optim import OptimConfig

@@ -363,9 +363,9 @@ def one_step(model, L: int, C: int, k: int, device, offload: bool, seed: int = 0
 
 def step_flops(cfg, chunks, actions) -> tuple[float, float]:
     """Model FLOPs (MFU) and hardware FLOPs (HFU: plus the recomputed chunks' first, kv-only forwards)."""
-    from callbacks.flops import step_flops as count
     from chunkflow_pl.model.flops import ModelFlops
     from chunkflow_pl.schedule.actions import Op
+    from chunkflow_pl.schedule.step_flops import step_flops as count
 
     fl = count(ModelFlops.from_config(cfg), chunks, [a.chunk for a in actions if a.op is Op.RECOMPUTE])
     return fl.model, fl.hardware
