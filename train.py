@@ -20,21 +20,20 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.preemption import Preempted, Preemption
 from chunkflow_pl.config import ChunkConfig, ParallelConfig
 from chunkflow_pl.data.config import DataConfig
 from chunkflow_pl.data.datamodule import ChunkFlowDataModule
 from chunkflow_pl.model.attention import resolve_backend
 from chunkflow_pl.model.config import ModelSettings
-from chunkflow_pl.model.memory import InsufficientMemoryError, available_memory, estimate_training_memory
-from chunkflow_pl.model.stages import split_stages
+from chunkflow_pl.model.memory import InsufficientMemoryError
 from chunkflow_pl.plan.auto import resolve_auto_chunk
 from chunkflow_pl.schedule.cost import CostModel
 from chunkflow_pl.schedule.executor import StepInterrupted
-from chunkflow_pl.schedule.pipeline_planner import default_caps
 from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
-from chunkflow_pl.strategy.dims import ParallelDims, world_from_launch
+from chunkflow_pl.strategy.dims import world_from_launch
 from chunkflow_pl.strategy.health import PeerFailure
+from chunkflow_pl.strategy.memory_check import MemoryRequest, check_memory
+from chunkflow_pl.strategy.preemption import Preempted
 from chunkflow_pl.training.module import ChunkFlowLM
 from chunkflow_pl.training.nonfinite import NonFiniteError
 from chunkflow_pl.training.optim import OptimConfig
@@ -126,52 +125,29 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     parallel = ParallelConfig.from_dict(cfg.parallel)
     optim = OptimConfig.from_dict(cfg.optim)
     trainer_kwargs = trainer_options(cfg.trainer)
+    # trainer.devices defaults to dp x pp; under torchrun / srun the launcher's numbers.
     devices, num_nodes, _ = world_from_launch(trainer_kwargs.get("devices", "auto"),
                                               int(trainer_kwargs.get("num_nodes", 1)), parallel.dp, parallel.pp,
                                               dict(os.environ))
-    dims = ParallelDims(dp=parallel.dp, pp=parallel.pp, world_size=devices * num_nodes, num_layers=mcfg.num_layers)
     data_cfg = DataConfig.from_dict(cfg.data)
     precision = str(trainer_kwargs.get("precision", "32-true"))
     accelerator, device = _accelerator(str(trainer_kwargs.get("accelerator", "auto")))
     resolve_backend(model.attention, device, precision)  # a bad model.attention fails now, not after tokenising
-    if trainer_kwargs.get("max_steps", -1) <= 0 and optim.schedule == "cosine":
-        raise ValueError("optim.schedule=cosine needs trainer.max_steps > 0 (the decay length); set "
-                         "trainer.max_steps or use optim.schedule=constant")
-    strategy = ChunkFlowStrategy(dims, chunk_k=chunk.k, offload_state=chunk.offload_state,
-                                 check_plan=parallel.check_plan, check_messages=parallel.check_messages)
 
-    # Records longer than the model takes are bad records; the K/V state estimate uses the real longest one.
+    # The Python API (README "Use from Python"): the strategy and the datamodule find each other through the
+    # Trainer; the strategy checks memory before allocating and handles pre-emption.
     datamodule = ChunkFlowDataModule(data_cfg, chunk_size=chunk.size, vocab_size=mcfg.vocab_size,
-                                     dp_rank=lambda: strategy.dp_rank, dp_size=dims.dp,
                                      max_seq_len=mcfg.max_position_embeddings,
-                                     chunk_cost=CostModel.from_model(mcfg, dims.pp).balance_cost())
-    longest = datamodule.longest_sequence()
-    # One device's share: the whole model, or the pipeline stage that needs the most (caps: the plan's live chunks).
-    est = max((estimate_training_memory(mcfg, chunk.size, chunk.k, precision, optim.name, model.loss_chunk,
-                                        max_seq_len=longest, stage=spec, live_chunks=cap)
-               for spec, cap in zip(split_stages(mcfg.num_layers, parallel.pp), default_caps(parallel.pp, chunk.k))),
-              key=lambda e: e.total)
-    avail = available_memory(device.type)
-    log.info("model %s: %.3f B parameters; estimated training memory%s at %s, chunk.size=%d, k=%d, longest sequence "
-             "%d tokens:\n%s\n  available on %s: %.2f GiB", mcfg.name, mcfg.num_params() / 1e9,
-             f" of the largest of {parallel.pp} pipeline stages" if parallel.pp > 1 else "", precision, chunk.size,
-             chunk.k, longest, est.table(), device.type, avail / 2**30)
+                                     chunk_cost=CostModel.from_model(mcfg, parallel.pp).balance_cost())
     if cfg.get("dry_run"):
-        return {"model_config": mcfg, "memory": est, "longest_sequence": longest}
-    if cfg.get("check_memory", True) and est.total > avail:
-        raise InsufficientMemoryError(
-            f"model={mcfg.name} needs about {est.total / 2**30:.1f} GiB to train "
-            f"(weights {est.weights / 2**30:.1f}, gradients {est.grads / 2**30:.1f}, {optim.name} state "
-            f"{est.optimizer / 2**30:.1f}, activations {est.activations / 2**30:.1f}, K/V state "
-            f"{est.state / 2**30:.1f}) but {device.type} has "
-            f"{avail / 2**30:.1f} GiB available. Use a machine with more memory, a smaller model "
-            f"(model=tiny, model=qwen0.5b), a smaller chunk.size, trainer.precision=bf16-true, optim=sgd, or "
-            f"check_memory=false "
-            f"to try anyway.")
-
+        request = MemoryRequest(mcfg, chunk.size, chunk.k, precision, optim.name, model.loss_chunk,
+                                datamodule.longest_sequence(), parallel.pp)
+        return {"model_config": mcfg, "memory": check_memory(request, device.type, refuse=False),
+                "longest_sequence": request.longest_sequence}
     module = ChunkFlowLM(mcfg, optim, attention=model.attention, loss_chunk=model.loss_chunk,
-                         pretrained=model.pretrained, init_std=model.init_std,
-                         total_steps=max(int(trainer_kwargs.get("max_steps", 1)), 1))
+                         pretrained=model.pretrained, init_std=model.init_std)
+    strategy = ChunkFlowStrategy(parallel, chunk_k=chunk.k, offload_state=chunk.offload_state,
+                                 check_memory=bool(cfg.get("check_memory", True)))
 
     output_dir = _output_dir(cfg)
     # Never overwrite another run's checkpoints; a folder is reused only to resume (README "Output folders").
@@ -180,10 +156,9 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         log.warning("resuming from %s in %s", ckpt_path, output_dir)
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else None
     trainer_kwargs.update(accelerator=accelerator, devices=devices, num_nodes=num_nodes)
-    preemption = Preemption()
     trainer = L.Trainer(**trainer_kwargs, strategy=strategy, logger=logger if logger is not None else False,
-                        callbacks=[preemption, *_instantiate_all(cfg.get("callbacks")), *(callbacks or [])],
-                        use_distributed_sampler=False,
+                        callbacks=[*_instantiate_all(cfg.get("callbacks")), *(callbacks or [])],
+                        use_distributed_sampler=False,  # not needed (the datamodule's sampler counts as sharded)
                         default_root_dir=output_dir)
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -192,14 +167,10 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         # loader reads every part of its checkpoint that way).
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except StepInterrupted as e:
-        if preemption.signum is None:
+        stop = strategy.preemption
+        if stop is None or stop.signum is None:
             raise
-        # The ranks stopped together at a step boundary and each wrote its part of the checkpoint: all are past
-        # their last collective, so the groups can go (their threads must not outlive the interpreter).
-        strategy.destroy_process_groups()
-        raise Preempted(preemption.signum, preemption.checkpoint, preemption.detail) from e
-    # Every rank is past its last collective (the export in on_fit_end): join gloo's threads before exit.
-    strategy.destroy_process_groups()
+        raise Preempted(stop.signum, stop.checkpoint, stop.detail) from e
     if trainer.is_global_zero:  # spent: this run completed (one rank: concurrent rmtree of one folder fails)
         remove_preemption_checkpoints(output_dir)
     return {"trainer": trainer, "module": module, "datamodule": datamodule, "model_config": mcfg}

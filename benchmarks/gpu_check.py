@@ -361,8 +361,8 @@ def one_step(model, L: int, C: int, k: int, device, offload: bool, seed: int = 0
 
 def step_flops(cfg, chunks, recomputed) -> tuple[float, float]:
     """Model FLOPs (MFU) and hardware FLOPs (HFU: plus the recomputed chunks' first, kv-only forwards)."""
-    from callbacks.flops import step_flops as count
     from chunkflow_pl.model.flops import ModelFlops
+    from chunkflow_pl.schedule.step_flops import step_flops as count
 
     fl = count(ModelFlops.from_config(cfg), chunks, recomputed)
     return fl.model, fl.hardware

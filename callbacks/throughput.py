@@ -4,7 +4,7 @@ Per step, logged to the active logger(s)::
 
     train/tokens_per_s      global tokens of the step / its wall time (data-parallel ranks summed)
     train/step_time_s       wall time from batch start to batch end (optimizer step included)
-    perf/model_tflop        model FLOPs of this rank's chunks (forward + backward, ``callbacks/flops.py``)
+    perf/model_tflop        model FLOPs of this rank's chunks (forward + backward, ``schedule/step_flops.py``)
     perf/tflop_per_s        model FLOPs / step time
     perf/mfu                model FLOP/s / peak FLOP/s
     perf/hfu                (model + the recomputed chunks' first, kv-only forwards) FLOP/s / peak; one
@@ -24,8 +24,8 @@ import time
 import lightning as L
 import torch
 
-from callbacks.flops import step_flops
 from chunkflow_pl.model.flops import ModelFlops
+from chunkflow_pl.schedule.step_flops import step_flops
 from chunkflow_pl.utils.peak_flops import matmul_dtype, measure_peak_flops
 
 log = logging.getLogger(__name__)

@@ -158,7 +158,7 @@ def test_killing_one_rank_stops_the_other_with_the_rank_named_and_resume_is_exac
 def test_sigterm_to_one_rank_stops_every_rank_before_the_next_step_and_resume_is_exact(case, uninterrupted,
                                                                                        tmp_path):
     """A scheduler's signal reaches ranks at different moments: the ranks agree at the next step start,
-    all stop there, write one checkpoint together and exit 128 + SIGTERM (callbacks/preemption.py)."""
+    all stop there, write one checkpoint together and exit 128 + SIGTERM (chunkflow_pl/strategy/preemption.py)."""
     d, _, _ = case
     stopped = tmp_path / "stopped"
     returncode, out = _hit_rank1_at_the_gate(stopped, d, signal.SIGTERM)

@@ -13,12 +13,12 @@ from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.loggers import CSVLogger
 
-from callbacks.flops import step_flops
 from chunkflow_pl.data.assemble import assemble_step
 from chunkflow_pl.data.labels import targets_from_labels
 from chunkflow_pl.data.packing import build_chunk_plan
 from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.flops import ModelFlops
+from chunkflow_pl.schedule.step_flops import step_flops
 from train import train
 
 # hidden D = 8, 2 heads of 4 -> q width 8; 1 kv head -> Dkv = 4; F = 12; V = 50; 2 layers

@@ -1,4 +1,4 @@
-"""Several ranks stop on a signal together or not at all (callbacks/preemption.py, issue 19 item 1).
+"""Several ranks stop on a signal together or not at all (chunkflow_pl/strategy/preemption.py, issue 19 item 1).
 
 The race this pins: rank 1 gets SIGTERM while its step-start all-reduce waits for rank 0. Its handler runs
 as soon as the collective returns, so a rank that looked at its own flag after the all-reduce stopped alone
@@ -22,8 +22,8 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 from multiproc import spawn_ranks
 
-from callbacks.preemption import Preemption
 from chunkflow_pl.schedule.executor import StepInterrupted
+from chunkflow_pl.strategy.preemption import Preemption
 
 
 def _agreement_worker(rank: int, port: int, out_dir: str) -> None:

@@ -104,8 +104,9 @@ class ChunkFlowDataModule(pl.LightningDataModule):
     """Each training item is one ``StepBatch``: this rank's share of one global batch.
 
     ``dp_size``: data-parallel ranks; ``dp_rank``: this rank's data-parallel coordinate, or a callable
-    returning it once the processes exist (the strategy's, which owns the layout: every pipeline stage of
-    a replica must get the same batch). Defaults: 0 of 1.
+    returning it once the processes exist. Default (None): asked of the Trainer's strategy in ``setup``
+    (``distributed_sampler_kwargs``: ChunkFlowStrategy owns the layout, and every pipeline stage of a replica
+    must get the same batch); 0 of 1 without a Trainer.
     ``limit_batches``: cap on global batches per epoch (None = all).
     ``max_seq_len``: the longest sequence the model takes (its max_position_embeddings); longer
     records are bad records. None: no limit.
@@ -119,8 +120,8 @@ class ChunkFlowDataModule(pl.LightningDataModule):
         data: DataConfig,
         chunk_size: int,
         vocab_size: int,
-        dp_rank: int | Callable[[], int] = 0,
-        dp_size: int = 1,
+        dp_rank: int | Callable[[], int] | None = None,
+        dp_size: int | None = None,
         limit_batches: int | None = None,
         max_seq_len: int | None = None,
         chunk_cost: ChunkCost = DEFAULT_CHUNK_COST,
@@ -135,7 +136,8 @@ class ChunkFlowDataModule(pl.LightningDataModule):
         self.vocab_size = int(vocab_size)
         self._dp_rank = dp_rank
         self.dp_rank: int | None = None  # resolved in setup()
-        self.dp_size = int(dp_size)
+        self._dp_size = dp_size
+        self.dp_size: int | None = None  # resolved in setup()
         self.limit_batches = limit_batches
         self.max_seq_len = max_seq_len
         if not isinstance(chunk_cost, ChunkCost):
@@ -184,9 +186,16 @@ class ChunkFlowDataModule(pl.LightningDataModule):
 
     def _resolve_dp(self) -> None:
         rank = self._dp_rank() if callable(self._dp_rank) else self._dp_rank
-        if not 0 <= int(rank) < self.dp_size:
-            raise ValueError(f"data-parallel rank {rank} is outside [0, {self.dp_size})")
-        self.dp_rank = int(rank)
+        size = self._dp_size
+        trainer = getattr(self, "trainer", None)
+        layout = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
+        if rank is None:
+            rank = layout["rank"] if layout else 0
+        if size is None:
+            size = layout["num_replicas"] if layout else 1
+        if not 0 <= int(rank) < int(size):
+            raise ValueError(f"data-parallel rank {rank} is outside [0, {size})")
+        self.dp_rank, self.dp_size = int(rank), int(size)
 
     def train_dataloader(self) -> ResumableLoader:
         if self.dataset is None:

@@ -35,6 +35,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from chunkflow_pl.config import ParallelConfig
 from chunkflow_pl.data.types import StepBatch
 from chunkflow_pl.model.stages import StageSpec, split_stages
 from chunkflow_pl.schedule.executor import StepStats
@@ -43,9 +44,11 @@ from chunkflow_pl.strategy import checkpoint as ckpt
 from chunkflow_pl.strategy import collectives
 from chunkflow_pl.strategy.dims import ParallelDims
 from chunkflow_pl.strategy.export import export_hf
+from chunkflow_pl.strategy.fit_setup import layout_dims, prepare_fit
 from chunkflow_pl.strategy.gradients import GradGroups, finish_gradients
 from chunkflow_pl.strategy.groups import ProcessGroups
 from chunkflow_pl.strategy.health import peer_failures
+from chunkflow_pl.strategy.preemption import Preemption
 from chunkflow_pl.strategy.step import RankStep, StepSettings, comm_device
 
 log = logging.getLogger(__name__)
@@ -54,20 +57,29 @@ log = logging.getLogger(__name__)
 class ChunkFlowStrategy(ParallelStrategy):
     strategy_name = "chunkflow"
 
-    def __init__(self, dims: ParallelDims, chunk_k: int = 1, offload_state: bool = False,
-                 num_layers: int | None = None, grad_bucket_mb: float = 25.0,
+    def __init__(self, parallel: ParallelConfig | ParallelDims | None = None, chunk_k: int = 1,
+                 offload_state: bool = False, num_layers: int | None = None, grad_bucket_mb: float = 25.0,
                  timeout: timedelta = timedelta(minutes=10), process_group_backend: str | None = None,
-                 check_plan: bool = True, check_messages: bool = False, **kwargs: Any) -> None:
-        """``check_plan``: prove each step's plan valid before running it (every layout; ``runner.plan_step``).
-        ``check_messages`` (debug, pp > 1): compare plan fingerprints across a replica every step and send a
-        header with every message, so diverging ranks fail naming the rank and chunk instead of hanging."""
+                 check_plan: bool | None = None, check_messages: bool | None = None, check_memory: bool = True,
+                 preemption: bool = True, **kwargs: Any) -> None:
+        """``parallel``: dp x pp (``ParallelConfig``; its world size is checked against the Trainer's devices x
+        num_nodes), or a ``ParallelDims`` already sized. ``check_plan`` (default: the config's, True): prove each
+        step's plan valid before running it (every layout; ``runner.plan_step``). ``check_messages`` (debug,
+        pp > 1): compare plan fingerprints across a replica every step and send a header with every message, so
+        diverging ranks fail naming the rank and chunk instead of hanging. ``check_memory``: refuse a run whose
+        memory estimate exceeds the device's, before allocating (``memory_check.py``). ``preemption``: add the
+        SIGTERM/SIGUSR1 callback (``preemption.py``). What the strategy does with the Trainer: ``fit_setup.py``."""
         super().__init__(**kwargs)
         if chunk_k < 1:
             raise ValueError(f"chunk.k={chunk_k} must be >= 1 (chunks whose activations are kept)")
-        self.dims = dims
+        self._parallel = parallel if parallel is not None else ParallelConfig()
+        # A ParallelConfig is sized when the Trainer gives the devices (_configure_launcher).
+        self.dims: ParallelDims | None = self._parallel if isinstance(self._parallel, ParallelDims) else None
         self.chunk_k = int(chunk_k)
         self.offload_state = bool(offload_state)
-        self.num_layers = num_layers if num_layers is not None else dims.num_layers
+        self.num_layers = num_layers if num_layers is not None else getattr(self.dims, "num_layers", None)
+        self.check_memory = bool(check_memory)
+        self.preemption: Preemption | None = Preemption() if preemption else None
         self.grad_bucket_mb = grad_bucket_mb
         self.timeout = timeout
         self._backend = process_group_backend
@@ -75,8 +87,9 @@ class ChunkFlowStrategy(ParallelStrategy):
         self._groups: ProcessGroups | None = None  # more than one process: made by setup_environment
         self._step: RankStep | None = None  # this rank's step runner, made at its first step
         self.should_stop = None  # optional callable polled between chunk actions (signals)
-        self.check_plan = bool(check_plan)
-        self.check_messages = bool(check_messages)
+        flags = self._parallel if isinstance(self._parallel, ParallelConfig) else ParallelConfig()
+        self.check_plan = bool(flags.check_plan if check_plan is None else check_plan)
+        self.check_messages = bool(flags.check_messages if check_messages is None else check_messages)
         # Timeline: a callback sets record_timeline before a step; the step leaves its StageTimeline here.
         self.record_timeline = False
         self.last_timeline: StageTimeline | None = None
@@ -116,6 +129,7 @@ class ChunkFlowStrategy(ParallelStrategy):
 
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
+        self.dims = layout_dims(self._parallel, self.num_nodes * self.num_processes)
         if self.dims.world_size > 1 and not self.cluster_environment.creates_processes_externally:
             self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
 
@@ -131,6 +145,7 @@ class ChunkFlowStrategy(ParallelStrategy):
         if self.world_size != self.dims.world_size:
             raise ValueError(f"Lightning started {self.world_size} processes but parallel.dp x parallel.pp = "
                              f"{self.dims.world_size}")
+        prepare_fit(self)  # layout vs model depth, pre-emption callback, memory check: before anything allocates
         if self.dims.world_size == 1:
             return
         self._groups = ProcessGroups.create(self.dims, self.global_rank, self.cluster_environment, self.root_device,

@@ -41,8 +41,9 @@ class ChunkFlowLM(L.LightningModule):
         loss_chunk: int = 4096,
         pretrained: str | None = None,
         init_std: float = 0.02,
-        total_steps: int = 1000,
+        total_steps: int | None = None,
     ) -> None:
+        """``total_steps``: the lr schedule's length; None = the Trainer's ``max_steps``."""
         super().__init__()
         self.automatic_optimization = False
         self.model_cfg = model_cfg
@@ -57,6 +58,13 @@ class ChunkFlowLM(L.LightningModule):
         self.tokens_seen = 0
         self.skipped_steps = 0  # non-finite steps skipped (optim.on_nonfinite=skip)
         self.consecutive_skips = 0
+
+    def setup(self, stage: str) -> None:
+        # Before configure_model allocates: a cosine schedule needs its length.
+        if (stage == "fit" and self.total_steps is None and self.optim_cfg.schedule == "cosine"
+                and self.trainer.max_steps <= 0):
+            raise ValueError("optim.schedule=cosine needs trainer.max_steps > 0 (the decay length); set "
+                             "trainer.max_steps or use optim.schedule=constant")
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -76,7 +84,8 @@ class ChunkFlowLM(L.LightningModule):
 
     def configure_optimizers(self):
         opt = build_optimizer(self.model, self.optim_cfg)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.optim_cfg, self.total_steps))
+        total = self.total_steps if self.total_steps is not None else max(self.trainer.max_steps, 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.optim_cfg, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:

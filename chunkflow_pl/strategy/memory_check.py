@@ -1,0 +1,76 @@
+"""The memory check before allocation: one device's training memory for the run's layout, and the refusal.
+
+``ChunkFlowStrategy`` runs it in ``setup_environment`` (through ``fit_setup.py``): after Lightning started the
+processes, before any process group, before the LightningModule builds its layers (``configure_model``). Every
+rank computes the same number (the pipeline stage that needs the most), so all ranks refuse together.
+``train.py dry_run=true`` prints the same estimate without a Trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from chunkflow_pl.model.config import ModelConfig
+from chunkflow_pl.model.memory import (
+    InsufficientMemoryError,
+    MemoryEstimate,
+    available_memory,
+    estimate_training_memory,
+)
+from chunkflow_pl.model.stages import split_stages
+from chunkflow_pl.schedule.pipeline_planner import default_caps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MemoryRequest:
+    """What one device's training memory depends on. ``longest_sequence``: tokens of the longest sequence of
+    the data (its K/V state is kept while it is split); ``pp``: pipeline stages (each holds its own layers)."""
+
+    model: ModelConfig
+    chunk_size: int
+    chunk_k: int
+    precision: str
+    optimizer: str
+    loss_chunk: int
+    longest_sequence: int
+    pp: int = 1
+
+
+def estimate(req: MemoryRequest) -> MemoryEstimate:
+    """The estimate of the device that needs the most: the whole model, or the largest pipeline stage with its
+    plan's cap on live chunks."""
+    return max((estimate_training_memory(req.model, req.chunk_size, req.chunk_k, req.precision, req.optimizer,
+                                         req.loss_chunk, max_seq_len=req.longest_sequence, stage=spec,
+                                         live_chunks=cap)
+                for spec, cap in zip(split_stages(req.model.num_layers, req.pp), default_caps(req.pp, req.chunk_k))),
+               key=lambda e: e.total)
+
+
+def log_estimate(req: MemoryRequest, est: MemoryEstimate, device_type: str, avail: int) -> None:
+    m = req.model
+    log.info("model %s: %.3f B parameters; estimated training memory%s at %s, chunk.size=%d, k=%d, longest sequence "
+             "%d tokens:\n%s\n  available on %s: %.2f GiB", m.name, m.num_params() / 1e9,
+             f" of the largest of {req.pp} pipeline stages" if req.pp > 1 else "", req.precision, req.chunk_size,
+             req.chunk_k, req.longest_sequence, est.table(), device_type, avail / 2**30)
+
+
+def check_memory(req: MemoryRequest, device_type: str, refuse: bool = True) -> MemoryEstimate:
+    """Log the estimate; raise ``InsufficientMemoryError`` (what to change named) when it exceeds what
+    ``device_type`` has and ``refuse`` is set (``check_memory=false`` tries anyway)."""
+    est = estimate(req)
+    avail = available_memory(device_type)
+    log_estimate(req, est, device_type, avail)
+    if refuse and est.total > avail:
+        raise InsufficientMemoryError(
+            f"model={req.model.name} needs about {est.total / 2**30:.1f} GiB to train "
+            f"(weights {est.weights / 2**30:.1f}, gradients {est.grads / 2**30:.1f}, {req.optimizer} state "
+            f"{est.optimizer / 2**30:.1f}, activations {est.activations / 2**30:.1f}, K/V state "
+            f"{est.state / 2**30:.1f}) but {device_type} has "
+            f"{avail / 2**30:.1f} GiB available. Use a machine with more memory, a smaller model "
+            f"(model=tiny, model=qwen0.5b), a smaller chunk.size, trainer.precision=bf16-true, optim=sgd, or "
+            f"check_memory=false "
+            f"to try anyway.")
+    return est
