@@ -27,7 +27,6 @@ from chunkflow_pl.model.attention import resolve_backend
 from chunkflow_pl.model.config import ModelSettings
 from chunkflow_pl.model.memory import InsufficientMemoryError
 from chunkflow_pl.plan.auto import resolve_auto_chunk
-from chunkflow_pl.schedule.cost import CostModel
 from chunkflow_pl.schedule.executor import StepInterrupted
 from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
 from chunkflow_pl.strategy.dims import world_from_launch
@@ -137,8 +136,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     # The Python API (README "Use from Python"): the strategy and the datamodule find each other through the
     # Trainer; the strategy checks memory before allocating and handles pre-emption.
     datamodule = ChunkFlowDataModule(data_cfg, chunk_size=chunk.size, vocab_size=mcfg.vocab_size,
-                                     max_seq_len=mcfg.max_position_embeddings,
-                                     chunk_cost=CostModel.from_model(mcfg, parallel.pp).balance_cost())
+                                     max_seq_len=mcfg.max_position_embeddings)
     if cfg.get("dry_run"):
         request = MemoryRequest(mcfg, chunk.size, chunk.k, precision, optim.name, model.loss_chunk,
                                 datamodule.longest_sequence(), parallel.pp)

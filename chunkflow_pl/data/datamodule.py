@@ -110,9 +110,9 @@ class ChunkFlowDataModule(pl.LightningDataModule):
     ``limit_batches``: cap on global batches per epoch (None = all).
     ``max_seq_len``: the longest sequence the model takes (its max_position_embeddings); longer
     records are bad records. None: no limit.
-    ``chunk_cost``: what a chunk costs a replica, for the data-parallel balance; pass the trained model's
-    (``schedule.cost.CostModel.from_model(cfg, pp).balance_cost()``). Default: a fixed 7B-class ratio
-    (``data.balance.DEFAULT_CHUNK_COST``), for use without a model.
+    ``chunk_cost``: what a chunk costs a replica, for the data-parallel balance. Default (None): asked of the
+    Trainer's strategy in ``setup`` (``ChunkFlowStrategy.balance_cost``: the trained model's cost model, per
+    stage); without one, a fixed 7B-class ratio (``data.balance.DEFAULT_CHUNK_COST``).
     """
 
     def __init__(
@@ -124,7 +124,7 @@ class ChunkFlowDataModule(pl.LightningDataModule):
         dp_size: int | None = None,
         limit_batches: int | None = None,
         max_seq_len: int | None = None,
-        chunk_cost: ChunkCost = DEFAULT_CHUNK_COST,
+        chunk_cost: ChunkCost | None = None,
     ) -> None:
         super().__init__()
         if chunk_size < 1:
@@ -140,7 +140,7 @@ class ChunkFlowDataModule(pl.LightningDataModule):
         self.dp_size: int | None = None  # resolved in setup()
         self.limit_batches = limit_batches
         self.max_seq_len = max_seq_len
-        if not isinstance(chunk_cost, ChunkCost):
+        if chunk_cost is not None and not isinstance(chunk_cost, ChunkCost):
             raise TypeError(f"chunk_cost must be a data.balance.ChunkCost, got {type(chunk_cost).__name__}")
         self.chunk_cost = chunk_cost
         self.store: TokenStore | None = None
@@ -159,6 +159,10 @@ class ChunkFlowDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self._resolve_dp()
+        if self.chunk_cost is None:
+            trainer = getattr(self, "trainer", None)
+            cost = getattr(trainer.strategy, "balance_cost", None) if trainer is not None else None
+            self.chunk_cost = cost() if callable(cost) else DEFAULT_CHUNK_COST
         self._ensure_store()
         assert self.dp_rank is not None and self.dp_size is not None
         self.dataset = GlobalBatchDataset(

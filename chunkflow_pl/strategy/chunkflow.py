@@ -36,10 +36,11 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from chunkflow_pl.config import ParallelConfig
+from chunkflow_pl.data.balance import ChunkCost
 from chunkflow_pl.data.types import StepBatch
 from chunkflow_pl.model.stages import StageSpec, split_stages
 from chunkflow_pl.schedule.executor import StepStats
-from chunkflow_pl.schedule.runner import StageTimeline, StepRun
+from chunkflow_pl.schedule.runner import StageTimeline, StepRun, pipeline_cost
 from chunkflow_pl.strategy import checkpoint as ckpt
 from chunkflow_pl.strategy import collectives
 from chunkflow_pl.strategy.dims import ParallelDims
@@ -118,6 +119,11 @@ class ChunkFlowStrategy(ParallelStrategy):
         if self.num_layers is None:
             raise RuntimeError("ChunkFlowStrategy needs num_layers to split the model into stages")
         return split_stages(self.num_layers, self.dims.pp)[self.pp_rank]
+
+    def balance_cost(self) -> ChunkCost:
+        """What a chunk costs a replica under this layout, for the datamodule's data-parallel balance: the trained
+        model's cost model (the one the planner and simulator use), per pipeline stage."""
+        return pipeline_cost(self.lightning_module.model_cfg, self.dims.pp).balance_cost()
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
