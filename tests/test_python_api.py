@@ -15,10 +15,10 @@ import lightning as L
 import pytest
 from conftest import ROOT
 
-# Printed after the README block: what the Trainer wired, per rank.
+# Printed after the README block: what the Trainer wired, per rank (one write per line: the ranks share stdout).
 PROBE = """
-print("wired", trainer.global_rank, datamodule.dp_rank, datamodule.dp_size, trainer.global_step,
-      [type(c).__name__ for c in trainer.callbacks])
+print(f"wired {trainer.global_rank} {datamodule.dp_rank} {datamodule.dp_size} {trainer.global_step} "
+      f"{[type(c).__name__ for c in trainer.callbacks]}")
 """
 
 
@@ -31,17 +31,20 @@ def readme_script() -> str:
 def run_script(tmp_path: Path, code: str) -> str:
     script = tmp_path / "example.py"
     script.write_text(code + PROBE)
-    # Only this checkout on the path (not an installed copy); one thread per process: two share 2 cores.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # Only this checkout on the path (not an installed copy); one thread per process: two share 2 cores. Buffered
+    # stdout: each rank's lines reach the shared pipe in one write at exit instead of word by word.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
 
-def parse(out: str) -> tuple[list[float], list[list[str]]]:
-    losses = [float(m) for m in re.findall(r"^loss (\S+)$", out, re.M)]
-    wired = [line.split(" ", 5)[1:] for line in out.splitlines() if line.startswith("wired ")]
+def parse(out: str) -> tuple[list[float], list[tuple[str, ...]]]:
+    # Unanchored: two ranks (and a progress bar redrawn with carriage returns) share one stdout pipe.
+    losses = [float(m) for m in re.findall(r"loss (\d+\.\d+(?:e[-+]\d+)?)", out)]
+    wired = re.findall(r"wired (\d) (\d) (\d) (\d) (\[[^\]]*\])", out)
     return losses, wired
 
 
@@ -66,11 +69,11 @@ def test_readme_script_with_two_processes_over_gloo(tmp_path, one_process):
     assert code.count("n = 1  #") == 1
     out = run_script(tmp_path, code.replace("n = 1  #", "n = 2  #"))
     losses, wired = parse(out)
-    assert sorted((r[0], r[1], r[2], r[3]) for r in wired) == [("0", "0", "2", "2"), ("1", "1", "2", "2")]
+    assert sorted(r[:4] for r in wired) == [("0", "0", "2", "2"), ("1", "1", "2", "2")], out[-3000:]
     # each rank took its half of every global batch from the strategy (both halves on one rank would double
     # the global loss): the data-parallel step is the one-process step, up to float32 summation order
     (ref,) = parse(one_process)[0]
-    assert len(losses) == 2 and losses[0] == losses[1]
+    assert len(losses) == 2 and losses[0] == losses[1], out[-3000:]
     assert abs(losses[0] - ref) < 1e-5 * ref, (losses, ref)
 
 
