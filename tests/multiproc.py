@@ -68,3 +68,29 @@ def spawn_ranks(fn, args: tuple, nprocs: int = 2, timeout: float = 120, hang: st
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on now (for a spawned group's MASTER_PORT)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gloo_strategy(rank: int, port: int, dims):
+    """In a spawned rank of a 2-process run: a ChunkFlowStrategy for ``dims`` on the CPU, its process groups made
+    (``setup_environment``: default group, mesh, and with pp > 1 the tied-embedding group and p2p channels)."""
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                      LOCAL_RANK=str(rank), RANK=str(rank))
+    strategy = ChunkFlowStrategy(dims, accelerator=CPUAccelerator(), parallel_devices=[torch.device("cpu")] * 2,
+                                 cluster_environment=LightningEnvironment())
+    strategy.setup_environment()
+    return strategy

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from multiproc import spawn_ranks
+from multiproc import free_port, spawn_ranks
 
 from chunkflow_pl.strategy.collectives import reduce, resolve_reduce_op
 from chunkflow_pl.strategy.dims import ParallelDims
@@ -64,10 +63,7 @@ def _reduce_worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.mark.slow
 def test_reduce_over_two_gloo_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    spawn_ranks(_reduce_worker, (port, str(tmp_path)))
+    spawn_ranks(_reduce_worker, (free_port(), str(tmp_path)))
     want = {"mean": [1.5, 15.0], "sum": [3.0, 30.0], "max": [2.0, 20.0], "min": [1.0, 10.0], "SUM": [3.0, 30.0],
             "MAX": [2.0, 20.0], "AVG": [1.5, 15.0], "PRODUCT": [2.0, 200.0]}
     for r in (0, 1):

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import hf_reference_step, make_hf_model
-from multiproc import run_train, spawn_ranks, write_token_records
+from multiproc import free_port, gloo_strategy, run_train, spawn_ranks, write_token_records
 from safetensors.torch import load_file
 
 from chunkflow_pl.data.types import Segment
@@ -249,18 +249,10 @@ def _gloo_threads() -> list[str]:
 
 
 def _teardown_worker(rank: int, port: int, out_dir: str) -> None:
-    from lightning.fabric.plugins.environments import LightningEnvironment
-    from lightning.pytorch.accelerators import CPUAccelerator
-
-    from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
     from chunkflow_pl.strategy.dims import ParallelDims
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
-                      LOCAL_RANK=str(rank), RANK=str(rank))
-    strategy = ChunkFlowStrategy(ParallelDims(dp=1, pp=2, world_size=2, num_layers=2), accelerator=CPUAccelerator(),
-                                 parallel_devices=[torch.device("cpu")] * 2, cluster_environment=LightningEnvironment())
-    strategy.setup_environment()  # default group, mesh, tied-embedding group, P2P channels
+    # default group, mesh, tied-embedding group, P2P channels
+    strategy = gloo_strategy(rank, port, ParallelDims(dp=1, pp=2, world_size=2, num_layers=2))
     during = _gloo_threads()
     loss = strategy.from_last_stage([float(rank)])
     strategy.destroy_process_groups()
@@ -271,13 +263,8 @@ def _teardown_worker(rank: int, port: int, out_dir: str) -> None:
 def test_destroy_process_groups_joins_every_gloo_thread(tmp_path, monkeypatch):
     """A gloo worker thread alive while the interpreter finalises can abort the process after a finished run
     ("terminate called without an active exception"; see ``ChunkFlowStrategy.destroy_process_groups``)."""
-    import socket
-
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    spawn_ranks(_teardown_worker, (port, str(tmp_path)))
+    spawn_ranks(_teardown_worker, (free_port(), str(tmp_path)))
     for r in (0, 1):
         during, loss, initialized, after = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert "pt_gloo_runloop" in during and "gloo_tcp_loop" in during, during  # the probe sees the threads

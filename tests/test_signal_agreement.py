@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 import types
@@ -20,7 +19,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
-from multiproc import spawn_ranks
+from multiproc import free_port, gloo_strategy, spawn_ranks
 
 from chunkflow_pl.schedule.executor import StepInterrupted
 from chunkflow_pl.strategy.preemption import Preemption
@@ -28,18 +27,10 @@ from chunkflow_pl.strategy.preemption import Preemption
 
 def _agreement_worker(rank: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
-    from lightning.fabric.plugins.environments import LightningEnvironment
-    from lightning.pytorch.accelerators import CPUAccelerator
 
-    from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
     from chunkflow_pl.strategy.dims import ParallelDims
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
-                      LOCAL_RANK=str(rank), RANK=str(rank))
-    strategy = ChunkFlowStrategy(ParallelDims(dp=2, pp=1, world_size=2, num_layers=1), accelerator=CPUAccelerator(),
-                                 parallel_devices=[torch.device("cpu")] * 2, cluster_environment=LightningEnvironment())
-    strategy.setup_environment()
+    strategy = gloo_strategy(rank, port, ParallelDims(dp=2, pp=1, world_size=2, num_layers=1))
     callback = Preemption()
     callback._install()
     stopped = []
@@ -67,10 +58,8 @@ def _agreement_worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.mark.slow
 def test_a_signal_during_the_step_start_agreement_stops_every_rank_at_the_same_step(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    spawn_ranks(_agreement_worker, (port, str(tmp_path)), timeout=90, hang="a rank stopped alone and the other hung")
+    spawn_ranks(_agreement_worker, (free_port(), str(tmp_path)), timeout=90,
+                hang="a rank stopped alone and the other hung")
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     # step 1's agreement had already been taken when rank 1 handled the signal: both run step 1, both stop at 2
     assert r0["stopped"] == r1["stopped"] == [None, "before step 2"], (r0, r1)
