@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
-from chunkflow_pl.utils.sizes import parse_size
+from chunkflow_pl.utils.sizes import parse_duration, parse_size
 from chunkflow_pl.utils.typed_config import SIZE, from_dict
 
 
@@ -40,7 +41,9 @@ class ChunkConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     """dp: data-parallel replicas; pp: pipeline stages. dp x pp ranks in all (checked against the world
-    size where the device mesh is built, not here)."""
+    size where the device mesh is built, not here). collective_timeout: how long a rank waits in a
+    collective or point-to-point call for the others (``600``, ``90s``, ``10m``, ``1h``) before it stops
+    with an error: a hung peer is reported within it. Seconds after construction."""
 
     dp: int = 1
     pp: int = 1
@@ -48,11 +51,19 @@ class ParallelConfig:
     check_plan: bool = True
     # Debug: size headers on every message and plan fingerprints compared across ranks each step.
     check_messages: bool = False
+    collective_timeout: int | float | str = "10m"
 
     def __post_init__(self) -> None:
         for key, value in (("parallel.dp", self.dp), ("parallel.pp", self.pp)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key}={value!r} must be a positive integer")
+        object.__setattr__(self, "collective_timeout",
+                           parse_duration(self.collective_timeout, key="parallel.collective_timeout"))
+
+    @property
+    def timeout(self) -> timedelta:
+        """``collective_timeout`` as the strategy (and torch.distributed) takes it."""
+        return timedelta(seconds=float(self.collective_timeout))
 
     @property
     def world_size(self) -> int:

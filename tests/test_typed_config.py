@@ -95,7 +95,8 @@ def _cfg(tmp_path, *overrides):
     ("chunk.k=abc", r"chunk\.k='abc' must be an integer"),
     ("+model.foo=1", r"unknown key model\.foo; accepted keys: .*preset"),
     ("+model.overrides.foo=1", r"unknown key model\.overrides\.foo; accepted keys: .*num_layers"),
-    ("+parallel.tp=2", r"unknown key parallel\.tp; accepted keys: check_messages, check_plan, dp, pp"),
+    ("+parallel.tp=2", r"unknown key parallel\.tp; accepted keys: check_messages, check_plan, collective_timeout, "
+                       r"dp, pp"),
     ("+trainer.foo=1", r"unknown key trainer\.foo; accepted keys: .*max_steps"),
     ("trainer.max_steps=many", r"trainer\.max_steps='many' must be an integer"),
     ("+trainer.strategy=ddp", r"trainer\.strategy is set by train\.py"),

@@ -51,6 +51,7 @@ from chunkflow_pl.strategy.groups import ProcessGroups
 from chunkflow_pl.strategy.health import peer_failures
 from chunkflow_pl.strategy.preemption import Preemption
 from chunkflow_pl.strategy.step import RankStep, StepSettings, comm_device
+from chunkflow_pl.utils.sizes import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class ChunkFlowStrategy(ParallelStrategy):
 
     def __init__(self, parallel: ParallelConfig | ParallelDims | None = None, chunk_k: int = 1,
                  offload_state: bool = False, num_layers: int | None = None, grad_bucket_mb: float = 25.0,
-                 timeout: timedelta = timedelta(minutes=10), process_group_backend: str | None = None,
+                 timeout: timedelta | float | None = None, process_group_backend: str | None = None,
                  check_plan: bool | None = None, check_messages: bool | None = None, check_memory: bool = True,
                  preemption: bool = True, **kwargs: Any) -> None:
         """``parallel``: dp x pp (``ParallelConfig``; its world size is checked against the Trainer's devices x
@@ -69,7 +70,9 @@ class ChunkFlowStrategy(ParallelStrategy):
         pp > 1): compare plan fingerprints across a replica every step and send a header with every message, so
         diverging ranks fail naming the rank and chunk instead of hanging. ``check_memory``: refuse a run whose
         memory estimate exceeds the device's, before allocating (``memory_check.py``). ``preemption``: add the
-        SIGTERM/SIGUSR1 callback (``preemption.py``). What the strategy does with the Trainer: ``fit_setup.py``."""
+        SIGTERM/SIGUSR1 callback (``preemption.py``). ``timeout`` (a timedelta or seconds; default the config's
+        ``parallel.collective_timeout``, 10 minutes): how long any collective or point-to-point call of any of the
+        run's process groups waits for the other ranks. What the strategy does with the Trainer: ``fit_setup.py``."""
         super().__init__(**kwargs)
         if chunk_k < 1:
             raise ValueError(f"chunk.k={chunk_k} must be >= 1 (chunks whose activations are kept)")
@@ -82,13 +85,14 @@ class ChunkFlowStrategy(ParallelStrategy):
         self.check_memory = bool(check_memory)
         self.preemption: Preemption | None = Preemption() if preemption else None
         self.grad_bucket_mb = grad_bucket_mb
-        self.timeout = timeout
+        flags = self._parallel if isinstance(self._parallel, ParallelConfig) else ParallelConfig()
+        timeout = flags.timeout if timeout is None else timeout
+        self.timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
         self._backend = process_group_backend
         self.num_nodes = 1
         self._groups: ProcessGroups | None = None  # more than one process: made by setup_environment
         self._step: RankStep | None = None  # this rank's step runner, made at its first step
         self.should_stop = None  # optional callable polled between chunk actions (signals)
-        flags = self._parallel if isinstance(self._parallel, ParallelConfig) else ParallelConfig()
         self.check_plan = bool(flags.check_plan if check_plan is None else check_plan)
         self.check_messages = bool(flags.check_messages if check_messages is None else check_messages)
         # Timeline: a callback sets record_timeline before a step; the step leaves its StageTimeline here.
@@ -156,6 +160,9 @@ class ChunkFlowStrategy(ParallelStrategy):
             return
         self._groups = ProcessGroups.create(self.dims, self.global_rank, self.cluster_environment, self.root_device,
                                             self.num_processes, self._backend, self.timeout, self.check_messages)
+        log.info("rank %d: %s process group of %d ranks, collective timeout %s (parallel.collective_timeout)",
+                 self.global_rank, self._groups.backend, self.dims.world_size,
+                 format_duration(self.timeout.total_seconds()))
         log.info("rank %d: pipeline stage %d/%d (layers %s), data-parallel rank %d/%d, backend %s",
                  self.global_rank, self.pp_rank, self.dims.pp, list(self.stage_spec.layer_ids) if self.num_layers
                  else "?", self.dp_rank, self.dims.dp, self._groups.backend)
@@ -186,17 +193,24 @@ class ChunkFlowStrategy(ParallelStrategy):
         self.model.to(self.root_device)
 
     # ---- collectives -------------------------------------------------------------------------
+    def _peers_named(self):
+        """A collective that fails (a dead peer, or the collective timeout with a stopped one) names the peer."""
+        return peer_failures(self.global_rank, self.dims.world_size if self.dims is not None else 1, None)
+
     def barrier(self, name: str | None = None) -> None:
-        collectives.barrier(self.root_device)
+        with self._peers_named():
+            collectives.barrier(self.root_device)
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        return collectives.broadcast(obj, src)
+        with self._peers_named():
+            return collectives.broadcast(obj, src)
 
     def reduce(self, tensor: Any, group: Any | None = None,
                reduce_op: dist.ReduceOp | str | None = "mean") -> Any:
         """All-reduce ``tensor`` over ``group``; ``reduce_op``: a ``dist.ReduceOp`` or "mean", "sum", "max", "min"
         (``collectives.py``); any other value raises ``ValueError``."""
-        return collectives.reduce(tensor, group, reduce_op)
+        with self._peers_named():
+            return collectives.reduce(tensor, group, reduce_op)
 
     def sum_over_dp(self, values: list[float]) -> list[float]:
         """Sum a few scalars over the data-parallel group (float64, one collective)."""
@@ -268,8 +282,9 @@ class ChunkFlowStrategy(ParallelStrategy):
         if storage_options is not None:
             raise TypeError("ChunkFlowStrategy.save_checkpoint does not take storage_options")
         path = Path(self.broadcast(str(filepath)))
-        ckpt.save_checkpoint(checkpoint, path, self.lightning_module, [o for o in self.optimizers],
-                             self.is_global_zero, barrier=self.barrier)
+        with self._peers_named():  # DCP's collectives
+            ckpt.save_checkpoint(checkpoint, path, self.lightning_module, [o for o in self.optimizers],
+                                 self.is_global_zero, barrier=self.barrier)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))

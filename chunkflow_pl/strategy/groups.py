@@ -54,12 +54,12 @@ class ProcessGroups:
         if dims.pp > 1:
             for d in range(dims.dp):  # every rank creates every group
                 ranks = [dims.rank(0, d), dims.rank(dims.pp - 1, d)]
-                g = dist.new_group(ranks)
+                g = dist.new_group(ranks, timeout=timeout)  # new groups default to 30 min, not the run's
                 if rank in ranks:
                     tie = g
             # Point-to-point channels of every replica (collective: creates and warms up every group).
             comm_device = device if device.type == "cuda" else torch.device("cpu")
-            p2p = P2PTransport(dims, rank, comm_device, check_messages)
+            p2p = P2PTransport(dims, rank, comm_device, check_messages, timeout=timeout)
         register_process(rank)
         return cls(mesh, mesh.get_group("dp"), mesh.get_group("pp"), tie, p2p, owns, backend)
 

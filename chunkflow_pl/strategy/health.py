@@ -1,8 +1,9 @@
 """Name the rank that failed instead of hanging or reporting a socket error.
 
 At start every rank records ``(host, pid)`` in the process group's key-value store. When a collective
-or point-to-point call fails (gloo reports a closed connection at once; NCCL after the process group
-timeout), the surviving rank looks up which peers on its host no longer exist and raises
+or point-to-point call fails (gloo reports a closed connection at once; NCCL, and any backend waiting on
+a peer that is alive but stopped, after the process group timeout ``parallel.collective_timeout``), the
+surviving rank looks up which peers on its host no longer exist or are stopped and raises
 ``PeerFailure`` naming them. Peers on other hosts cannot be probed: the message then lists them as
 unknown, and the launcher (torchrun, srun) reports the failed rank itself.
 """
@@ -34,25 +35,26 @@ def register_process(rank: int) -> None:
         store.set(f"chunkflow/proc/{rank}", f"{socket.gethostname()} {os.getpid()}")
 
 
-def _alive(pid: int) -> bool:
+def _state(pid: int) -> str:
+    """``"dead"``, ``"stopped"`` (SIGSTOP, a debugger: alive but never answering) or ``"alive"``."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
+        return "dead"
     except PermissionError:
-        return True
+        return "alive"
     try:  # a dead child not yet reaped by its parent (Lightning's launcher) is a zombie: 'Z' in /proc
         state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
     except OSError:
-        return True
+        return "alive"
+    return "dead" if state in ("Z", "X") else "stopped" if state in ("T", "t") else "alive"
 
 
 def describe_failure(rank: int, world_size: int, step: int | None) -> str | None:
     """A message naming the dead peer(s) of ``rank``, or None when every peer still looks alive."""
     store = _store()
     host = socket.gethostname()
-    dead, unknown = [], []
+    dead, stopped, unknown = [], [], []
     for r in range(world_size):
         if r == rank:
             continue
@@ -64,14 +66,21 @@ def describe_failure(rank: int, world_size: int, step: int | None) -> str | None
             unknown.append(r)
             continue
         if h == host:
-            if not _alive(int(pid)):
+            state = _state(int(pid))
+            if state == "dead":
                 dead.append(r)
+            elif state == "stopped":
+                stopped.append(r)
         else:
             unknown.append(r)
     where = f" during step {step}" if step is not None else ""
     if dead:
         return (f"rank {rank}: rank(s) {dead} of this run died{where} (process gone); stopping this rank too. "
                 f"Resume from the last checkpoint with ckpt_path=...")
+    if stopped:  # found after the collective timed out (parallel.collective_timeout)
+        return (f"rank {rank}: rank(s) {stopped} of this run stopped answering{where} (process stopped: SIGSTOP or "
+                f"a debugger; waited parallel.collective_timeout); stopping this rank too. Resume from the last "
+                f"checkpoint with ckpt_path=...")
     if store is None or len(unknown) == world_size - 1:
         return (f"rank {rank}: lost contact with the other ranks{where} (the rank holding the rendezvous store, "
                 f"rank 0, may have died); stopping this rank too")

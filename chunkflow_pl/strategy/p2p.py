@@ -46,6 +46,7 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -134,9 +135,11 @@ class P2PTransport:
 
     Collective at construction: every rank of the run must build it (it creates every channel's group).
     ``device``: where payloads live (the stage's device; NCCL needs CUDA tensors).
+    ``timeout``: of every channel's group (``parallel.collective_timeout``; None: torch's default).
     """
 
-    def __init__(self, dims: ParallelDims, rank: int, device: torch.device, check_messages: bool = False) -> None:
+    def __init__(self, dims: ParallelDims, rank: int, device: torch.device, check_messages: bool = False,
+                 timeout: timedelta | None = None) -> None:
         self.dims = dims
         self.rank = rank
         self.stage, self.dp_rank = dims.coords(rank)
@@ -147,7 +150,8 @@ class P2PTransport:
         mine: list[tuple[ChannelSpec, _Link]] = []
         for ch in channel_order(dims):
             src, dst = dims.rank(ch.src, ch.dp_rank), dims.rank(ch.dst, ch.dp_rank)
-            group = dist.new_group([src, dst])  # every rank calls new_group for every channel, in order
+            # every rank calls new_group for every channel, in order; timeout None: torch's default (30 min)
+            group = dist.new_group([src, dst], timeout=timeout)
             if rank == src:
                 self._out[ch.kind] = link = _Link(group, dst, ch.dst)
             elif rank == dst:

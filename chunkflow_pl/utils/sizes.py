@@ -55,3 +55,32 @@ def format_bytes(n: int | float) -> str:
         if abs(n) >= 1024**power:
             return f"{n / 1024**power:.2f} {unit}"
     return f"{int(n)} B"
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|min)?\s*$")
+_SECONDS = {None: 1, "s": 1, "m": 60, "min": 60, "h": 3600}
+DURATION_FORMS = "seconds as a number (600), or a number with s, m or h: 90s, 10m, 1.5h"
+
+
+def parse_duration(value: int | float | str, key: str = "timeout") -> float:
+    """A positive duration in seconds: ``600``, ``90s``, ``10m``, ``1.5h``; ``key`` names the config field."""
+    if isinstance(value, bool):
+        raise ValueError(f"{key}={value!r} is not a duration; expected {DURATION_FORMS}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = _DURATION_RE.match(str(value))
+        if m is None:
+            raise ValueError(f"{key}={value!r} is not a duration; expected {DURATION_FORMS}")
+        seconds = float(m.group(1)) * _SECONDS[m.group(2)]
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{key}={value!r} must be a positive duration; expected {DURATION_FORMS}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """``600`` -> ``10m``, ``90`` -> ``90s``, ``7200`` -> ``2h``: the form parse_duration reads back."""
+    for unit, n in (("h", 3600), ("m", 60)):
+        if seconds >= n and seconds % n == 0:
+            return f"{int(seconds // n)}{unit}"
+    return f"{seconds:g}s"
