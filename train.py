@@ -126,8 +126,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     trainer_kwargs = trainer_options(cfg.trainer)
     # trainer.devices defaults to dp x pp; under torchrun / srun the launcher's numbers.
     devices, num_nodes, _ = world_from_launch(trainer_kwargs.get("devices", "auto"),
-                                              int(trainer_kwargs.get("num_nodes", 1)), parallel.dp, parallel.pp,
-                                              dict(os.environ))
+                                              int(trainer_kwargs.get("num_nodes", 1)), parallel.data_parallel,
+                                              parallel.pp, dict(os.environ))
     data_cfg = DataConfig.from_dict(cfg.data)
     precision = str(trainer_kwargs.get("precision", "32-true"))
     accelerator, device = _accelerator(str(trainer_kwargs.get("accelerator", "auto")))

@@ -15,19 +15,28 @@ from typing import Any
 from chunkflow_pl.utils.sizes import parse_duration, parse_size
 from chunkflow_pl.utils.typed_config import SIZE, from_dict
 
+GRAD_REDUCE = ("last_backward", "every_backward")
+LAYER_CHECKPOINT = ("none", "full")
+
 
 @dataclass(frozen=True)
 class ChunkConfig:
     """size: max tokens per chunk (sizes accept ``32k``); longer sequences become dependent chunks.
     k: chunks of one sequence whose activations are kept during forward; the rest are recomputed.
-    offload_state: keep split sequences' key/value state in host memory (pinned on CUDA)."""
+    offload_state: keep split sequences' key/value state in host memory (pinned on CUDA).
+    layer_checkpoint: ``none`` or ``full`` (inside kept chunks, each decoder layer keeps only its input and
+    recomputes the rest in backward)."""
 
     size: int = field(default=4096, metadata=SIZE)
     k: int = 1
     offload_state: bool = False
+    layer_checkpoint: str = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", parse_size(self.size, key="chunk.size"))
+        if self.layer_checkpoint not in LAYER_CHECKPOINT:
+            raise ValueError(f"chunk.layer_checkpoint={self.layer_checkpoint!r} must be one of "
+                             f"{', '.join(LAYER_CHECKPOINT)}")
         if isinstance(self.k, bool) or not isinstance(self.k, int):
             raise ValueError(f"chunk.k={self.k!r} must be an integer")
         if self.k < 1:
@@ -40,13 +49,26 @@ class ChunkConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """dp: data-parallel replicas; pp: pipeline stages. dp x pp ranks in all (checked against the world
-    size where the device mesh is built, not here). collective_timeout: how long a rank waits in a
-    collective or point-to-point call for the others (``600``, ``90s``, ``10m``, ``1h``) before it stops
-    with an error: a hung peer is reported within it. Seconds after construction."""
+    """The layout: ``pp`` pipeline stages x data parallelism. dp x pp ranks in all (checked against the
+    world size where the device mesh is built, not here).
+
+    Data parallelism is ``dp_replicate`` x ``dp_shard`` ranks (``dp`` alone: ``dp`` replicas, the same as
+    ``dp_replicate=dp``): parameters, gradients and optimizer state are sharded over ``dp_shard`` ranks
+    (FSDP2) and replicated over ``dp_replicate`` groups of them (HSDP when both are > 1).
+    grad_reduce: ``last_backward`` (gradients of a step accumulate unsharded, one reduce-scatter after the
+    stage's last backward: fewest collectives) or ``every_backward`` (reduced after every chunk's backward,
+    only sharded gradients held: the memory choice; pp = 1 only). reshard_after_forward: only ``false``
+    (parameters stay unsharded for the whole step, see ``strategy/sharding.py`` for why).
+    collective_timeout: how long a rank waits in a collective or point-to-point call for the others
+    (``600``, ``90s``, ``10m``, ``1h``) before it stops with an error: a hung peer is reported within it.
+    Seconds after construction."""
 
     dp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
     pp: int = 1
+    grad_reduce: str = "last_backward"
+    reshard_after_forward: bool = False
     # pp > 1: prove each step's plan valid before running it (cheap; see conf/parallel/single.yaml).
     check_plan: bool = True
     # Debug: size headers on every message and plan fingerprints compared across ranks each step.
@@ -54,11 +76,32 @@ class ParallelConfig:
     collective_timeout: int | float | str = "10m"
 
     def __post_init__(self) -> None:
-        for key, value in (("parallel.dp", self.dp), ("parallel.pp", self.pp)):
+        for key, value in (("parallel.dp", self.dp), ("parallel.dp_replicate", self.dp_replicate),
+                           ("parallel.dp_shard", self.dp_shard), ("parallel.pp", self.pp)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key}={value!r} must be a positive integer")
+        if self.dp > 1 and (self.dp_replicate > 1 or self.dp_shard > 1):
+            raise ValueError(f"parallel.dp={self.dp} with parallel.dp_replicate={self.dp_replicate} and "
+                             f"parallel.dp_shard={self.dp_shard}: parallel.dp means dp_replicate alone; set either "
+                             f"parallel.dp, or parallel.dp_replicate and parallel.dp_shard")
+        if self.grad_reduce not in GRAD_REDUCE:
+            raise ValueError(f"parallel.grad_reduce={self.grad_reduce!r} must be one of {', '.join(GRAD_REDUCE)}")
+        if self.grad_reduce == "every_backward" and self.pp > 1:
+            raise ValueError("parallel.grad_reduce=every_backward with parallel.pp > 1: the data-parallel ranks of a "
+                             "stage run different chunk schedules, so a reduce after every backward would tie their "
+                             "pipelines together and can deadlock; use parallel.grad_reduce=last_backward")
+        if self.reshard_after_forward is not False:
+            raise ValueError(f"parallel.reshard_after_forward={self.reshard_after_forward!r}: only false is supported "
+                             "(data-parallel ranks run different chunk schedules, so per-forward all-gathers would "
+                             "not pair up across ranks); parameters stay unsharded for a step and are resharded "
+                             "after it")
         object.__setattr__(self, "collective_timeout",
                            parse_duration(self.collective_timeout, key="parallel.collective_timeout"))
+
+    @property
+    def data_parallel(self) -> int:
+        """All data-parallel ranks of a stage: ``dp`` or ``dp_replicate x dp_shard``."""
+        return self.dp * self.dp_replicate * self.dp_shard
 
     @property
     def timeout(self) -> timedelta:
@@ -67,7 +110,7 @@ class ParallelConfig:
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.pp
+        return self.data_parallel * self.pp
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ParallelConfig:

@@ -91,7 +91,7 @@ def test_cli_says_when_nothing_fits(capsys):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["+chunk.sise=8k"], r"unknown key chunk\.sise; accepted keys: k, offload_state, size$"),
+    (["+chunk.sise=8k"], r"unknown key chunk\.sise; accepted keys: k, layer_checkpoint, offload_state, size$"),
     (["+plan.foo=1"], r"unknown key plan\.foo; accepted keys: "),
     (["parallel.pp=5"], r"parallel\.pp=5 is larger than the model's 4 layers"),
     (["trainer.precision=16-mixed"], r"trainer\.precision=16-mixed is not supported"),

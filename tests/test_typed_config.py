@@ -57,7 +57,8 @@ def test_from_dict_takes_an_omegaconf_node_with_interpolations():
 def test_every_group_uses_the_one_helper():
     assert ChunkConfig.from_dict({"size": "32k", "k": 2, "offload_state": True}) == ChunkConfig(32768, 2, True)
     assert ParallelConfig.from_dict({"dp": 2, "pp": 4}).world_size == 8
-    with pytest.raises(ValueError, match=r"unknown key chunk\.sise; accepted keys: k, offload_state, size"):
+    with pytest.raises(ValueError, match=r"unknown key chunk\.sise; accepted keys: k, layer_checkpoint, offload_state, "
+                                         r"size"):
         ChunkConfig.from_dict({"sise": "8k"})
     with pytest.raises(ValueError, match=r"chunk\.k='abc' must be an integer"):
         ChunkConfig.from_dict({"k": "abc"})
@@ -91,12 +92,12 @@ def _cfg(tmp_path, *overrides):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("+chunk.sise=8k", r"unknown key chunk\.sise; accepted keys: k, offload_state, size"),
+    ("+chunk.sise=8k", r"unknown key chunk\.sise; accepted keys: k, layer_checkpoint, offload_state, size"),
     ("chunk.k=abc", r"chunk\.k='abc' must be an integer"),
     ("+model.foo=1", r"unknown key model\.foo; accepted keys: .*preset"),
     ("+model.overrides.foo=1", r"unknown key model\.overrides\.foo; accepted keys: .*num_layers"),
     ("+parallel.tp=2", r"unknown key parallel\.tp; accepted keys: check_messages, check_plan, collective_timeout, "
-                       r"dp, pp"),
+                       r"dp, dp_replicate, dp_shard, grad_reduce, pp, reshard_after_forward"),
     ("+trainer.foo=1", r"unknown key trainer\.foo; accepted keys: .*max_steps"),
     ("trainer.max_steps=many", r"trainer\.max_steps='many' must be an integer"),
     ("+trainer.strategy=ddp", r"trainer\.strategy is set by train\.py"),
@@ -159,3 +160,18 @@ def test_synthetic_only_keys_with_file_data_are_refused_not_ignored(tmp_path):
         with pytest.raises(ValueError, match=rf"data\.{key.split('=')[0]} applies only to data\.kind=synthetic"):
             train(_cfg(tmp_path, "data=jsonl", f"data.path={tmp_path / 'missing.jsonl'}", f"+data.{key}"))
     assert DataConfig.from_dict({"kind": "synthetic"}).max_len == 8192  # defaults stay for synthetic data
+
+
+def test_sharding_keys_are_typed_and_checked_before_anything_starts():
+    p = ParallelConfig.from_dict({"dp_replicate": 2, "dp_shard": 2, "pp": 2})
+    assert (p.data_parallel, p.world_size) == (4, 8)
+    assert ParallelConfig.from_dict({"dp": 3}).data_parallel == 3  # dp alone: replicate-only, as before
+    for bad, msg in (({"dp": 2, "dp_shard": 2}, r"parallel\.dp means dp_replicate alone"),
+                     ({"dp_shard": 0}, r"parallel\.dp_shard=0 must be a positive integer"),
+                     ({"grad_reduce": "sometimes"}, r"parallel\.grad_reduce='sometimes' must be one of"),
+                     ({"grad_reduce": "every_backward", "pp": 2}, r"every_backward with parallel\.pp > 1"),
+                     ({"reshard_after_forward": True}, r"reshard_after_forward=True: only false")):
+        with pytest.raises(ValueError, match=msg):
+            ParallelConfig.from_dict(bad)
+    with pytest.raises(ValueError, match=r"chunk\.layer_checkpoint='some' must be one of none, full"):
+        ChunkConfig.from_dict({"layer_checkpoint": "some"})

@@ -71,7 +71,7 @@ def load_settings(argv: Sequence[str]) -> StatsSettings:
     if raw is not None and not raw.strip().isdigit():
         raise ValueError(f"stats.max_batches={raw!r} must be a positive integer")
     return StatsSettings(data=DataConfig.from_dict(cfg.data), chunk_size=ChunkConfig.from_dict(cfg.chunk).size,
-                         dp=ParallelConfig.from_dict(cfg.parallel).dp,
+                         dp=ParallelConfig.from_dict(cfg.parallel).data_parallel,
                          vocab_size=ModelSettings.from_dict(cfg.model).architecture().vocab_size,
                          max_batches=int(raw) if raw is not None else None)
 

@@ -24,11 +24,16 @@ class ParallelDims:
     pp: int
     world_size: int
     num_layers: int | None = None  # checked against pp when given
+    dp_shard: int = 1  # of dp: ranks a stage's parameters, gradients and optimizer state are sharded over
 
     def __post_init__(self) -> None:
         for key, v in (("parallel.dp", self.dp), ("parallel.pp", self.pp)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{key}={v!r} must be a positive integer")
+        if isinstance(self.dp_shard, bool) or not isinstance(self.dp_shard, int) or self.dp_shard < 1 \
+                or self.dp % self.dp_shard:
+            raise ValueError(f"parallel.dp_shard={self.dp_shard!r} must be a positive integer dividing the "
+                             f"data-parallel degree {self.dp}")
         if self.dp * self.pp != self.world_size:
             raise ValueError(
                 f"parallel.dp x parallel.pp = {self.dp} x {self.pp} = {self.dp * self.pp} processes, but the run has "
@@ -38,6 +43,11 @@ class ParallelDims:
         if self.num_layers is not None and self.pp > self.num_layers:
             raise ValueError(f"parallel.pp={self.pp} is larger than the model's {self.num_layers} layers: each "
                              f"pipeline stage needs at least one layer; use parallel.pp <= {self.num_layers}")
+
+    @property
+    def dp_replicate(self) -> int:
+        """Replicas of a sharded group (``dp = dp_replicate x dp_shard``)."""
+        return self.dp // self.dp_shard
 
     def coords(self, rank: int) -> tuple[int, int]:
         """``(pp_rank, dp_rank)`` of a global rank."""
