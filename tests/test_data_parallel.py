@@ -118,14 +118,14 @@ def uninterrupted(case, tmp_path_factory):
 GATE_STEP = 2  # the ranks are held at the end of this step while rank 1 gets its signal
 
 
-def _hit_rank1_at_the_gate(run: Path, d: Path, sig: int) -> tuple[int, str]:
+def _hit_rank1_at_the_gate(run: Path, d: Path, sig: int, layout: str = "parallel.dp=2") -> tuple[int, str]:
     """Start an endless dp=2 run, hold both ranks at the end of step ``GATE_STEP`` (before its checkpoint), send
     ``sig`` to rank 1, let them go; the run's exit code and output. Where the run stops does not depend on how
     fast this machine runs a step."""
     gate = run / "gate"
     cmd = train_cmd(2, "logger=none", "callbacks.progress=null", "trainer.enable_model_summary=false",
                     "trainer.accelerator=cpu", f"hydra.run.dir={run}", *data_args(d), *ADAMW,
-                    "trainer.max_steps=1000", "parallel.dp=2", *ckpt_args(run),
+                    "trainer.max_steps=1000", layout, *ckpt_args(run),
                     "+callbacks.gate._target_=step_gate.StepGate", f"+callbacks.gate.folder={gate}",
                     f"+callbacks.gate.step={GATE_STEP}")
     env = {**train_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
@@ -155,13 +155,15 @@ def test_killing_one_rank_stops_the_other_with_the_rank_named_and_resume_is_exac
     assert_close(exported(resumed), uninterrupted, 1e-12)
 
 
+@pytest.mark.parametrize("layout", ["parallel.dp=2", "parallel.dp_shard=2"], ids=["replicated", "sharded"])
 def test_sigterm_to_one_rank_stops_every_rank_before_the_next_step_and_resume_is_exact(case, uninterrupted,
-                                                                                       tmp_path):
+                                                                                       tmp_path, layout):
     """A scheduler's signal reaches ranks at different moments: the ranks agree at the next step start,
-    all stop there, write one checkpoint together and exit 128 + SIGTERM (chunkflow_pl/strategy/preemption.py)."""
+    all stop there, write one checkpoint together and exit 128 + SIGTERM (chunkflow_pl/strategy/preemption.py).
+    Sharded (FSDP2 dp_shard=2): the checkpoint holds each rank's shard and resumes as the replicated run."""
     d, _, _ = case
     stopped = tmp_path / "stopped"
-    returncode, out = _hit_rank1_at_the_gate(stopped, d, signal.SIGTERM)
+    returncode, out = _hit_rank1_at_the_gate(stopped, d, signal.SIGTERM, layout)
     assert returncode != 0, out[-3000:]
     # both ranks took the pre-emption path (rank 0 never got the signal itself), neither crashed
     assert out.count("preempted: stopped on SIGTERM (before step") == 2, out[-3000:]
@@ -173,9 +175,11 @@ def test_sigterm_to_one_rank_stops_every_rank_before_the_next_step_and_resume_is
     assert done == [GATE_STEP, GATE_STEP], out[-3000:]
     assert out.count(f"preempted: stopped on SIGTERM (before step {GATE_STEP + 1})") == 2, out[-3000:]
 
+    if layout == "parallel.dp_shard=2":
+        assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     resumed = tmp_path / "resumed"
     run_train(2, resumed, *data_args(d), *ADAMW, f"trainer.max_steps={STEPS}", f"export.hf_dir={resumed / 'export'}",
-              "parallel.dp=2", f"ckpt_path='{ckpt}'", "callbacks.checkpoint=null")
+              layout, f"ckpt_path='{ckpt}'", "callbacks.checkpoint=null")
     assert_close(exported(resumed), uninterrupted, 1e-12)
 
 

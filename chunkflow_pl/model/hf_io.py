@@ -124,23 +124,25 @@ def save_hf(
     out_dir: str | Path,
     dtype: torch.dtype | None = None,
     tokenizer_dir: str | Path | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` that ``Qwen2ForCausalLM.from_pretrained`` loads."""
+    """Write ``config.json`` + ``model.safetensors`` that ``Qwen2ForCausalLM.from_pretrained`` loads
+    (``state``: the tensors to write, when not ``model.state_dict()``, e.g. gathered from shards)."""
     out = Path(out_dir)
-    weight_map = save_hf_shard(model, out, "model.safetensors", dtype=dtype)
+    weight_map = save_hf_shard(model, out, "model.safetensors", dtype=dtype, state=state)
     write_hf_config(out, cfg, weight_map, dtype_name=_dtype_name(model, dtype), tokenizer_dir=tokenizer_dir,
                     index=False)
     return out
 
 
 def save_hf_shard(model: torch.nn.Module, out_dir: str | Path, filename: str, dtype: torch.dtype | None = None,
-                  skip: set[str] | None = None) -> dict[str, str]:
-    """Write ``model``'s tensors (our names ``skip`` excluded) as one safetensors file under their Hugging
-    Face names; return ``{hf_name: filename}`` for the index. A pipeline stage writes one shard."""
+                  skip: set[str] | None = None, state: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
+    """Write ``model``'s tensors (or ``state``'s; our names ``skip`` excluded) as one safetensors file under their
+    Hugging Face names; return ``{hf_name: filename}`` for the index. A pipeline stage writes one shard."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for name, t in model.state_dict().items():
+    for name, t in (state if state is not None else model.state_dict()).items():
         if skip and name in skip:
             continue
         t = t.detach().to("cpu")

@@ -70,13 +70,16 @@ class ChunkExecutor:
     ``StepInterrupted`` (chunk boundaries are the only safe places to stop a step).
     ``clock`` (off by default): when given, ``run`` records ``(op, chunk, start, end)`` of every action
     it runs in ``events``, timed with it (the timeline of a step).
+    ``after_backward`` (when given) runs after every backward action, a padding chunk's too, so every
+    data-parallel rank of a stage calls it equally often (a sharded stage reduces its gradients there).
     """
 
     def __init__(self, model: torch.nn.Module, batch: StepBatch, device: torch.device,
                  offload_state: bool = False, transport: Transport | None = None,
                  should_stop: Callable[[], bool] | None = None, clock: Callable[[], float] | None = None,
-                 copy_engine: CopyEngine | None = None) -> None:
+                 copy_engine: CopyEngine | None = None, after_backward: Callable[[], None] | None = None) -> None:
         self.model = model
+        self.after_backward = after_backward
         self.stage = model.stage
         self.batch = batch
         self.device = torch.device(device)
@@ -291,6 +294,8 @@ class ChunkExecutor:
                 self.forward(a.chunk, a.keep)
             elif op in _ACTIONS:
                 getattr(self, op)(a.chunk)
+                if op == "backward" and self.after_backward is not None:
+                    self.after_backward()
             else:
                 raise ValueError(f"unknown action {a}")
             if self.clock is not None:

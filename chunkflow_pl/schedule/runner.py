@@ -118,11 +118,13 @@ class StepRunner:
 
     def run(self, model: torch.nn.Module, batch: StepBatch, *, should_stop: Callable[[], bool] | None = None,
             record: bool = False, on_plan: Callable[[PipelinePlan], None] | None = None,
-            time_origin: Callable[[], None] | None = None) -> StepRun:
+            time_origin: Callable[[], None] | None = None,
+            after_backward: Callable[[], None] | None = None) -> StepRun:
         """Forward/backward of this stage's actions for ``batch`` on ``model`` (this stage's layers).
 
         ``should_stop`` is polled between actions (``StepInterrupted``). ``on_plan(plan)`` runs before any
-        message moves; ``time_origin()`` runs right before the first action of a recorded step.
+        message moves; ``time_origin()`` runs right before the first action of a recorded step;
+        ``after_backward()`` after every backward action (``ChunkExecutor``).
         Raises ``RuntimeError`` when the stage held more live activations than its cap (a runtime bug).
         """
         plan = self.plan(batch)
@@ -133,7 +135,8 @@ class StepRunner:
         if record and time_origin is not None:
             time_origin()
         ex = ChunkExecutor(model, batch, self.device, offload_state=self.offload_state, transport=self.transport,
-                           should_stop=should_stop, clock=device_clock(self.device) if record else None)
+                           should_stop=should_stop, clock=device_clock(self.device) if record else None,
+                           after_backward=after_backward)
         t0 = time.perf_counter()
         stats = ex.run(plan.stages[self.stage])
         if self.device.type == "cuda":

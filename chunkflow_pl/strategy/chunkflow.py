@@ -12,8 +12,10 @@ pipeline stage of one data-parallel replica, see ``dims.py``)::
     run_chunk_step      this rank's stage of its replica's step plan (every rank of a replica derives
                         the same plan from the same StepBatch), through the schedule's StepRunner, one
                         path for every layout; gradients accumulate in ``.grad``          step.py
-    finish_gradients    tied head summed between first and last stage, gradients all-reduced over dp
-                        (bucketed), global norm over the pipeline, clipping               gradients.py
+    setup               dp > 1: each layer and the root an FSDP2 unit over ("dp_replicate", "dp_shard");
+                        all-gathered at step start, reduced per backward or per step   sharding.py
+    finish_gradients    tied head summed between first and last stage, global norm over the shards
+                        and the pipeline, clipping                                        gradients.py
     export_hf           one Hugging Face directory from all ranks                         export.py
     save/load           torch.distributed.checkpoint directories keyed by parameter name  checkpoint.py
     reduce, barrier...  Lightning's collectives (torch ReduceOp)                          collectives.py
@@ -50,6 +52,7 @@ from chunkflow_pl.strategy.gradients import GradGroups, finish_gradients
 from chunkflow_pl.strategy.groups import ProcessGroups
 from chunkflow_pl.strategy.health import peer_failures
 from chunkflow_pl.strategy.preemption import Preemption
+from chunkflow_pl.strategy.sharding import ShardedStage, ShardingSettings, shard_model
 from chunkflow_pl.strategy.step import RankStep, StepSettings, comm_device
 from chunkflow_pl.utils.sizes import format_duration
 
@@ -60,7 +63,7 @@ class ChunkFlowStrategy(ParallelStrategy):
     strategy_name = "chunkflow"
 
     def __init__(self, parallel: ParallelConfig | ParallelDims | None = None, chunk_k: int = 1,
-                 offload_state: bool = False, num_layers: int | None = None, grad_bucket_mb: float = 25.0,
+                 offload_state: bool = False, num_layers: int | None = None,
                  timeout: timedelta | float | None = None, process_group_backend: str | None = None,
                  check_plan: bool | None = None, check_messages: bool | None = None, check_memory: bool = True,
                  preemption: bool = True, **kwargs: Any) -> None:
@@ -84,7 +87,6 @@ class ChunkFlowStrategy(ParallelStrategy):
         self.num_layers = num_layers if num_layers is not None else getattr(self.dims, "num_layers", None)
         self.check_memory = bool(check_memory)
         self.preemption: Preemption | None = Preemption() if preemption else None
-        self.grad_bucket_mb = grad_bucket_mb
         flags = self._parallel if isinstance(self._parallel, ParallelConfig) else ParallelConfig()
         timeout = flags.timeout if timeout is None else timeout
         self.timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
@@ -95,6 +97,8 @@ class ChunkFlowStrategy(ParallelStrategy):
         self.should_stop = None  # optional callable polled between chunk actions (signals)
         self.check_plan = bool(flags.check_plan if check_plan is None else check_plan)
         self.check_messages = bool(flags.check_messages if check_messages is None else check_messages)
+        self.grad_reduce = flags.grad_reduce
+        self._sharded: ShardedStage | None = None  # dp > 1: this stage's FSDP2 units (setup)
         # Timeline: a callback sets record_timeline before a step; the step leaves its StageTimeline here.
         self.record_timeline = False
         self.last_timeline: StageTimeline | None = None
@@ -181,12 +185,23 @@ class ChunkFlowStrategy(ParallelStrategy):
         assert self.model is not None
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
+        if self.dims.sharded:  # after layer checkpointing, before the optimizer is built (torchtitan's order)
+            self._sharded = shard_model(self.lightning_module.model, self._groups.dp_mesh,
+                                        ShardingSettings(self.grad_reduce, *self._sharded_dtypes()))
         self.barrier("setup")
         from lightning.pytorch.trainer.states import TrainerFn
 
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
+
+    def _sharded_dtypes(self) -> tuple[torch.dtype | None, torch.dtype | None]:
+        """FSDP2's (param_dtype, reduce_dtype): bf16-mixed computes with bf16 parameters gathered from fp32 master
+        weights and reduces gradients in fp32; other precisions keep the parameters' own dtype."""
+        plugin = self.precision_plugin
+        if isinstance(plugin, MixedPrecision) and str(plugin.precision).startswith("bf16"):
+            return torch.bfloat16, torch.float32
+        return None, None
 
     def model_to_device(self) -> None:
         assert self.model is not None
@@ -241,17 +256,18 @@ class ChunkFlowStrategy(ParallelStrategy):
             self._step = RankStep(self.dims, self.global_rank, self.root_device,
                                   StepSettings(self.chunk_k, self.offload_state, self.check_plan, self.check_messages))
         with peer_failures(self.global_rank, self.dims.world_size, batch.step_index):
-            run = self._step.run(model, batch, self._groups, self.should_stop, record)
+            run = self._step.run(model, batch, self._groups, self.should_stop, record, self._sharded)
         self.last_timeline, self.last_run = run.timeline, run
         return run.stats
 
     def finish_gradients(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-        """Tie, all-reduce over dp, take the global norm (returned, before clipping), clip if ``max_norm > 0``."""
+        """Tie, take the global norm (returned, before clipping), clip if ``max_norm > 0`` (FSDP2 reduced the
+        gradients over data parallelism already, at the end of ``run_chunk_step``)."""
         g = self._groups
-        groups = GradGroups(g.dp, g.pp, g.tie) if g is not None else GradGroups(None, None, None)
+        groups = GradGroups(g.shard, g.pp, g.tie) if g is not None else GradGroups(None, None, None)
         spec = self.stage_spec if self.num_layers is not None else None
         with peer_failures(self.global_rank, self.dims.world_size, None):
-            return finish_gradients(model, max_norm, groups, self.dims.pp, spec, self.grad_bucket_mb)
+            return finish_gradients(model, max_norm, groups, self.dims.pp, spec)
 
     # ---- Hugging Face export -----------------------------------------------------------------
     def export_hf(self, model: torch.nn.Module, out_dir, dtype: torch.dtype | None = None,

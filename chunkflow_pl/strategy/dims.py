@@ -1,6 +1,7 @@
-"""``ParallelDims``: the one object that knows the layout of the processes (pp x dp).
+"""``ParallelDims``: the one object that knows the layout of the processes (pp x dp_replicate x dp_shard).
 
-Ranks are laid out pipeline-major, as a ``("pp", "dp")`` device mesh::
+Ranks are laid out pipeline-major, as a ``("pp", "dp_replicate", "dp_shard")`` device mesh; ``dp`` is all
+data-parallel ranks of a stage (``dp_replicate x dp_shard``, shard-minor)::
 
     world 4, pp 2, dp 2        dp rank 0   dp rank 1
         pp stage 0              rank 0      rank 1       <- a data-parallel group: same stage, other data
@@ -50,7 +51,7 @@ class ParallelDims:
         return self.dp // self.dp_shard
 
     def coords(self, rank: int) -> tuple[int, int]:
-        """``(pp_rank, dp_rank)`` of a global rank."""
+        """``(pp_rank, dp_rank)`` of a global rank; ``dp_rank = replica x dp_shard + shard``."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is outside a world of {self.world_size}")
         return divmod(rank, self.dp)
@@ -67,10 +68,15 @@ class ParallelDims:
         return [self.rank(s, dp_rank) for s in range(self.pp)]
 
     @property
-    def mesh_shape(self) -> tuple[int, int]:
-        return (self.pp, self.dp)
+    def mesh_shape(self) -> tuple[int, int, int]:
+        return (self.pp, self.dp_replicate, self.dp_shard)
 
-    MESH_DIM_NAMES = ("pp", "dp")
+    @property
+    def sharded(self) -> bool:
+        """Whether a stage's data-parallel ranks run FSDP2 (``strategy/sharding.py``): any dp > 1."""
+        return self.dp > 1
+
+    MESH_DIM_NAMES = ("pp", "dp_replicate", "dp_shard")
 
 
 def world_from_launch(devices: int | str, num_nodes: int, dp: int, pp: int, env: dict[str, str]

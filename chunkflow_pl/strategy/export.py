@@ -2,8 +2,9 @@
 
 One stage: global rank 0 writes ``model.safetensors``. A pipeline: data-parallel rank 0 of each stage
 writes its shard ``model-0000s-of-0000p.safetensors`` (a tied head is written once, by the first
-stage) and global rank 0 writes the index that joins them. Collective: every rank calls it with the
-same ``out``; the caller's barrier follows.
+stage) and global rank 0 writes the index that joins them. Sharded parameters (FSDP2 DTensors) are
+gathered first, tensor by tensor onto the host, over the stage's data-parallel ranks. Collective: every
+rank calls it with the same ``out``; the caller's barrier follows.
 """
 
 from __future__ import annotations
@@ -24,20 +25,35 @@ def export_hf(model: torch.nn.Module, out: Path, dims: ParallelDims, rank: int, 
     """Write this rank's part of the export of ``model`` to ``out`` (``spec``: this rank's stage, pp > 1)."""
     cfg = model.cfg
     pp_rank, dp_rank = dims.coords(rank)
+    state = gathered_state(model, keep=dp_rank == 0)
     if dims.pp == 1:
         if rank == 0:
-            save_hf(model, cfg, out, dtype=dtype, tokenizer_dir=tokenizer_dir)
+            save_hf(model, cfg, out, dtype=dtype, tokenizer_dir=tokenizer_dir, state=state)
         return out
     assert spec is not None, "a pipeline export needs the stage split"
     weight_map: dict[str, str] = {}
     if dp_rank == 0:
         skip = {"embed.weight"} if not spec.takes_ids else None
         name = f"model-{pp_rank + 1:05d}-of-{dims.pp:05d}.safetensors"
-        weight_map = save_hf_shard(model, out, name, dtype=dtype, skip=skip)
+        weight_map = save_hf_shard(model, out, name, dtype=dtype, skip=skip, state=state)
     maps: list[Any] = [None] * dims.world_size
     dist.all_gather_object(maps, weight_map)
     if rank == 0:
         merged = {k: v for m in maps for k, v in (m or {}).items()}
         dtype_name = str(dtype if dtype is not None else next(model.parameters()).dtype).removeprefix("torch.")
         write_hf_config(out, cfg, merged, dtype_name, tokenizer_dir=tokenizer_dir, index=True)
+    return out
+
+
+def gathered_state(model: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor] | None:
+    """The model's tensors, whole, on the host (``keep``: this rank writes them; others only take part in the
+    gathers, in the same order). ``None`` when nothing is sharded: the caller reads ``model.state_dict()``."""
+    sd = model.state_dict()
+    if not any(hasattr(t, "full_tensor") for t in sd.values()):
+        return None
+    out = {}
+    for name, t in sd.items():
+        whole = t.full_tensor() if hasattr(t, "full_tensor") else t
+        if keep:
+            out[name] = whole.detach().to("cpu")
     return out

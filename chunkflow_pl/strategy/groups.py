@@ -4,8 +4,10 @@
 process (Lightning's launcher, torchrun or SLURM have started them)::
 
     default group   _init_dist_connection over the cluster environment (NCCL on CUDA, else gloo)
-    mesh            init_device_mesh(("pp", "dp")), pipeline-major (ParallelDims)
-    dp / pp         the mesh's groups: this rank's data-parallel peers, its replica's stages
+    mesh            init_device_mesh(("pp", "dp_replicate", "dp_shard")), pipeline-major (ParallelDims)
+    dp / pp         this rank's data-parallel peers (both dp dims), its replica's stages
+    dp_mesh         dp > 1: the ("dp_replicate", "dp_shard") sub-mesh FSDP2 shards over (sharding.py)
+    shard           the "dp_shard" group (a gradient norm sums its squares over it)
     tie             pp > 1: one 2-rank group (first stage, last stage) per replica, for a tied embedding
     p2p             pp > 1: P2PTransport, one 2-rank group per channel (stage pair x direction)
 
@@ -32,6 +34,8 @@ class ProcessGroups:
     mesh: Any
     dp: Any
     pp: Any
+    dp_mesh: Any
+    shard: Any
     tie: Any | None  # this rank's tie group (first or last stage with pp > 1), else None
     p2p: P2PTransport | None
     owns_default: bool  # create() made the default group (destroy() ends it)
@@ -61,7 +65,13 @@ class ProcessGroups:
             comm_device = device if device.type == "cuda" else torch.device("cpu")
             p2p = P2PTransport(dims, rank, comm_device, check_messages, timeout=timeout)
         register_process(rank)
-        return cls(mesh, mesh.get_group("dp"), mesh.get_group("pp"), tie, p2p, owns, backend)
+        dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp > 1 else None
+        dp = None
+        for s in range(dims.pp):  # every rank creates every stage's group, in order
+            g = dist.new_group(dims.dp_group_ranks(s), timeout=timeout)
+            if rank in dims.dp_group_ranks(s):
+                dp = g
+        return cls(mesh, dp, mesh.get_group("pp"), dp_mesh, mesh.get_group("dp_shard"), tie, p2p, owns, backend)
 
     def destroy(self) -> None:
         """End every process group of the run, once this rank is past its last collective (no message).
@@ -78,7 +88,7 @@ class ProcessGroups:
         if not self.owns_default:
             return
         self.p2p = None
-        self.mesh = self.dp = self.pp = self.tie = None
+        self.mesh = self.dp = self.pp = self.tie = self.dp_mesh = self.shard = None
         if dist.is_initialized():
             dist.destroy_process_group()
         self.owns_default = False

@@ -21,12 +21,13 @@ import torch
 import torch.distributed as dist
 
 from chunkflow_pl.data.types import StepBatch
-from chunkflow_pl.schedule.executor import StepStats
+from chunkflow_pl.schedule.executor import StepInterrupted, StepStats
 from chunkflow_pl.schedule.pipeline_actions import PipelinePlan
 from chunkflow_pl.schedule.runner import StepRun, StepRunner
 from chunkflow_pl.strategy.collectives import all_reduce_scalars
 from chunkflow_pl.strategy.dims import ParallelDims
 from chunkflow_pl.strategy.groups import ProcessGroups
+from chunkflow_pl.strategy.sharding import ShardedStage
 
 
 class PlanDivergence(RuntimeError):
@@ -61,8 +62,11 @@ class RankStep:
         return self._runner
 
     def run(self, model: torch.nn.Module, batch: StepBatch, groups: ProcessGroups | None,
-            should_stop: Callable[[], bool] | None, record: bool) -> StepRun:
-        """This rank's stage of the replica's plan for ``batch``; ``run.stats`` summed over the job."""
+            should_stop: Callable[[], bool] | None, record: bool, sharded: ShardedStage | None = None) -> StepRun:
+        """This rank's stage of the replica's plan for ``batch``; ``run.stats`` summed over the job.
+
+        ``sharded`` (dp > 1): the stage's FSDP units, all-gathered before the first action and reduced after
+        backward actions and at the end (``sharding.py``); a stopped step drops its gradients there."""
         pp_group = groups.pp if groups is not None else None
         on_plan = time_origin = None
         if self.settings.check_messages and self.dims.pp > 1:
@@ -72,8 +76,18 @@ class RankStep:
             def time_origin() -> None:  # a common time origin for the replica's stages
                 dist.barrier(group=pp_group, **({"device_ids": [self.device.index]}
                                                 if self.device.type == "cuda" else {}))
-        run = self.runner(model, groups).run(model, batch, should_stop=should_stop, record=record, on_plan=on_plan,
-                                             time_origin=time_origin)
+        runner = self.runner(model, groups)
+        if sharded is not None:
+            sharded.begin_step(len(batch.chunks))
+        try:
+            run = runner.run(model, batch, should_stop=should_stop, record=record, on_plan=on_plan,
+                             time_origin=time_origin, after_backward=sharded.after_backward if sharded else None)
+        except StepInterrupted:
+            if sharded is not None:
+                sharded.abandon_step()
+            raise
+        if sharded is not None:
+            sharded.end_step()
         global_stats(run.stats, groups, self.dims, self.stage == self.dims.pp - 1, self.device)
         return run
 
