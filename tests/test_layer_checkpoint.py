@@ -262,3 +262,40 @@ def test_train_py_step_with_full_equals_none(tmp_path):
     assert set(w1) == set(w0)
     for name in w0:
         assert w0[name].dtype == torch.float64 and torch.equal(w1[name], w0[name]), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_copy_engine_with_layer_checkpointing_gives_the_bits_of_device_state(exactness_case):
+    """The real copy engine on CUDA (side streams, events, worker adds), float64, k=1: layer checkpointing with
+    offloaded state equals device-resident state without it, bit for bit, also with every side-stream copy
+    delayed by a GPU sleep (a recompute that read a copy before it landed would change the result)."""
+    from single_device_oracle import plan_single_device
+
+    from chunkflow_pl.data.assemble import assemble_step
+    from chunkflow_pl.data.packing import build_chunk_plan
+    from chunkflow_pl.schedule.executor import ChunkExecutor
+    from chunkflow_pl.schedule.offload import CudaCopyEngine
+
+    class SlowCopies(CudaCopyEngine):
+        def to_device(self, host):
+            with torch.cuda.stream(self.h2d):
+                torch.cuda._sleep(20_000_000)
+            return super().to_device(host)
+
+    model, seqs, targets, n_label, _, _ = exactness_case
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    plan = build_chunk_plan([len(s) for s in seqs], CHUNK)
+    batch = assemble_step(plan.chunks, seqs, targets, [len(s) for s in seqs], list(range(len(seqs))), n_label, 0,
+                          len(plan.chunks))
+    actions = plan_single_device([c.segments for c in batch.chunks], batch.seq_lens, 1)
+    grads = {}
+    for run, policy, offload, engine in (("device", "none", False, None), ("engine", "full", True, None),
+                                         ("slow", "full", True, SlowCopies(cuda))):
+        m = checkpointed(model, policy).to(cuda)
+        m.zero_grad(set_to_none=True)
+        ChunkExecutor(m, batch, cuda, offload_state=offload, copy_engine=engine).run(actions)
+        grads[run] = {n: p.grad.cpu() for n, p in m.named_parameters()}
+    for name in grads["device"]:
+        assert torch.equal(grads["engine"][name], grads["device"][name]), name
+        assert torch.equal(grads["slow"][name], grads["device"][name]), name
