@@ -145,6 +145,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     module = ChunkFlowLM(mcfg, optim, attention=model.attention, loss_chunk=model.loss_chunk,
                          pretrained=model.pretrained, init_std=model.init_std)
     strategy = ChunkFlowStrategy(parallel, chunk_k=chunk.k, offload_state=chunk.offload_state,
+                                 layer_checkpoint=chunk.layer_checkpoint,
                                  check_memory=bool(cfg.get("check_memory", True)))
 
     output_dir = _output_dir(cfg)

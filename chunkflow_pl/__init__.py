@@ -5,8 +5,9 @@ The public API, for a plain Lightning script (README "Use from Python")::
     from chunkflow_pl import ChunkFlowDataModule, ChunkFlowLM, ChunkFlowStrategy, DataConfig, OptimConfig, get_preset
 
 ``ChunkFlowLM(model_cfg, optim)`` the LightningModule, ``ChunkFlowDataModule(data, chunk_size, vocab_size)`` the
-data, ``ChunkFlowStrategy(ParallelConfig(dp, pp), chunk_k)`` the strategy; they find each other through the
-Trainer. The names load on first use, so ``import chunkflow_pl`` stays light (no torch).
+data, ``ChunkFlowStrategy(ParallelConfig(dp, pp), chunk_k, offload_state, layer_checkpoint="none")`` the
+strategy; they find each other through the Trainer. The names load on first use, so ``import chunkflow_pl``
+stays light (no torch).
 """
 
 from __future__ import annotations

@@ -48,28 +48,34 @@ def _g(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
-def activation_bytes_per_token_layer(cfg: ModelConfig, precision: str) -> int:
+def activation_bytes_per_token_layer(cfg: ModelConfig, precision: str, layer_checkpoint: str = "none") -> int:
     """Bytes autograd saves per token and decoder layer for backward (counted on ``Qwen2Decoder``).
 
     Per token: each RMSNorm keeps its input, the normalised input and its output (3 D, twice); attention
     keeps q and k after RoPE, v, and its output (also ``o_proj``'s input): 2 D + Dkv for k and v together,
     plus one fp32 log-sum-exp per query head; the MLP keeps gate, SiLU(gate), up and their product (4 F).
     ``tests/test_plan.py`` checks this count against the saved tensors of a real forward.
+    ``layer_checkpoint="full"``: the layer keeps only its input (D) and its new keys/values (Dkv), which the
+    state store needs anyway (``tests/test_layer_checkpoint.py`` measures both).
     """
     _, ab = precision_bytes(precision)
     d, f, kv = cfg.hidden_size, cfg.intermediate_size, 2 * cfg.num_kv_heads * cfg.head_dim
+    if layer_checkpoint == "full":
+        return (d + kv) * ab
     return (8 * d + kv + 4 * f) * ab + 4 * cfg.num_heads
 
 
 def estimate_stage_memory(cfg: ModelConfig, stage: StageSpec, chunk_size: int, live_chunks: int, precision: str,
                           optimizer: str = "adamw", loss_chunk: int = 4096, state_tokens: int = 0,
-                          boundary_tokens: int = 0) -> MemoryEstimate:
+                          boundary_tokens: int = 0, layer_checkpoint: str = "none") -> MemoryEstimate:
     """Peak training memory of one pipeline stage (the whole model when ``stage`` is whole).
 
     ``live_chunks``: chunks holding activations at once (``k`` on one device; the stage's cap in a
     pipeline). ``state_tokens``: tokens of the split sequences whose key/value state is alive at once
     (the store allocates a whole sequence at its first write). ``boundary_tokens``: ``[T, D]`` inputs kept
-    by dropped forwards for their recompute (stages after the first).
+    by dropped forwards for their recompute (stages after the first). ``layer_checkpoint``: ``chunk.
+    layer_checkpoint`` (``full``: live chunks keep per layer its input and K/V; the chunk in backward also
+    holds one recomputed layer's activations).
     """
     wb, ab = precision_bytes(precision)
     n = stage_params(cfg, stage)
@@ -77,12 +83,14 @@ def estimate_stage_memory(cfg: ModelConfig, stage: StageSpec, chunk_size: int, l
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     kv = 2 * cfg.num_kv_heads * hd
     layers = len(stage.layer_ids)
-    per_token = layers * activation_bytes_per_token_layer(cfg, precision) + 2 * hd * ab  # + RoPE cos/sin
+    per_token = layers * activation_bytes_per_token_layer(cfg, precision, layer_checkpoint) + 2 * hd * ab  # + RoPE
     if stage.has_head:
         per_token += 3 * d * ab  # final norm
     act = live_chunks * chunk_size * per_token
     # Transient at the peak, on top of what is saved: one layer's activation gradients during backward ...
     act += chunk_size * (2 * d + 3 * f) * ab
+    if layer_checkpoint == "full":  # ... and the one layer recomputed at a time
+        act += chunk_size * activation_bytes_per_token_layer(cfg, precision)
     if stage.has_head:
         # ... and one slice of fp32 logits, log-softmax and their gradient (a whole chunk up to loss_chunk).
         act += min(chunk_size, loss_chunk) * cfg.vocab_size * 4 * 3
@@ -99,7 +107,7 @@ def estimate_stage_memory(cfg: ModelConfig, stage: StageSpec, chunk_size: int, l
 def estimate_training_memory(cfg: ModelConfig, chunk_size: int, k: int, precision: str,
                              optimizer: str = "adamw", loss_chunk: int = 4096,
                              max_seq_len: int | None = None, stage: StageSpec | None = None,
-                             live_chunks: int | None = None) -> MemoryEstimate:
+                             live_chunks: int | None = None, layer_checkpoint: str = "none") -> MemoryEstimate:
     """One device's memory: the whole model with ``k`` live chunks, or pipeline ``stage`` holding up to
     ``live_chunks`` chunks' activations at once (its cap in the pipeline plan; default ``k``). The state of
     the longest sequence counts when it is split; stages after the first also keep the ``[T, D]`` inputs of
@@ -108,7 +116,7 @@ def estimate_training_memory(cfg: ModelConfig, chunk_size: int, k: int, precisio
     state = max_seq_len if max_seq_len is not None and max_seq_len > chunk_size else 0
     return estimate_stage_memory(cfg, stage, chunk_size, live_chunks if live_chunks is not None else k, precision,
                                  optimizer, loss_chunk, state_tokens=state,
-                                 boundary_tokens=0 if stage.takes_ids else state)
+                                 boundary_tokens=0 if stage.takes_ids else state, layer_checkpoint=layer_checkpoint)
 
 
 def stage_params(cfg: ModelConfig, stage: StageSpec) -> int:

@@ -7,6 +7,7 @@ stream::
 
     forward  (layers 0 .. n-1)     fetch(l): wait for layer l's copy; start layer l+1's
     backward (layers n-1 .. 0)     fetch(l): wait for layer l's copy; start layer l-1's
+      layer checkpointing:         layer l's recompute fetches instead (and starts l-1's); l's backward reuses it
 
     compute stream   | attn l | o, mlp l | q,k,v l+1 | attn l+1 | ...
     h2d stream       | prefix l+1 |                 | prefix l+2 | ...     (each waits for what compute
@@ -169,6 +170,10 @@ class PrefixMover:
         # all layers, so nothing is left here while the chunk waits for its next pass; a dropped ``kv_only``
         # forward stops before its last layer's attention and leaves that copy to ``close``.
         self._ahead: dict[int, Pending] = {}
+        # After the forward pass (``close``), a forward fetch is a layer recomputed inside backward (per-layer
+        # activation checkpointing): its copy is kept here for that layer's attention backward, which follows.
+        self._forward_done = False
+        self._recomputed: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def layer_of(self, host: Sequence[torch.Tensor]) -> int:
         """The layer whose prefix views ``host`` are (attention asks once per forward and keeps the answer
@@ -179,14 +184,26 @@ class PrefixMover:
         return i
 
     def fetch(self, i: int, backward: bool) -> tuple[torch.Tensor, ...]:
-        """Device copies of layer ``i``'s prefix views; starts copying the layer needed next."""
+        """Device copies of layer ``i``'s prefix views; starts copying the layer needed next.
+
+        A recompute of layer ``i`` in backward (a forward fetch after ``close``: per-layer activation
+        checkpointing) is where that layer's backward pass begins: it takes the copy, starts layer ``i - 1``'s
+        and keeps its own for layer ``i``'s attention backward, which follows."""
+        if backward and i in self._recomputed:
+            return self._recomputed.pop(i)
+        recompute = self._forward_done and not backward
+        if recompute and i in self._recomputed:
+            return self._recomputed[i]
         pending = self._ahead.pop(i, None)
         if pending is None:
             pending = self.engine.to_device(self.layers[i])
-        nxt = i - 1 if backward else i + 1
+        nxt = i - 1 if backward or recompute else i + 1
         if 0 <= nxt < len(self.layers) and nxt not in self._ahead:
             self._ahead[nxt] = self.engine.to_device(self.layers[nxt])
-        return pending.wait()
+        copies = pending.wait()
+        if recompute:
+            self._recomputed[i] = copies
+        return copies
 
     def send_grads(self, i: int, grads: Sequence[torch.Tensor]) -> None:
         """Layer ``i``'s prefix gradients (device tensors, in the order ``(*ks, *vs)``) to the store."""
@@ -194,10 +211,12 @@ class PrefixMover:
             self.on_grad(i, j, g)
 
     def close(self) -> None:
-        """Release copies started for a layer this pass did not reach (called after each forward pass)."""
+        """End the forward pass (the executor calls it after the chunk's forward): release copies started for a
+        layer it did not reach."""
         for pending in self._ahead.values():
             pending.release()
         self._ahead.clear()
+        self._forward_done = True
 
 
 def _key(t: torch.Tensor) -> tuple[int, tuple[int, ...]]:

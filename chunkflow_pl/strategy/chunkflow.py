@@ -51,6 +51,7 @@ from chunkflow_pl.strategy.fit_setup import layout_dims, prepare_fit
 from chunkflow_pl.strategy.gradients import GradGroups, finish_gradients
 from chunkflow_pl.strategy.groups import ProcessGroups
 from chunkflow_pl.strategy.health import peer_failures
+from chunkflow_pl.strategy.layer_checkpoint import apply_layer_checkpoint, check_policy
 from chunkflow_pl.strategy.preemption import Preemption
 from chunkflow_pl.strategy.sharding import ShardedStage, ShardingSettings, shard_model
 from chunkflow_pl.strategy.step import RankStep, StepSettings, comm_device
@@ -66,7 +67,7 @@ class ChunkFlowStrategy(ParallelStrategy):
                  offload_state: bool = False, num_layers: int | None = None,
                  timeout: timedelta | float | None = None, process_group_backend: str | None = None,
                  check_plan: bool | None = None, check_messages: bool | None = None, check_memory: bool = True,
-                 preemption: bool = True, **kwargs: Any) -> None:
+                 preemption: bool = True, layer_checkpoint: str = "none", **kwargs: Any) -> None:
         """``parallel``: dp x pp (``ParallelConfig``; its world size is checked against the Trainer's devices x
         num_nodes), or a ``ParallelDims`` already sized. ``check_plan`` (default: the config's, True): prove each
         step's plan valid before running it (every layout; ``runner.plan_step``). ``check_messages`` (debug,
@@ -75,7 +76,9 @@ class ChunkFlowStrategy(ParallelStrategy):
         memory estimate exceeds the device's, before allocating (``memory_check.py``). ``preemption``: add the
         SIGTERM/SIGUSR1 callback (``preemption.py``). ``timeout`` (a timedelta or seconds; default the config's
         ``parallel.collective_timeout``, 10 minutes): how long any collective or point-to-point call of any of the
-        run's process groups waits for the other ranks. What the strategy does with the Trainer: ``fit_setup.py``."""
+        run's process groups waits for the other ranks. ``layer_checkpoint`` (``chunk.layer_checkpoint``, ``none`` or
+        ``full``): per-layer activation checkpointing inside kept chunks (``layer_checkpoint.py``). What the strategy
+        does with the Trainer: ``fit_setup.py``."""
         super().__init__(**kwargs)
         if chunk_k < 1:
             raise ValueError(f"chunk.k={chunk_k} must be >= 1 (chunks whose activations are kept)")
@@ -84,6 +87,7 @@ class ChunkFlowStrategy(ParallelStrategy):
         self.dims: ParallelDims | None = self._parallel if isinstance(self._parallel, ParallelDims) else None
         self.chunk_k = int(chunk_k)
         self.offload_state = bool(offload_state)
+        self.layer_checkpoint = check_policy(layer_checkpoint)  # a bad value fails here, before anything is built
         self.num_layers = num_layers if num_layers is not None else getattr(self.dims, "num_layers", None)
         self.check_memory = bool(check_memory)
         self.preemption: Preemption | None = Preemption() if preemption else None
@@ -185,7 +189,10 @@ class ChunkFlowStrategy(ParallelStrategy):
         assert self.model is not None
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        if self.dims.sharded:  # after layer checkpointing, before the optimizer is built (torchtitan's order)
+        # Per-layer activation checkpointing, then sharding: from outside the model, before the optimizer is built
+        # (torchtitan's order).
+        apply_layer_checkpoint(self.lightning_module.model, self.layer_checkpoint)
+        if self.dims.sharded:
             self._sharded = shard_model(self.lightning_module.model, self._groups.dp_mesh,
                                         ShardingSettings(self.grad_reduce, *self._sharded_dtypes()))
         self.barrier("setup")
