@@ -93,10 +93,10 @@ def test_dp_shard2_is_exact_and_its_sharded_checkpoint_resumes_in_one_process_an
         assert_close(exported(r), exported(one))
 
 
-def test_dp_shard2_every_backward_with_offloaded_state_is_exact(case, one, tmp_path):
+def test_dp_shard2_every_backward_with_offloaded_state_and_layer_checkpointing_is_exact(case, one, tmp_path):
     run = tmp_path / "every"
     run_train(2, run, *args(case, run, "parallel.dp_shard=2", "parallel.grad_reduce=every_backward",
-                            "chunk.offload_state=true", "callbacks.checkpoint=null"))
+                            "chunk.offload_state=true", "chunk.layer_checkpoint=full", "callbacks.checkpoint=null"))
     assert_close(exported(run), exported(one))
 
 
