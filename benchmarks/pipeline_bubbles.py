@@ -46,7 +46,7 @@ from chunkflow_pl.model.config import get_preset  # noqa: E402
 from chunkflow_pl.schedule.cost import CostModel  # noqa: E402
 from chunkflow_pl.schedule.pipeline_actions import Op  # noqa: E402
 from chunkflow_pl.schedule.pipeline_checker import check_pipeline_plan  # noqa: E402
-from chunkflow_pl.schedule.pipeline_planner import default_caps, plan_pipeline  # noqa: E402
+from chunkflow_pl.schedule.scheduler import default_caps, plan_pipeline  # noqa: E402
 from chunkflow_pl.schedule.simulator import SimResult, lower_bound, simulate  # noqa: E402
 from chunkflow_pl.utils.sizes import parse_size  # noqa: E402
 

@@ -50,8 +50,8 @@ from chunkflow_pl.model.config import get_preset  # noqa: E402
 from chunkflow_pl.model.stages import split_stages  # noqa: E402
 from chunkflow_pl.schedule.cost import CostModel, MeasuredCost  # noqa: E402
 from chunkflow_pl.schedule.pipeline_actions import Op  # noqa: E402
-from chunkflow_pl.schedule.pipeline_planner import plan_pipeline  # noqa: E402
 from chunkflow_pl.schedule.runner import pipeline_cost  # noqa: E402
+from chunkflow_pl.schedule.scheduler import plan_pipeline  # noqa: E402
 from chunkflow_pl.schedule.simulator import simulate  # noqa: E402
 
 COMPUTE = {op.value for op in Op}

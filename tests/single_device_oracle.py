@@ -1,6 +1,6 @@
 """Test oracle: the single-device chunk schedule (paper Algorithm 2) written the plain way, and its checker.
 
-Production code plans every layout with ``schedule.pipeline_planner.plan_pipeline`` (one device is its
+Production code plans every layout with ``schedule.scheduler.plan_pipeline`` (one device is its
 one-stage case, run by ``schedule.runner.StepRunner``). This module keeps the direct formulation as an
 independent reference: ``test_pipeline_plan.py`` proves the one-stage pipeline plan equals it, and tests
 that drive a ``ChunkExecutor`` by hand use it to get a valid order without the pipeline machinery.
@@ -21,7 +21,7 @@ the same with ``k = 2``::
 
 and a standalone chunk is always ``F4 B4``. With ``k >= `` component size nothing is recomputed.
 
-The checker (``check_plan``) accepts any single-device list, not only this planner's: every chunk runs
+The checker (``check_plan``) accepts any single-device list, not only this scheduler's: every chunk runs
 exactly one FORWARD and one BACKWARD, dependencies are respected, dropped forwards are recomputed once
 before their backward, and live activations never exceed ``k``. Live activations of the plan for chain
 ``0 -> 1 -> 2``, ``k = 1``::

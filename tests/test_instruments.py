@@ -103,7 +103,7 @@ def test_logged_flops_and_mfu_match_the_hand_count(instrumented_run):
         assert m["perf/model_tflop"] == pytest.approx(MODEL_FLOPS / 1e12, rel=1e-6)  # logged as float32
         assert m["perf/peak_tflop_per_s"] == pytest.approx(1e-3)
         assert m["perf/mfu"] == pytest.approx(MODEL_FLOPS / m["train/step_time_s"] / 1e9, rel=1e-5)
-        # the recomputed chunk comes from the planner the strategy ran (k = 1: chunk 0 runs forward twice,
+        # the recomputed chunk comes from the scheduler the strategy ran (k = 1: chunk 0 runs forward twice,
         # the first time kv-only)
         hw_over_model = (MODEL_FLOPS + DROPPED_FORWARD_FLOPS) / MODEL_FLOPS
         assert m["perf/hfu"] / m["perf/mfu"] == pytest.approx(hw_over_model, rel=1e-5)

@@ -1,4 +1,4 @@
-"""Pipeline planner and checker: per-stage action lists with messages (pure python, no torch)."""
+"""Scheduler and checker: per-stage action lists with messages (pure python, no torch)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from chunkflow_pl.schedule.cost import CostModel
 from chunkflow_pl.schedule.graph import build_graph, forward_order
 from chunkflow_pl.schedule.pipeline_actions import Action, Comm, CommOp, Op, PipeAction, PipelinePlan
 from chunkflow_pl.schedule.pipeline_checker import DeadlockError, PlanError, check_pipeline, check_pipeline_plan
-from chunkflow_pl.schedule.pipeline_planner import default_caps, plan_pipeline
 from chunkflow_pl.schedule.runner import pipeline_cost
+from chunkflow_pl.schedule.scheduler import default_caps, plan_pipeline
 from chunkflow_pl.schedule.simulator import simulate
 from chunkflow_pl.schedule.timeline import ascii_timeline
 
@@ -53,24 +53,24 @@ def unit_cost(pp: int, tokens_per_unit: int = 4) -> CostModel:
     return CostModel.uniform(pp, per_token=1.0 / tokens_per_unit, per_pair=0.0)
 
 
-# A chain 0 -> 1 -> 2 (sequence 0, 12 tokens) and standalone chunks 3 and 4: the planner's docstring example.
+# A chain 0 -> 1 -> 2 (sequence 0, 12 tokens) and standalone chunks 3 and 4: the scheduler's docstring example.
 EXAMPLE: Chunks = [[Segment(0, 0, 4)], [Segment(0, 4, 8)], [Segment(0, 8, 12)], [Segment(1, 0, 4)],
                    [Segment(2, 0, 4)]]
 EXAMPLE_LENS = [12, 4, 4]
 
 
-def test_docstring_example_is_what_the_planner_gives() -> None:
-    from chunkflow_pl.schedule import pipeline_planner
+def test_docstring_example_is_what_the_scheduler_gives() -> None:
+    from chunkflow_pl.schedule import scheduler
 
     plan = plan_pipeline(EXAMPLE, EXAMPLE_LENS, pp=2, k=1, cost=unit_cost(2))
     check_pipeline_plan(plan, EXAMPLE, EXAMPLE_LENS)
     timeline = ascii_timeline(simulate(plan, EXAMPLE, EXAMPLE_LENS, unit_cost(2)).events, 2)
-    doc = pipeline_planner.__doc__
+    doc = scheduler.__doc__
     for line in plan.text().splitlines() + timeline.splitlines():
         assert f"    {line}\n" in doc, line
 
 
-# -- planner on real chunk mixes ----------------------------------------------------------------
+# -- scheduler on real chunk mixes ----------------------------------------------------------------
 
 
 @st.composite
@@ -89,7 +89,7 @@ def replicas(draw: st.DrawFn) -> tuple[Chunks, list[int]]:
 @settings(max_examples=60, deadline=None)
 @given(replicas(), st.integers(1, 8), st.integers(1, 4), st.sampled_from([1, 2, None]),
        st.sampled_from([0.0, 0.02]), st.sampled_from([0.0, 0.3]))
-def test_planner_gives_valid_plans(case: tuple[Chunks, list[int]], pp: int, k: int, max_open: int | None,
+def test_scheduler_gives_valid_plans(case: tuple[Chunks, list[int]], pp: int, k: int, max_open: int | None,
                                    per_pair: float, latency: float) -> None:
     chunks, lens = case
     cost = CostModel.uniform(pp, per_token=0.1, per_pair=per_pair, comm_latency=latency)
@@ -203,7 +203,7 @@ def test_a_chains_kept_chunk_waits_for_the_previous_chains_recomputes() -> None:
         (dict(pp=2, k=1, max_open_chains=0), "max_open_chains must be >= 1"),
     ],
 )
-def test_planner_rejects_bad_arguments(kwargs: dict, match: str) -> None:
+def test_scheduler_rejects_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         plan_pipeline(EXAMPLE, EXAMPLE_LENS, **kwargs)
 
@@ -243,7 +243,7 @@ def test_async_sends_finish_where_blocking_sends_hang() -> None:
     check(["F0 >A0 <G0 B0 F1 >A1 <G1 B1", GOOD[1]], sends="blocking")
 
 
-def test_planner_plans_rely_on_async_sends() -> None:
+def test_scheduler_plans_rely_on_async_sends() -> None:
     plan = plan_pipeline(EXAMPLE, EXAMPLE_LENS, pp=2, k=1, cost=unit_cost(2))
     check_pipeline_plan(plan, EXAMPLE, EXAMPLE_LENS, sends="async")
     with pytest.raises(DeadlockError, match=r"stage 0 waits for its receive on channel act 0->1 at action 7 \(>A3\)"):
@@ -312,7 +312,7 @@ def test_checker_rejects_a_chain_backward_before_the_later_piece() -> None:
         check([good[0], "<A0 F0 <A1 F1 B0 >G0 B1 >G1"], chunks, [8], caps=(2, 2))
 
 
-def test_checker_catches_every_single_action_removed_from_a_planner_plan() -> None:
+def test_checker_catches_every_single_action_removed_from_a_scheduler_plan() -> None:
     plan = plan_pipeline(EXAMPLE, EXAMPLE_LENS, pp=3, k=1, cost=unit_cost(3))
     for s, acts in enumerate(plan.stages):
         for i in range(len(acts)):
@@ -335,7 +335,7 @@ from chunkflow_pl.data.packing import build_chunk_plan
 from chunkflow_pl.model.config import get_preset
 from chunkflow_pl.schedule.cost import CostModel
 from chunkflow_pl.schedule.pipeline_checker import check_pipeline_plan
-from chunkflow_pl.schedule.pipeline_planner import plan_pipeline
+from chunkflow_pl.schedule.scheduler import plan_pipeline
 from chunkflow_pl.schedule.simulator import simulate
 lengths = [300, 20, 45, 7, 130, 64]
 chunk_plan = build_chunk_plan(lengths, 64)

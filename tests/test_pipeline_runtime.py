@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 from chunkflow_pl.data.types import Segment
 from chunkflow_pl.model.config import ModelConfig
-from chunkflow_pl.schedule.pipeline_planner import plan_pipeline
 from chunkflow_pl.schedule.runner import pipeline_cost
+from chunkflow_pl.schedule.scheduler import plan_pipeline
 
 COMMON = ["data=jsonl", "data.global_batch_size=7", "data.shuffle=false", "chunk.size=32",
           "trainer.precision=64-true", "optim.weight_decay=0", "optim.grad_clip=0", "model.loss_chunk=16",

@@ -8,7 +8,7 @@ from chunkflow_pl.data.types import Segment
 from chunkflow_pl.model.config import get_preset
 from chunkflow_pl.schedule.cost import CostModel, MeasuredCost, even_stage_layers
 from chunkflow_pl.schedule.pipeline_actions import Op
-from chunkflow_pl.schedule.pipeline_planner import plan_pipeline
+from chunkflow_pl.schedule.scheduler import plan_pipeline
 from chunkflow_pl.schedule.simulator import lower_bound, simulate
 from chunkflow_pl.schedule.timeline import COLORS, TimedEvent, draw_timeline, timeline_stats
 
@@ -144,8 +144,8 @@ class _Recording:
         return self.cost.comm_time(tokens)
 
 
-def test_planner_and_lower_bound_ask_each_forward_with_its_keep() -> None:
-    # The planner's interleaving and lower_bound's critical path both time forwards: a dropped one on the
+def test_scheduler_and_lower_bound_ask_each_forward_with_its_keep() -> None:
+    # The scheduler's interleaving and lower_bound's critical path both time forwards: a dropped one on the
     # last stage must be asked as dropped there too, not only in simulate.
     chunks = CHAIN + [[Segment(1, 0, 6)]]
     lens = [12, 6]

@@ -1,4 +1,4 @@
-"""Chunk planner: the memory model against the real decoder, the CLI, and chunk.size=auto on a real run."""
+"""Planner: the memory model against the real decoder, the CLI, and chunk.size=auto on a real run."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ Inputs are lengths and typed settings only (no Hydra, no weights, no data tokens
   dropped chunks. The budget is compared with ``peak + overhead`` (what the runtime holds besides
   tensors: CUDA context, allocator slack, the Python process).
 * **step time**: the chunk plan of each sampled global batch (Algorithm 1), split over data-parallel
-  ranks (``data.balance``), planned by ``schedule.pipeline_planner`` (``pp = 1``: the single-device
+  ranks (``data.balance``), planned by ``schedule.scheduler`` (``pp = 1``: the single-device
   plan) and run by ``schedule.simulator`` on ``CostModel.from_model`` (FLOPs at ``flops_per_s``;
   backward 2x, recompute 1x a forward); the slowest rank's time, averaged over the batches. FLOPs
   only: kernel efficiency per chunk size and per-chunk overheads are not modelled, so settings that
@@ -34,7 +34,7 @@ from chunkflow_pl.model.stages import split_stages
 from chunkflow_pl.schedule.cost import CostModel
 from chunkflow_pl.schedule.graph import build_graph
 from chunkflow_pl.schedule.pipeline_actions import Op
-from chunkflow_pl.schedule.pipeline_planner import default_caps, plan_pipeline
+from chunkflow_pl.schedule.scheduler import default_caps, plan_pipeline
 from chunkflow_pl.schedule.simulator import simulate
 
 TIE = 0.01  # step times within 1% count as equal

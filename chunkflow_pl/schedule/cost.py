@@ -23,7 +23,7 @@ Middle stages must send their output, so a dropped forward there is a full one; 
 backwards are full on every stage. ``uniform`` (no model to count) leaves both terms ``None``: a
 dropped forward costs a kept one unless they are passed.
 
-Every rank must build the model from the same numbers: the planner's order depends on it, so a cost
+Every rank must build the model from the same numbers: the scheduler's order depends on it, so a cost
 measured per rank (different on each) would give each rank a different plan.
 """
 
@@ -46,7 +46,7 @@ DEFAULT_LATENCY_S = 20e-6
 
 
 class ActionCost(Protocol):
-    """What the planner and the simulator ask of a cost model."""
+    """What the scheduler and the simulator ask of a cost model."""
 
     @property
     def pp(self) -> int: ...

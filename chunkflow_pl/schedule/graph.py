@@ -20,7 +20,7 @@ sequences ``a`` (11 tokens), ``b`` (13) and ``c`` (5) in chunks of 8 tokens::
 the components are ``(0, 1, 2)`` and ``(3,)``.
 
 Components matter because a component's key/value state is alive until its last backward; the
-planner finishes one component before starting the next.
+scheduler finishes one component before starting the next.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Prove a set of per-stage pipeline action lists valid before any rank runs them.
 
-Any lists, not only the planner's. Checked in this order, each error naming stage, action and rule:
+Any lists, not only the scheduler's. Checked in this order, each error naming stage, action and rule:
 
 1. **Compute, per stage** (``check_counts``, ``replay_compute``): every chunk with tokens has one
    forward and one backward on every stage, chunks without tokens have no action; dependencies

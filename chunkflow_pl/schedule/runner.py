@@ -33,7 +33,7 @@ from chunkflow_pl.schedule.cost import CostModel
 from chunkflow_pl.schedule.executor import ChunkExecutor, StepStats
 from chunkflow_pl.schedule.pipeline_actions import Op, PipelinePlan
 from chunkflow_pl.schedule.pipeline_checker import check_pipeline_plan
-from chunkflow_pl.schedule.pipeline_planner import plan_pipeline
+from chunkflow_pl.schedule.scheduler import plan_pipeline
 from chunkflow_pl.schedule.transport import LocalTransport, Transport
 
 

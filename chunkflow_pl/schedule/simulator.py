@@ -1,6 +1,6 @@
 """Execute per-stage pipeline plans against a cost model: step time, bubbles, memory, timed events.
 
-Execution model (the runtime's, see ``pipeline_planner``): each stage runs its list in order, one
+Execution model (the runtime's, see ``scheduler``): each stage runs its list in order, one
 compute action at a time; a send posts its message and the stage goes on at once; the message
 arrives ``cost.comm_time(T)`` later; a receive waits for the matching send's arrival (the k-th
 receive of a channel gets its k-th send). Link contention and compute/transfer overlap effects are
@@ -44,7 +44,7 @@ class SimResult:
 def simulate(
     plan: PipelinePlan, chunks: Sequence[Sequence[Segment]], seq_lens: Sequence[int], cost: ActionCost
 ) -> SimResult:
-    """Run ``plan`` (its stages' lists) with ``cost``; ``chunks``/``seq_lens`` as given to the planner."""
+    """Run ``plan`` (its stages' lists) with ``cost``; ``chunks``/``seq_lens`` as given to the scheduler."""
     pp = plan.pp
     if cost.pp != pp:
         raise ValueError(f"cost model has {cost.pp} stages, the plan {pp}")

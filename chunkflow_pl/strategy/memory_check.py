@@ -19,7 +19,7 @@ from chunkflow_pl.model.memory import (
     estimate_training_memory,
 )
 from chunkflow_pl.model.stages import split_stages
-from chunkflow_pl.schedule.pipeline_planner import default_caps
+from chunkflow_pl.schedule.scheduler import default_caps
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ computes the gradient of its loss (summed token cross-entropy / its supervised t
 current weights::
 
     chunked:    one chunk per piece, cut where training cut it, run by the training step's path: a
-                one-stage StepRunner (same planner, same k, same state offload)
+                one-stage StepRunner (same scheduler, same k, same state offload)
     unchunked:  the whole sequence in one forward and one backward
 
 and returns the relative L2 difference over all parameters. The training step's gradients are not

@@ -1,7 +1,7 @@
 """The LightningModule: owns the decoder and the optimizer; the strategy runs the chunk plan.
 
 One ``training_step`` = one global batch = one optimizer step. Optimization is manual because a
-step is many forward/backward/recompute actions over chunks, ordered by the strategy's planner;
+step is many forward/backward/recompute actions over chunks, ordered by the strategy's scheduler;
 Lightning still drives the optimizer step, precision plugin, gradient clipping and checkpoints.
 """
 

@@ -1,7 +1,7 @@
-"""Single-device chunk scheduling (paper Algorithm 2): the chunk graph, and the test oracle's planner and checker.
+"""Single-device chunk scheduling (paper Algorithm 2): the chunk graph, and the test oracle's scheduler and checker.
 
 ``single_device_oracle.py`` writes the single-device order directly; production plans every layout with the
-pipeline planner, whose one-stage plans ``test_pipeline_plan.py`` holds equal to this oracle's.
+scheduler, whose one-stage plans ``test_pipeline_plan.py`` holds equal to this oracle's.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def chunk_sets(draw: st.DrawFn) -> Case:
     return [chunks[i] for i in order], seq_lens
 
 
-# -- planner properties ---------------------------------------------------------------------------
+# -- scheduler properties ---------------------------------------------------------------------------
 
 
 @settings(max_examples=200, deadline=None)
@@ -160,7 +160,7 @@ def test_sequences_absent_from_chunks_are_allowed() -> None:
     assert show(plan_single_device([[Segment(1, 0, 3)]], [100, 3], k=1)) == "F0 B0"
 
 
-def test_planner_rejects_k_below_one() -> None:
+def test_scheduler_rejects_k_below_one() -> None:
     with pytest.raises(ValueError, match="k must be >= 1"):
         plan_single_device([[Segment(0, 0, 4)]], [4], k=0)
 

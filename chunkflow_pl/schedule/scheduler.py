@@ -7,7 +7,7 @@ sequence continuation (a *chain*). A unit's chunks run forward in ``forward_orde
 exactly the reverse order, on every stage, and only the last ``k`` forwards keep activations; the
 others run without autograd and are recomputed before their backward (paper Algorithm 2). Chunks
 with 0 tokens (data-parallel padding) get no action at all. One device is the case ``pp = 1``: this
-planner is the only one, and ``schedule/runner.py`` runs its plans for every layout.
+scheduler is the only one, and ``schedule/runner.py`` runs its plans for every layout.
 
 Messages between two stages are matched in order (one FIFO per channel), so every stage runs the
 forwards in one global *forward order* and the backwards in one global *backward order*; stages
@@ -212,7 +212,7 @@ class _ListScheduler:
                 while self.stages[s].free_at <= now and self._start(s, now):
                     pass
         if any(len(st.backwarded) < self.total for st in self.stages):
-            raise RuntimeError("pipeline planner stalled (a bug: the admission rule should prevent this): "
+            raise RuntimeError("scheduler stalled (a bug: the admission rule should prevent this): "
                                + "; ".join(self._describe(s) for s in range(self.pp)))
         return [st.started for st in self.stages]
 
