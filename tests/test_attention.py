@@ -120,14 +120,17 @@ def test_auto_picks_sdpa_for_full_precision_and_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kernels,dtype", [("torch-flash", torch.bfloat16), ("torch-efficient", torch.bfloat16),
-                                           ("torch-efficient", torch.float32), ("flash-attn", torch.bfloat16)])
+                                           ("torch-efficient", torch.float32), ("flash-attn", torch.bfloat16),
+                                           ("flash-attn-4", torch.bfloat16)])
 def test_cuda_kernels_match_the_float64_reference(kernels, dtype):
     """Every CUDA kernel through the block attention: forward and all gradients vs float64 on CPU."""
     from chunkflow_pl.model.attention import block_attention
     from chunkflow_pl.model.attention_kernels import get_kernels
 
     if kernels == "flash-attn":
-        pytest.importorskip("flash_attn")
+        pytest.importorskip("flash_attn.flash_attn_interface")
+    if kernels == "flash-attn-4":
+        pytest.importorskip("flash_attn.cute.interface")
     kern = get_kernels(kernels)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     layouts = [([64, 33], [100, 0]), ([5, 130, 1], [0, 77, 300]), ([1], [1000])]

@@ -97,13 +97,15 @@ def test_recompute_is_bit_identical(setup):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_flash_path_through_the_executor_matches_transformers(setup, monkeypatch):
-    """model.attention=flash (flash-attn's contract, on CPU through ``flash_standin``) gives the transformers
-    gradient, with recompute and state offload; the batch holds a chunk with two prefixed one-token tails
-    among unprefixed segments. (On CPU, offload keeps the same storage: the GPU check measures the rest.)"""
+@pytest.mark.parametrize("package", ["flash-attn", "flash-attn-4"])
+def test_flash_path_through_the_executor_matches_transformers(setup, monkeypatch, package):
+    """model.attention=flash (flash-attn 2's or flash-attn-4's contract, on CPU through ``flash_standin``) gives
+    the transformers gradient, with recompute and state offload; the batch holds a chunk with two prefixed
+    one-token tails among unprefixed segments. (On CPU, offload keeps the same storage: the GPU check measures
+    the rest.)"""
     import flash_standin
 
-    calls = flash_standin.install(monkeypatch)
+    calls = (flash_standin.install_cute if package == "flash-attn-4" else flash_standin.install)(monkeypatch)
     model, seqs, targets, n_label, ref, total = setup
     monkeypatch.setattr(model, "attention_backend", "flash")
     got, stats = chunked_grads(model, seqs, targets, n_label, CHUNK, k=1, offload=True)
@@ -114,6 +116,7 @@ def test_flash_path_through_the_executor_matches_transformers(setup, monkeypatch
     assert {(c["op"], c["batch"]) for c in calls if c["causal"] and c["rows"] == 16} >= {("fwd", 4), ("bwd", 4)}
     assert {(c["op"], c["rows"], c["keys"]) for c in calls if not c["causal"]} >= {("fwd", 2, 32), ("fwd", 2, 16),
                                                                                   ("bwd", 2, 32), ("bwd", 2, 16)}
+    assert {c.get("package", "flash-attn") for c in calls} == {package}
 
 
 def test_kv_only_forward_gives_the_same_state_bits(setup):

@@ -1,4 +1,5 @@
-"""The flash-attn code path, run on CPU through a stand-in that asserts flash-attn's contract (float64).
+"""The flash-attn code path, run on CPU through a stand-in that asserts flash-attn's contract (float64), for
+flash-attn 2 and flash-attn-4 (``flash_attn.cute``) alike.
 
 The stand-in (``flash_standin.py``) computes what the CUDA kernels compute, from the inputs they are
 given, so these tests pin everything chunkflow_pl does around the kernels: block split, per-segment
@@ -6,6 +7,9 @@ prefix assignment, GQA folding, cu_seqlens, LSE layout and merge, and the custom
 """
 
 from __future__ import annotations
+
+import sys
+import types
 
 import flash_standin
 import pytest
@@ -26,9 +30,18 @@ LAYOUTS = {  # name: (query lengths, prefix lengths) per segment
 }
 
 
-@pytest.fixture
-def standin(monkeypatch):
-    return flash_standin.install(monkeypatch)
+@pytest.fixture(params=["flash-attn", "flash-attn-4"])
+def standin(request, monkeypatch):
+    """Each flash-path test runs through both packages' contracts (``backend="flash"`` picks the one installed)."""
+    calls = (flash_standin.install_cute if request.param == "flash-attn-4" else flash_standin.install)(monkeypatch)
+    assert get_kernels_for_flash().name == request.param
+    return calls
+
+
+def get_kernels_for_flash():
+    from chunkflow_pl.model.attention_kernels import select_kernels
+
+    return select_kernels("flash", torch.device("cpu"), torch.float64)
 
 
 def inputs(lens, pre, heads=4, kv_heads=2, dim=8, seed=0):
@@ -176,3 +189,57 @@ def test_padded_lse_layout_round_trips_through_the_block_attention(layout):
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for a, b in zip(grads(out, [q, k, v, pk, pv]), grads(ref, [q, k, v, pk, pv])):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_flash_prefers_flash_attn_4_then_flash_attn_2_and_names_both_when_neither(monkeypatch):
+    from chunkflow_pl.model.attention_kernels import flash_kernel_name
+
+    cpu = torch.device("cpu")
+    flash_standin.install(monkeypatch)
+    assert flash_kernel_name(cpu) == "flash-attn"
+    # both installed: flash-attn-4 wins (its module tree replaces flash-attn 2's bare stand-in module)
+    flash_standin.install_cute(monkeypatch)
+    monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", types.SimpleNamespace(
+        _flash_attn_varlen_forward=flash_standin._flash_attn_varlen_forward,
+        _flash_attn_varlen_backward=flash_standin._flash_attn_varlen_backward))
+    sys.modules["flash_attn"].__version__ = "2.8.3"
+    assert flash_kernel_name(cpu) == "flash-attn-4"
+    for name in ("flash_attn", "flash_attn.cute", "flash_attn.cute.interface", "flash_attn.flash_attn_interface"):
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: "import X" raises ImportError
+    with pytest.raises(ImportError, match=r"flash-attn-4.*4\.0\.0b36.*flash-attn >= 2\.7.*model\.attention=sdpa"):
+        flash_kernel_name(cpu)
+
+
+def test_the_standin_asserts_flash_attn_4_preconditions():
+    """flash-attn-4's own asserts (interface.py), kept by the stand-in, so the adapter cannot drift from them."""
+    q, k, v = (torch.randn(6, 2, 8, dtype=torch.float64) for _ in range(3))
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    fwd, bwd = flash_standin._flash_attn_fwd, flash_standin._flash_attn_bwd
+    kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=6, max_seqlen_k=6, softmax_scale=0.5, causal=True)
+    o, lse, *_ = fwd(q, k, v, **kw, return_lse=True)
+    assert lse.shape == (2, 6)
+    assert fwd(q, k, v, **kw)[1] is None  # no return_lse, nothing requiring grad: no LSE comes back
+    do = torch.randn_like(o)
+    bkw = {x: kw[x] for x in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")}
+    bwd(q, k, v, o, do, lse, 0.5, True, **bkw)  # valid
+    bad_fwd = [
+        (dict(kw, cu_seqlens_q=cu.long()), "int32"),
+        (dict(kw, max_seqlen_q=5), "longest segment"),
+        (dict(kw, window_size_left=-1, window_size_right=-1), None),
+        (dict(kw, softmax_scale=None), None),
+    ]
+    for args, message in bad_fwd:
+        with pytest.raises(AssertionError, match=message):
+            fwd(q, k, v, **args, return_lse=True)
+    with pytest.raises(AssertionError, match="float16/bfloat16"):
+        fwd(q.float(), k.float(), v.float(), **kw, return_lse=True)
+    with pytest.raises(AssertionError, match="head_dim"):
+        fwd(*(torch.randn(6, 2, 7, dtype=torch.float64) for _ in range(3)), **kw, return_lse=True)
+    bad_bwd = [
+        ((q, k, v, o, do, lse.t().contiguous()), "lse must have shape"),
+        ((q, k, v, o, do, lse.float()), "lse must be float32"),
+        ((q, k, v, o, do[:5], lse), "out/dout"),
+    ]
+    for args, message in bad_bwd:
+        with pytest.raises(AssertionError, match=message):
+            bwd(*args, 0.5, True, **bkw)

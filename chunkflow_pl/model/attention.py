@@ -37,7 +37,8 @@ stream one layer ahead and takes the prefix gradients back to the host off the c
 prefix then enters without ``requires_grad``; its gradient goes to the mover, not through autograd).
 
 Kernels (``attention_kernels.py``): ``sdpa`` = PyTorch's own (CPU fused, CUDA flash / memory-efficient,
-float64 math reference off CPU), ``flash`` = the flash-attn package. Cu_seqlens are built once per chunk
+float64 math reference off CPU), ``flash`` = flash-attn-4 (``flash_attn.cute``, sm90+), else flash-attn 2, else
+PyTorch's flash kernel. Cu_seqlens are built once per chunk
 (``VarlenMeta.plan`` is cached on the meta the executor builds per chunk) and reused by every layer.
 """
 
@@ -52,7 +53,7 @@ import torch
 from chunkflow_pl.model.attention_kernels import (
     BlockKernels,
     VarlenBlock,
-    import_flash_attn,
+    flash_kernel_name,
     lse_spec,
     select_kernels,
 )
@@ -132,38 +133,40 @@ class VarlenMeta:
 
 
 def resolve_backend(name: str, device: torch.device, precision: str = "32-true") -> str:
-    """``auto``: flash-attn on CUDA in half precision when installed (it has no fp32/fp64 kernels), else sdpa.
+    """``auto``: a flash-attn package (flash-attn-4 on sm90+, else flash-attn 2) on CUDA in half precision when
+    installed (they have no fp32/fp64 kernels), else sdpa (whose half-precision CUDA kernel is PyTorch's flash).
 
-    ``flash`` is checked here, before anything is built: it needs CUDA, a half precision and the package.
+    ``flash`` is checked here, before anything is built: it needs CUDA, a half precision and a flash kernel
+    (``attention_kernels.flash_kernel_name``: flash-attn-4, flash-attn 2, or PyTorch's own, in that order).
     """
     if name not in BACKENDS:
         raise ValueError(f"model.attention={name!r} is unknown; choose one of {BACKENDS}")
     half = str(precision).startswith(HALF_PRECISIONS)
     if name == "auto":
-        return "flash" if device.type == "cuda" and half and _flash_available() else "sdpa"
+        return "flash" if device.type == "cuda" and half and _flash_package(device) else "sdpa"
     if name == "flash":
         problems = []
         if device.type != "cuda":
             problems.append(f"a CUDA device (this run uses {device.type})")
         if not half:
-            problems.append(f"trainer.precision=bf16-mixed or bf16-true (flash-attn has no kernels for "
+            problems.append(f"trainer.precision=bf16-mixed or bf16-true (flash kernels have none for "
                             f"trainer.precision={precision})")
         if problems:
             raise ValueError("model.attention=flash needs " + " and ".join(problems)
                              + "; use model.attention=sdpa (or auto)")
         try:
-            import_flash_attn()
+            flash_kernel_name(device)
         except ImportError as e:
             raise ValueError(str(e)) from e
     return name
 
 
-def _flash_available() -> bool:
+def _flash_package(device: torch.device) -> bool:
+    """A flash-attn package (not PyTorch's bundled kernel) serves ``flash`` on this device."""
     try:
-        import_flash_attn()
+        return flash_kernel_name(device) in ("flash-attn-4", "flash-attn")
     except ImportError:
         return False
-    return True
 
 
 def attention(

@@ -24,6 +24,7 @@ whatever a kernel needs back (its RNG state tensors); ``spec`` = (shape, dtype) 
     TorchFlash      cuda    bf16 / fp16           in the kernel    [Hq, Tq]  (older torch: [B, Hq, max_q])
     TorchEfficient  cuda    fp32 / bf16 / fp16    k/v repeated     [B, Hq, ceil32(max_q)]
     FlashAttn       cuda    bf16 / fp16           in the kernel    [Hq, Tq]  (flash-attn >= 2.7)
+    FlashAttn4      cuda    bf16 / fp16 (sm90+)   in the kernel    [Hq, Tq]  (flash-attn-4, flash_attn.cute)
 
 The CUDA kernels take the whole block in one call (``cu_seqlens`` as int32 device tensors, built once
 per block and cached on it) and read strided inputs whose last dimension is contiguous, so a prefix
@@ -355,13 +356,95 @@ class FlashAttnKernels(BlockKernels):
         return dq, dk, dv
 
 
+class FlashAttn4Kernels(BlockKernels):
+    """flash-attn-4 (``flash_attn.cute.interface``: CuTe-DSL kernels, JIT-compiled at first call; Hopper
+    forward and backward; ``pip install flash-attn-4==4.0.0b36``, a pre-release)::
+
+        _flash_attn_fwd(q, k, v, cu_seqlens_q=, cu_seqlens_k=, max_seqlen_q=, max_seqlen_k=, softmax_scale=,
+                        causal=, return_lse=True) -> (out, lse [Hq, Tq] fp32 natural log, None, None, None)
+        _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=, causal=, cu_seqlens_q=, cu_seqlens_k=,
+                        max_seqlen_q=, max_seqlen_k=, deterministic=) -> (dq, dk, dv)   (dk/dv per kv head)
+
+    Unlike flash-attn 2 the backward takes ``out`` before ``dout`` and allocates dq/dk/dv itself, the LSE is
+    returned only when asked for (``return_lse``: our custom backward needs it, even though nothing here
+    requires grad), there is no RNG state, and every option is a keyword (a beta's private functions move:
+    keywords fail loudly on a rename instead of shifting silently). Causal masks are bottom-right aligned
+    as in flash-attn 2 (only Lq == Lk blocks are causal here, where top-left and bottom-right agree).
+    """
+
+    name = "flash-attn-4"
+
+    def __init__(self) -> None:
+        self._fwd, self._bwd = import_flash_attn_cute()
+
+    def forward(self, q, k, v, blk, causal, scale):
+        out, lse, *_ = self._fwd(q, k, v, cu_seqlens_q=blk.cu_q(q.device), cu_seqlens_k=blk.cu_k(q.device),
+                                 max_seqlen_q=blk.max_q, max_seqlen_k=blk.max_k, softmax_scale=scale, causal=causal,
+                                 return_lse=True)
+        return out, lse, None
+
+    def backward(self, do, q, k, v, o, lse, aux, blk, causal, scale):
+        dq, dk, dv = self._bwd(q, k, v, o, do, lse, softmax_scale=scale, causal=causal,
+                               cu_seqlens_q=blk.cu_q(q.device), cu_seqlens_k=blk.cu_k(q.device),
+                               max_seqlen_q=blk.max_q, max_seqlen_k=blk.max_k,
+                               deterministic=torch.are_deterministic_algorithms_enabled())[:3]
+        return dq, dk, dv
+
+
+FLASH_ATTN_4_PIN = "flash-attn-4==4.0.0b36"
+
+
+def import_flash_attn_cute():
+    """flash-attn-4's forward/backward, or ImportError naming the fix. Its import needs CUDA (the CUTLASS DSL
+    loads the driver), so anything it raises counts as "not available here"."""
+    try:
+        from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
+    except Exception as e:  # noqa: BLE001 - ImportError, or the DSL failing to find a driver
+        raise ImportError(f"flash-attn-4 is not importable here ({type(e).__name__}: {str(e)[:200]}): "
+                          f"pip install '{FLASH_ATTN_4_PIN}' on a CUDA machine") from e
+    return _flash_attn_fwd, _flash_attn_bwd
+
+
+def _importable(importer) -> bool:
+    try:
+        importer()
+    except ImportError:
+        return False
+    return True
+
+
+def flash_kernel_name(device: torch.device) -> str:
+    """The kernels ``model.attention=flash`` runs on ``device``, best first: flash-attn-4 (sm90+), flash-attn 2
+    (>= 2.7), PyTorch's own flash kernel (sm80+). On CPU only a test stand-in of either package is found."""
+    cuda = device.type == "cuda"
+    if _importable(import_flash_attn_cute) and (not cuda or _capability(_index(device))[0] >= 9):
+        return "flash-attn-4"
+    if _importable(import_flash_attn):
+        return "flash-attn"
+    if torch_flash_usable(device):
+        return "torch-flash"
+    raise ImportError(f"model.attention=flash on {device.type} needs flash-attn-4 on sm90+ (pip install "
+                      f"'{FLASH_ATTN_4_PIN}'), flash-attn >= 2.7 (pip install -e '.[cuda]') or PyTorch's flash "
+                      f"kernel (sm80+); use model.attention=sdpa")
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else -1
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index if index >= 0 else None)
+
+
 # ---------------------------------------------------------------------------------------------
 # selection
 # ---------------------------------------------------------------------------------------------
 
 _INSTANCES: dict[str, BlockKernels] = {}
 KERNELS = {"cpu-fused": CpuFusedKernels, "math": MathKernels, "torch-flash": TorchFlashKernels,
-           "torch-efficient": TorchEfficientKernels, "flash-attn": FlashAttnKernels}
+           "torch-efficient": TorchEfficientKernels, "flash-attn": FlashAttnKernels,
+           "flash-attn-4": FlashAttn4Kernels}
 
 
 def get_kernels(name: str) -> BlockKernels:
@@ -373,21 +456,24 @@ def get_kernels(name: str) -> BlockKernels:
 
 
 def torch_flash_usable(device: torch.device) -> bool:
-    return device.type == "cuda" and _sm80_with_flash(device.index if device.index is not None else -1)
+    return device.type == "cuda" and torch.backends.cuda.is_flash_attention_available() and \
+        _capability(_index(device))[0] >= 8
 
 
-@functools.cache
-def _sm80_with_flash(index: int) -> bool:
-    if not torch.backends.cuda.is_flash_attention_available():
-        return False
-    return torch.cuda.get_device_capability(index if index >= 0 else None)[0] >= 8
+def flash_kernels(device: torch.device) -> BlockKernels:
+    """``model.attention=flash``'s kernels on ``device`` (``flash_kernel_name``), chosen once per device."""
+    key = f"flash@{device}"
+    if key not in _INSTANCES:  # the import probes are slow: one per device, not one per layer call
+        _INSTANCES[key] = get_kernels(flash_kernel_name(device))
+    return _INSTANCES[key]
 
 
 def select_kernels(backend: str, device: torch.device, dtype: torch.dtype) -> BlockKernels:
-    """``flash``: flash-attn; ``sdpa``: PyTorch's own (CPU fused; CUDA flash for bf16/fp16, memory-efficient
-    for fp32, the math reference for fp64, which CUDA kernels do not support)."""
+    """``flash``: flash-attn-4, flash-attn 2 or PyTorch's flash (``flash_kernel_name``); ``sdpa``: PyTorch's own
+    (CPU fused; CUDA flash for bf16/fp16, memory-efficient for fp32, the math reference for fp64, which CUDA
+    kernels do not support)."""
     if backend == "flash":
-        return get_kernels("flash-attn")
+        return flash_kernels(device)
     if backend != "sdpa":
         raise ValueError(f"attention backend {backend!r} is not resolved; call resolve_backend first")
     if device.type == "cpu":
