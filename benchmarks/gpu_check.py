@@ -49,13 +49,21 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "benchmarks"):  # the library, and gpu_long.py beside this file
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 import torch  # noqa: E402
 
 from chunkflow_pl.model.attention import VarlenMeta, block_attention, resolve_backend  # noqa: E402
-from chunkflow_pl.model.attention_kernels import KERNELS, VarlenBlock, get_kernels, lse_spec  # noqa: E402
+from chunkflow_pl.model.attention_kernels import (  # noqa: E402
+    KERNELS,
+    VarlenBlock,
+    get_kernels,
+    lse_spec,
+    select_kernels,
+)
+from chunkflow_pl.utils.sizes import parse_size  # noqa: E402
 
 GiB = 2**30
 BUDGETS = {"env": 15, "a": 45, "b": 125, "c": 55, "d": 150}  # seconds, scaled by --budget-scale
@@ -99,6 +107,15 @@ def section_env(ctx, budget):
         out["flash_attn"] = getattr(flash_attn, "__version__", "?")
     except ImportError as e:
         out["flash_attn"] = f"not installed ({short_error(e)})"
+    try:
+        from importlib.metadata import version
+
+        out["flash_attn_4"] = version("flash-attn-4")
+        from chunkflow_pl.model.attention_kernels import import_flash_attn_cute
+
+        import_flash_attn_cute()
+    except Exception as e:  # noqa: BLE001 - report, do not fail
+        out["flash_attn_4"] = f"{out.get('flash_attn_4', 'not installed')} ({short_error(e)})"
     if ctx.device.type == "cuda":
         p = torch.cuda.get_device_properties(ctx.device)
         out.update(card=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
@@ -508,23 +525,34 @@ def section_c(ctx, budget):
     cfg = model_config(ctx.smoke, layers=2 if ctx.smoke else 4)
     model = build_model(ctx, cfg)
     out = {"matmul_peak": peak, "model": f"{cfg.name}-shaped, {cfg.num_layers} layers, {ctx.dtype}", "points": []}
-    points = [(256, 64), (1024, 64)] if ctx.smoke else [(32 * K, 32 * K), (128 * K, 32 * K)]
-    measure_point(ctx, model, points[0][0] // 4, points[0][1] // 4, False)  # warm-up
-    for L, C in points:
-        done = [p for p in out["points"] if "step_s" in p]
-        need = done[-1]["step_s"] * 2 * (L / done[-1]["L"]) ** 2 + 2 if done else 5
-        if budget.left() < need:
-            out["points"].append({"L": L, "C": C, "skipped": f"time (needs ~{need:.0f}s, {budget.left():.0f}s left)"})
-            log(f"c L={fmt_len(L)}: skipped (time)")
-            continue
-        try:
-            row = measure_point(ctx, model, L, C, False, repeats=2)
-            out["points"].append(row)
-            log(f"c L={fmt_len(L)} C={fmt_len(C)} k=1: {row['step_s']:.2f}s, {row['tokens_per_s']:.0f} tok/s, "
-                f"MFU {row['mfu']:.1%}, HFU {row['hfu']:.1%} ({row['model_tflop']:.0f} model TFLOP)")
-        except Exception as e:  # noqa: BLE001
-            out["points"].append({"L": L, "C": C, "error": short_error(e), "trace": traceback.format_exc(limit=4)})
-            log(f"c L={fmt_len(L)}: ERROR {short_error(e)}")
+    lengths = ctx.c_lengths or ([256, 1024] if ctx.smoke else [32 * K, 128 * K])
+    C = 64 if ctx.smoke else 32 * K
+    for backend in ctx.c_backends or [ctx.backend]:
+        model.attention_backend = backend
+        kern = select_kernels(backend, ctx.device, ctx.dtype).name
+        measure_point(ctx, model, C // 4, C // 4, False)  # warm-up (flash-attn-4: JIT compile)
+        for L in lengths:
+            done = [p for p in out["points"] if "step_s" in p and p["kernel"] == kern]
+            repeats = 2 if L <= 128 * K else 1
+            need = done[-1]["step_s"] * repeats * 1.1 * (L / done[-1]["L"]) ** 2 + 3 if done else 5
+            if budget.left() < need:
+                out["points"].append({"L": L, "C": C, "kernel": kern,
+                                      "skipped": f"time (needs ~{need:.0f}s, {budget.left():.0f}s left)"})
+                log(f"c {kern} L={fmt_len(L)}: skipped (time: needs ~{need:.0f}s, {budget.left():.0f}s left)")
+                continue
+            try:
+                row = measure_point(ctx, model, L, C, False, repeats=repeats)
+                row["kernel"] = kern
+                out["points"].append(row)
+                log(f"c {kern} L={fmt_len(L)} C={fmt_len(C)} k=1: {row['step_s']:.2f}s, {row['tokens_per_s']:.0f} "
+                    f"tok/s, MFU {row['mfu']:.1%}, HFU {row['hfu']:.1%} ({row['model_tflop']:.0f} model TFLOP)"
+                    + (f", peak {row['peak_gib']:.2f} GiB" if "peak_gib" in row else ""))
+            except Exception as e:  # noqa: BLE001
+                out["points"].append({"L": L, "C": C, "kernel": kern, "error": short_error(e),
+                                      "trace": traceback.format_exc(limit=4)})
+                log(f"c {kern} L={fmt_len(L)}: ERROR {short_error(e)}")
+                if ctx.device.type == "cuda":
+                    torch.cuda.empty_cache()
     del model
     return out
 
@@ -616,19 +644,24 @@ class Ctx:
         self.dtype = torch.float32 if args.smoke else torch.bfloat16
         self.backend = resolve_backend(args.backend, self.device, "32-true" if args.smoke else "bf16-true")
         self.peak_tflops = None
+        self.a_kernels = set(args.a_kernels.split(",")) if args.a_kernels else None
+        self.c_backends = [b.strip() for b in args.c_backends.split(",") if b.strip()] if args.c_backends else None
+        self.c_lengths = [parse_size(x) for x in args.c_lengths.split(",")] if args.c_lengths else None
 
     def kernel_list(self):
         if self.smoke:
             return [("cpu-fused", torch.float64), ("cpu-fused", torch.float32), ("math", torch.float64)]
         kl = [("torch-flash", torch.bfloat16), ("torch-efficient", torch.bfloat16), ("torch-efficient", torch.float32),
               ("math", torch.float64)]
-        try:
-            import flash_attn  # noqa: F401
+        from chunkflow_pl.model.attention_kernels import import_flash_attn, import_flash_attn_cute
 
-            kl.insert(0, ("flash-attn", torch.bfloat16))
-        except ImportError:
-            pass
-        return [(n, d) for n, d in kl if n in KERNELS]
+        for name, importer in (("flash-attn", import_flash_attn), ("flash-attn-4", import_flash_attn_cute)):
+            try:
+                importer()
+                kl.insert(0, (name, torch.bfloat16))
+            except ImportError:
+                pass
+        return [(n, d) for n, d in kl if n in KERNELS and (self.a_kernels is None or n in self.a_kernels)]
 
 
 def table(results) -> list[str]:
@@ -682,7 +715,8 @@ def table(results) -> list[str]:
                                  f"{p.get('skipped') or 'ERROR ' + p['error']}")
                     continue
                 g = lambda k, f="{:.2f}", p=p: f.format(p[k]) if k in p else "-"  # noqa: E731
-                lines.append(f"   {fmt_len(p['L']):<6} {fmt_len(p['C']):<6} {str(p['offload']):<5} "
+                kern = f"{p['kernel']:<13}" if "kernel" in p else ""
+                lines.append(f"   {fmt_len(p['L']):<6} {fmt_len(p['C']):<6} {str(p['offload']):<5} {kern}"
                              f"{p['step_s']:<6.2f} {p['tokens_per_s']:<9.0f} {g('mfu', '{:.1%}'):<6} "
                              f"{g('hfu', '{:.1%}'):<6} {g('peak_gib'):<6} {g('step_gib'):<6} "
                              f"{p['device_state_gib']:<10.2f} {g('step_minus_state_gib')}")
@@ -728,7 +762,8 @@ def summary(results) -> dict:
     if isinstance(c, dict) and "points" in c:
         s["matmul_peak_tflops"] = round(c["matmul_peak"]["tflops"], 1)
         s["throughput"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in p.items()
-                            if k in ("L", "C", "tokens_per_s", "mfu", "hfu", "step_s", "error", "skipped")}
+                            if k in ("L", "C", "kernel", "tokens_per_s", "mfu", "hfu", "step_s", "peak_gib", "error",
+                                     "skipped")}
                            for p in c["points"]]
     d = results.get("d")
     if isinstance(d, dict):
@@ -748,11 +783,17 @@ def save(results, out_dir) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--sections", default="env,a,b,c,d", help="comma list of env,a,b,c,d")
+    ap.add_argument("--sections", default="env,a,b,c,d", help="comma list of env,a,b,c,d,g,l,p,t,m (gpu_long.py)")
     ap.add_argument("--wheels", default=None, help="pip-install hydra-core/omegaconf/antlr4/torchdata from DIR first")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (checks the script, not the GPU)")
     ap.add_argument("--backend", default="auto", help="model.attention for sections b/c (auto|sdpa|flash)")
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiply every section's time budget")
+    ap.add_argument("--budgets", default="", help="per-section seconds, e.g. c=200,m=330 (before --budget-scale)")
+    ap.add_argument("--a-kernels", default=None, help="section a: only these kernels (e.g. flash-attn-4,math)")
+    ap.add_argument("--c-backends", default=None, help="section c: model.attention values side by side (sdpa,flash)")
+    ap.add_argument("--c-lengths", default=None, help="section c: sequence lengths (default 32k,128k)")
+    ap.add_argument("--deadline", type=float, default=None, help="seconds: no section starts after this; each "
+                    "section's budget is cut to what is left")
     args = ap.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (use --smoke to exercise the script on CPU)", file=sys.stderr)
@@ -761,13 +802,27 @@ def main(argv=None) -> int:
     out_dir = os.environ.get("OUT")
     results: dict = {"args": vars(args), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     ctx = Ctx(args)
-    funcs = {"env": section_env, "a": section_a, "b": section_b, "c": section_c, "d": section_d}
+    import gpu_long  # its sections import this module's helpers: imported here, not at the top
+
+    funcs = {"env": section_env, "a": section_a, "b": section_b, "c": section_c, "d": section_d, **gpu_long.SECTIONS}
+    budgets = {**BUDGETS, **gpu_long.BUDGETS}
+    for item in filter(None, args.budgets.split(",")):
+        sec, sec_s = item.split("=")
+        budgets[sec.strip()] = float(sec_s)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     if "b" in sections and "c" in sections:  # c measures the matmul peak that b's MFU column uses
         sections = [s for s in sections if s != "c"]
         sections.insert(sections.index("b"), "c")
     for sec in sections:
-        budget = Budget(BUDGETS[sec] * args.budget_scale * (3 if args.smoke and sec == "d" else 1))
+        seconds = budgets[sec] * args.budget_scale * (3 if args.smoke and sec == "d" else 1)
+        if args.deadline is not None:
+            left = args.deadline - (time.perf_counter() - t_start)
+            if left < 5:
+                results[sec] = {"skipped": f"deadline ({args.deadline:.0f}s) reached"}
+                log(f"section {sec}: skipped (deadline)")
+                continue
+            seconds = min(seconds, left)
+        budget = Budget(seconds)
         log(f"section {sec} (budget {budget.seconds:.0f}s)")
         try:
             results[sec] = funcs[sec](ctx, budget)
@@ -781,9 +836,11 @@ def main(argv=None) -> int:
         save(results, out_dir)
     results["total_s"] = round(time.perf_counter() - t_start, 1)
     save(results, out_dir)
-    print("\n".join(table(results)))
+    print("\n".join(table(results) + gpu_long.table_lines(results)))
     print(f"total {results['total_s']:.0f}s" + (f"; full results in {out_dir}/gpu_check.json" if out_dir else ""))
-    print("RESULT " + json.dumps(summary(results), default=str, separators=(",", ":")))
+    short = summary(results)
+    short.update({sec: results[sec] for sec in gpu_long.SECTIONS if sec in results})
+    print("RESULT " + json.dumps(short, default=str, separators=(",", ":")))
     return 0
 
 
