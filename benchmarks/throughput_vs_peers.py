@@ -29,6 +29,7 @@ data.shuffle order, vocabulary --vocab) whose longest sequence is 8x to 12x --ch
     python benchmarks/throughput_vs_peers.py                      # the default (see benchmarks/README.md)
     python benchmarks/throughput_vs_peers.py --rows a,d,f --steps 2
     python benchmarks/throughput_vs_peers.py --jsonl data.jsonl --chunk-size 4k --device cuda --precision bf16-mixed
+    python benchmarks/throughput_vs_peers.py --rows a,d --hf-grad-ckpt ...   # the GPU peer row (also: gpu_check p)
 """
 
 from __future__ import annotations
@@ -241,6 +242,8 @@ def run_hf(args, row: str, work: Path, device) -> dict:
             return {"status": f"unsupported: this transformers cannot pack on {device.type} ({e})"}
     dtype = getattr(torch, HF_DTYPES[args.precision])
     model = Qwen2ForCausalLM.from_pretrained(work / "hf", dtype=dtype, attn_implementation="sdpa").to(device).train()
+    if args.hf_grad_ckpt:  # keeps each layer's input, recomputes the layer in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
     records = _load_records(work)
     n_label = sum(sum(1 for y in (r.get("labels") or r["input_ids"])[1:] if y != -100) for r in records)
@@ -420,6 +423,8 @@ def parse_args(argv=None):
     p.add_argument("--jsonl", default=None, help="take the batch from this file of token ids instead")
     p.add_argument("--hf-tokens", default=None, help="rows b, c: padded/packed tokens per micro-batch "
                                                      "(default: the longest sequence)")
+    p.add_argument("--hf-grad-ckpt", action="store_true", help="rows a-c: transformers' gradient checkpointing "
+                   "(what a long-context HF run turns on; the GPU peer row)")
     p.add_argument("--precision", default="32-true", choices=sorted(HF_DTYPES))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (the first one's gradient is compared)")
@@ -458,7 +463,8 @@ def main(argv=None) -> dict:
         hf_tokens = args.hf_tokens or info["longest"]
         args.child_argv = ["--chunk-size", str(args.chunk_size), "--k", str(args.k), "--precision", args.precision,
                            "--device", args.device, "--warmup", str(args.warmup), "--steps", str(args.steps),
-                           "--hf-tokens", str(hf_tokens), "--seed", str(args.seed)]
+                           "--hf-tokens", str(hf_tokens), "--seed", str(args.seed)] + \
+            (["--hf-grad-ckpt"] if args.hf_grad_ckpt else [])
         print(f"global batch: {info['sequences']} sequences, {info['tokens']} tokens, longest {info['longest']} "
               f"({info['longest'] / args.chunk_size:.1f}x chunk.size={args.chunk_size}); model {args.layers} layers, "
               f"hidden {args.hidden}, vocab {info['vocab']}, {args.precision}", flush=True)

@@ -56,3 +56,27 @@ def test_gpu_check_train_command_passes_the_start_up_checks(tmp_path):
     res = train(compose_cfg(tmp_path, *overrides, "dry_run=true"))
     assert res["model_config"].name == "qwen0.5b"
     assert res["longest_sequence"] > 32 * 1024  # the section trains on records longer than one chunk
+
+
+def test_gpu_check_long_context_sections_smoke(tmp_path, monkeypatch, capsys):
+    """Sections g, l, p, t, m (``benchmarks/gpu_long.py``) end to end on CPU with tiny shapes, and what each
+    must show on any device: the step's gradients equal the float64 ones to fp32 rounding; layer
+    checkpointing changes no bit; transformers' gradient on the same batch and weights is ours; the time
+    split finds both attention blocks and their merge; the long stage trains both lengths to finite numbers."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert load_gpu_check().main(["--smoke", "--sections", "g,l,p,t,m", "--budget-scale", "20"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    result = json.loads(next(line for line in lines if line.startswith("RESULT "))[len("RESULT "):])
+    assert result["errors"] == []
+    g = result["g"]["kernels"]["cpu-fused"]
+    assert g["worst_grad_rel_err"] < 1e-5 and g["loss_rel_err"] < 1e-6, g
+    for L in ("64", "256"):
+        v = result["l"][f"L={L}"]
+        assert v["loss_equal"] and v["grad_norm_rel_diff"] == 0.0, v
+    p = result["p"]
+    assert p["longest"] == 512 and "hf_oom" not in p and p["grad_rel_diff_max"] < 1e-5, p
+    t = result["t"]
+    assert set(t["attention_blocks_s"]) == {"own fwd", "own bwd", "prefix fwd", "prefix bwd", "lse merge"}, t
+    assert t["kernel_s_by_category"].get("attention", 0) > 0, t
+    m = result["m"]
+    assert [x["L"] for x in m["points"] if "step_s" in x] == [512, 4096] and m["finite"], m
