@@ -1,7 +1,14 @@
-"""One config dataclass for the Qwen2 / Qwen2.5 decoder, with named presets.
+"""One config dataclass for the decoder (Qwen2 / Qwen2.5 and Llama 3.x), with named presets.
 
 Each preset copies the architecture fields of the Hugging Face ``config.json`` it cites; ``tiny`` is
-ours (random weights, fast on a laptop CPU).
+ours (random weights, fast on a laptop CPU). The two families differ only where the fields say so:
+
+    architecture  qkv_bias  rope_type        HF class
+    qwen2         True      default          Qwen2ForCausalLM
+    llama         False     default|llama3   LlamaForCausalLM (llama3: frequency-band RoPE scaling)
+
+A ``config.json`` asking for anything else (q/k norms, experts, sliding windows, another RoPE scaling,
+biases elsewhere) is refused at start, naming what the decoder lacks.
 """
 
 from __future__ import annotations
@@ -28,8 +35,25 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     max_position_embeddings: int = field(default=32768, metadata=SIZE)
     name: str = "custom"
+    architecture: str = "qwen2"  # qwen2 | llama: the Hugging Face class an export names
+    qkv_bias: bool = True  # Qwen2: biases on q/k/v projections; Llama: none
+    # RoPE frequency scaling: default (none) or llama3 (Llama 3.1+: long wavelengths divided by rope_factor,
+    # short ones kept, the band between interpolated; rope_original_max_positions is the pre-training context)
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
 
     def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture={self.architecture!r} must be one of {', '.join(ARCHITECTURES)}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type={self.rope_type!r} must be one of {', '.join(ROPE_TYPES)}")
+        if self.rope_type == "llama3" and not (self.rope_factor > 0 and
+                                               self.rope_high_freq_factor > self.rope_low_freq_factor > 0):
+            raise ValueError("llama3 RoPE scaling needs rope_factor > 0 and rope_high_freq_factor > "
+                             "rope_low_freq_factor > 0")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads} "
@@ -54,16 +78,15 @@ class ModelConfig:
     def num_params(self) -> int:
         """Exact parameter count of the decoder this config builds."""
         d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = d * d + d + 2 * (d * self.num_kv_heads * hd + self.num_kv_heads * hd) + d * d
+        bias = self.num_heads * hd + 2 * self.num_kv_heads * hd if self.qkv_bias else 0
+        attn = d * d + 2 * d * self.num_kv_heads * hd + d * d + bias
         layer = attn + 3 * d * f + 2 * d
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.num_layers * layer + d + head
 
     # ---- Hugging Face config.json ------------------------------------------------------------
     def to_hf_dict(self) -> dict[str, Any]:
-        return {
-            "architectures": ["Qwen2ForCausalLM"],
-            "model_type": "qwen2",
+        common = {
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -76,32 +99,53 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "hidden_act": "silu",
             "attention_dropout": 0.0,
-            "use_sliding_window": False,
             "torch_dtype": "float32",
         }
+        if self.architecture == "llama":
+            out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common, "attention_bias": False,
+                   "mlp_bias": False, "head_dim": self.head_dim}
+            if self.rope_type == "llama3":
+                out["rope_scaling"] = {"rope_type": "llama3", "factor": self.rope_factor,
+                                       "low_freq_factor": self.rope_low_freq_factor,
+                                       "high_freq_factor": self.rope_high_freq_factor,
+                                       "original_max_position_embeddings": self.rope_original_max_positions}
+            return out
+        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **common, "use_sliding_window": False}
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], name: str = "pretrained") -> ModelConfig:
-        if d.get("model_type") not in (None, "qwen2"):
-            raise ValueError(f"model_type={d.get('model_type')!r} is not supported; expected 'qwen2' (Qwen2/2.5)")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act={d['hidden_act']!r} is not supported; expected 'silu'")
-        rope_theta = d.get("rope_theta")
-        if rope_theta is None:  # transformers >= 5 nests it under rope_parameters
-            rope_theta = (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        return cls(
+        arch = _check_supported(d)
+        rope = _rope_parameters(d)
+        kind = rope.get("rope_type", rope.get("type", "default")) or "default"
+        scaling = {}
+        if kind == "llama3":
+            scaling = dict(rope_type="llama3", rope_factor=float(rope["factor"]),
+                           rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+                           rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+                           rope_original_max_positions=int(rope.get("original_max_position_embeddings", 8192)))
+        elif kind != "default":
+            raise ValueError(f"{name}: config.json asks for rope_scaling of type {kind!r}; the decoder implements "
+                             f"RoPE without scaling and Llama 3's 'llama3' scaling only")
+        cfg = cls(
             vocab_size=int(d["vocab_size"]),
             hidden_size=int(d["hidden_size"]),
             intermediate_size=int(d["intermediate_size"]),
             num_layers=int(d["num_hidden_layers"]),
             num_heads=int(d["num_attention_heads"]),
             num_kv_heads=int(d.get("num_key_value_heads", d["num_attention_heads"])),
-            rope_theta=float(rope_theta),
+            rope_theta=float(rope.get("rope_theta", 10000.0)),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
             name=name,
+            architecture=arch,
+            qkv_bias=arch == "qwen2",
+            **scaling,
         )
+        if d.get("head_dim") not in (None, cfg.head_dim):
+            raise ValueError(f"{name}: config.json has head_dim={d['head_dim']}, but the decoder uses hidden_size / "
+                             f"num_attention_heads = {cfg.head_dim}")
+        return cfg
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> ModelConfig:
@@ -117,8 +161,59 @@ class ModelConfig:
         return asdict(self)
 
 
+ARCHITECTURES = ("qwen2", "llama")
+ROPE_TYPES = ("default", "llama3")
+_MISSING = {  # model_type -> what the decoder would need for it
+    "qwen3": "per-head q/k RMSNorm (q_norm, k_norm)",
+    "qwen2_moe": "mixture-of-experts MLP layers",
+    "qwen3_moe": "mixture-of-experts MLP layers and q/k RMSNorm",
+    "mixtral": "mixture-of-experts MLP layers",
+    "mistral": "sliding-window attention",
+    "gemma": "GeGLU MLP, embedding scaling and (1 + weight) RMSNorm",
+    "gemma2": "soft-capping, sliding windows and extra norms",
+}
+
+
+def _check_supported(d: Mapping[str, Any]) -> str:
+    """The architecture of a Hugging Face ``config.json`` (qwen2 or llama), or a ValueError naming what is missing."""
+    kind = d.get("model_type") or "qwen2"
+    if kind in _MISSING:
+        raise ValueError(f"model_type={kind!r} is not supported: the decoder has no {_MISSING[kind]} "
+                         f"(supported: qwen2 = Qwen2/2.5, llama = Llama 3.x)")
+    if kind not in ARCHITECTURES:
+        raise ValueError(f"model_type={kind!r} is not supported (supported: qwen2 = Qwen2/2.5, llama = Llama 3.x)")
+    problems = []
+    if d.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={d['hidden_act']!r} (only silu)")
+    if kind == "qwen2" and d.get("use_sliding_window"):
+        problems.append("use_sliding_window=true (sliding-window attention)")
+    if kind == "llama":
+        if d.get("attention_bias"):
+            problems.append("attention_bias=true (biases on q/k/v/o projections)")
+        if d.get("mlp_bias"):
+            problems.append("mlp_bias=true (biases in the MLP)")
+    if d.get("num_experts") or d.get("num_local_experts"):
+        problems.append("experts (mixture-of-experts layers)")
+    if problems:
+        raise ValueError(f"model_type={kind!r} with " + "; ".join(problems) + ": not implemented by the decoder")
+    return kind
+
+
+def _rope_parameters(d: Mapping[str, Any]) -> dict[str, Any]:
+    """RoPE settings from either layout: transformers 4 (``rope_theta`` + ``rope_scaling``) or 5
+    (``rope_parameters`` holding both)."""
+    out = dict(d.get("rope_scaling") or {})
+    out.update(d.get("rope_parameters") or {})
+    if d.get("rope_theta") is not None:
+        out.setdefault("rope_theta", d["rope_theta"])
+    return out
+
+
 # Qwen2.5 architectures, each from the config.json of the cited Hugging Face repository.
 _Q = dict(rope_theta=1_000_000.0)
+_L = dict(rope_theta=500_000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=131072,
+          architecture="llama", qkv_bias=False, rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
+          rope_high_freq_factor=4.0, rope_original_max_positions=8192)
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(name="tiny"),
     # https://huggingface.co/Qwen/Qwen2.5-0.5B/blob/main/config.json
@@ -142,6 +237,10 @@ PRESETS: dict[str, ModelConfig] = {
     # https://huggingface.co/Qwen/Qwen2.5-72B/blob/main/config.json
     "qwen72b": ModelConfig(152064, 8192, 29568, 80, 64, 8, **_Q, rms_norm_eps=1e-5, tie_word_embeddings=False,
                            max_position_embeddings=131072, name="qwen72b"),
+    # https://huggingface.co/meta-llama/Llama-3.1-8B/blob/main/config.json
+    "llama3.1-8b": ModelConfig(128256, 4096, 14336, 32, 32, 8, **_L, name="llama3.1-8b"),
+    # https://huggingface.co/meta-llama/Llama-3.1-70B/blob/main/config.json
+    "llama3.1-70b": ModelConfig(128256, 8192, 28672, 80, 64, 8, **_L, name="llama3.1-70b"),
 }
 
 

@@ -1,4 +1,5 @@
-"""The Qwen2 / Qwen2.5 decoder on one device, on a flat packed token batch (THD, no padding).
+"""The Qwen2 / Qwen2.5 decoder on one device, on a flat packed token batch (THD, no padding); Llama 3.x is
+the same decoder without q/k/v biases and with llama3 RoPE scaling (``ModelConfig.architecture``).
 
     input_ids_T, position_ids_T   [T]        tokens of all segments of a chunk, concatenated
     meta: VarlenMeta                          per segment: query length, prefix length
@@ -23,7 +24,7 @@ from torch import nn
 from chunkflow_pl.model.attention import VarlenMeta, attention
 from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.loss import chunked_cross_entropy
-from chunkflow_pl.model.rope import RotaryTable
+from chunkflow_pl.model.rope import Llama3Scaling, RotaryTable
 from chunkflow_pl.model.stages import StageSpec
 
 KV = tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor | tuple[torch.Tensor, ...]]
@@ -68,9 +69,9 @@ class Attention(nn.Module):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
-        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=True)
-        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=True)
-        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=True)
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias)  # Qwen2: biases; Llama: none
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
 
     def kv(self, x_TD, cos_TD, sin_TD) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +121,7 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen2Decoder(nn.Module):
-    """Embedding -> N x (RMSNorm, GQA attention with q/k/v bias, RMSNorm, SwiGLU) -> RMSNorm -> LM head.
+    """Embedding -> N x (RMSNorm, GQA attention (q/k/v bias: Qwen2), RMSNorm, SwiGLU) -> RMSNorm -> LM head.
 
     Built whole, or as one pipeline stage (``stage``): only that stage's modules exist, under the names
     they have in the whole model (``layers.17.attn.q_proj.weight`` stays that on whatever stage holds
@@ -142,7 +143,9 @@ class Qwen2Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.stage.has_head else None
         self.lm_head = (nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
                         if self.stage.has_head and not cfg.tie_word_embeddings else None)
-        self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta)  # host-side table, not a parameter or buffer
+        llama3 = (Llama3Scaling(cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                                cfg.rope_original_max_positions) if cfg.rope_type == "llama3" else None)
+        self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta, llama3)  # host-side table, not a parameter or buffer
 
     @property
     def layer_names(self) -> list[str]:

@@ -4,7 +4,8 @@ Angles are exactly Hugging Face's (``position.float() * inv_freq`` in float32, a
 so a fine-tuned model sees the positions transformers will give it. Their cos/sin are computed once,
 in float64 by NumPy on the host, and cast to the compute dtype::
 
-    inv_freq_F      [F]        F = head_dim / 2, float32, 1 / theta^(2i / head_dim)   (as transformers)
+    inv_freq_F      [F]        F = head_dim / 2, float32, 1 / theta^(2i / head_dim)   (as transformers;
+                               Llama 3.1's band scaling applied when the config asks for it)
     angle_NF        [N, F]     float32(position) * inv_freq, positions 0..N-1           (exact product)
     cos_NF, sin_NF  [N, F]     float64 cos/sin of the angles, cast once per (device, dtype)
     cos_TD          [T, D]     cat(cos_NF[position_ids_T], same) -- a gather, so bit-exact
@@ -19,18 +20,50 @@ float64 cos/sin keep float64 runs exact instead of capping them at float32 round
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 _MIN_POSITIONS = 4096
 
 
-def inv_freq(head_dim: int, theta: float) -> torch.Tensor:
-    """``1 / theta^(2i / head_dim)`` in float32, the way transformers computes it (bit for bit).
+def inv_freq(head_dim: int, theta: float, llama3: Llama3Scaling | None = None) -> torch.Tensor:
+    """``1 / theta^(2i / head_dim)`` in float32, the way transformers computes it (bit for bit), then Llama 3's
+    frequency-band scaling when ``llama3`` is given.
 
     On the host whatever the default device: Lightning builds the model under ``with torch.device(cuda)``
     (``configure_model``), and the table is NumPy's."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    inv_F = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    return llama3.apply(inv_F) if llama3 is not None else inv_F
+
+
+@dataclass(frozen=True)
+class Llama3Scaling:
+    """Llama 3.1's RoPE scaling (``rope_type: llama3``): rotations slower than the pre-training context
+    (wavelength > original / low) are slowed by ``factor``, fast ones (< original / high) kept, and the band
+    between interpolated linearly in ``original / wavelength``::
+
+        wavelength > original / low     inv / factor
+        wavelength < original / high    inv
+        otherwise                       (1 - s) inv / factor + s inv,   s = (original / wavelength - low) / (high - low)
+
+    Evaluated in float32 in the same operation order as transformers, so the table is bit-identical."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_positions: int
+
+    def apply(self, inv_F: torch.Tensor) -> torch.Tensor:
+        low, high, orig = self.low_freq_factor, self.high_freq_factor, self.original_max_positions
+        wavelen_F = 2 * math.pi / inv_F
+        slow_F = torch.where(wavelen_F > orig / low, inv_F / self.factor, inv_F)
+        s_F = (orig / wavelen_F - low) / (high - low)
+        blended_F = (1 - s_F) * slow_F / self.factor + s_F * slow_F
+        band_F = (wavelen_F >= orig / high) & (wavelen_F <= orig / low)
+        return torch.where(band_F, blended_F, slow_F)
 
 
 class RotaryTable:
@@ -40,12 +73,12 @@ class RotaryTable:
     A 256K-token sequence with head_dim 128 needs 256 MiB on the host and 128 MiB in float32 on a device.
     """
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, head_dim: int, theta: float, llama3: Llama3Scaling | None = None) -> None:
         if head_dim % 2:
             raise ValueError(f"head_dim={head_dim} must be even for RoPE")
         self.head_dim = head_dim
         self.theta = float(theta)
-        self._inv_freq_F = inv_freq(head_dim, theta).numpy()
+        self._inv_freq_F = inv_freq(head_dim, theta, llama3).numpy()
         self._num_positions = 0
         self._host: tuple[torch.Tensor, torch.Tensor] | None = None
         self._cast: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
