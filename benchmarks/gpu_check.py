@@ -385,15 +385,21 @@ def step_flops(cfg, chunks, recomputed) -> tuple[float, float]:
     return fl.model, fl.hardware
 
 
+def reset_peak(dev) -> int:
+    """Free cached blocks and restart the peak counter: the bytes allocated now (0 off CUDA)."""
+    gc.collect()
+    if dev.type != "cuda":
+        return 0
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
 def measure_point(ctx, model, L, C, offload, k=1, repeats=1):
     dev = ctx.device
     model.zero_grad(set_to_none=True)
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    base = reset_peak(dev)
     times = []
     for _ in range(repeats):
         model.zero_grad(set_to_none=True)

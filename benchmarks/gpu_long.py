@@ -24,7 +24,6 @@ a broken import.
 
 from __future__ import annotations
 
-import gc
 import time
 import traceback
 
@@ -37,6 +36,7 @@ from gpu_check import (
     measure_point,
     model_config,
     rel,
+    reset_peak,
     short_error,
     sync,
 )
@@ -187,12 +187,7 @@ def _hf_twin(model, ctx):
 
 
 def _peak_of(fn, device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    base = reset_peak(device)
     t0 = time.perf_counter()
     fn()
     sync(device)
