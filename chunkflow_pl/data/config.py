@@ -22,6 +22,7 @@ from chunkflow_pl.utils.typed_config import from_dict
 KINDS = ("synthetic", "jsonl", "text", "chat")
 TRAIN_ON = ("assistant", "all")
 ON_BAD_RECORD = ("error", "skip")
+VAL_POSITION_BUCKETS = (4 * 1024, 16 * 1024, 64 * 1024, 256 * 1024)  # 0-4K, 4K-16K, 16K-64K, 64K-256K, >256K
 SYNTHETIC_ONLY = {"num_sequences": 2000, "max_len": "8k", "min_len": 2}  # data.kind=synthetic's keys, defaults
 
 
@@ -46,6 +47,11 @@ class DataConfig:
     cache_dir:         where tokenised caches are written (see the module docstring).
     num_sequences, max_len, min_len: synthetic data size and length range; sizes accept ``8k``. Only for
                        "synthetic" (defaults 2000, 8k, 2): set with another kind they are an error, not ignored.
+    val_path:          validation file(s), same kind and formats as ``path`` (not with "synthetic").
+    val_fraction:      instead of ``val_path``: this share of the training sequences (0 < f < 1) held out for
+                       validation, the same ones on every run with the same ``seed`` (synthetic data too).
+    val_position_buckets: upper edges of the position buckets of ``val/loss_by_position`` (sizes, increasing):
+                       the default ``[4k, 16k, 64k, 256k]`` gives 0-4K, 4K-16K, 16K-64K, 64K-256K, >256K.
     """
 
     kind: str = "synthetic"
@@ -62,7 +68,11 @@ class DataConfig:
     num_sequences: int | None = None
     max_len: int | str | None = None
     min_len: int | str | None = None
+    val_path: str | list[str] | None = None
+    val_fraction: float | None = None
+    val_position_buckets: list[int | str] = field(default_factory=lambda: list(VAL_POSITION_BUCKETS))
     paths: list[str] = field(init=False, repr=False, default_factory=list)
+    val_paths: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         _choice("data.kind", self.kind, KINDS)
@@ -88,14 +98,8 @@ class DataConfig:
         if not isinstance(self.shuffle, bool):
             raise ValueError(f"data.shuffle={self.shuffle!r} must be true or false")
 
-        # OmegaConf hands lists over as ListConfig: normalise to a list of str.
-        raw = self.path
-        if raw is None or raw == "":
-            self.paths = []
-        elif isinstance(raw, str | os.PathLike):
-            self.paths = [str(raw)]
-        else:
-            self.paths = [str(p) for p in raw]
+        self.paths = _path_list(self.path)
+        self._check_validation()
         if self.kind != "synthetic":
             if not self.paths or any(p in ("", "???") for p in self.paths):
                 raise ValueError(
@@ -111,6 +115,33 @@ class DataConfig:
                 f"(e.g. the model checkpoint dir holding tokenizer.json); nothing is downloaded"
             )
 
+    def _check_validation(self) -> None:
+        self.val_paths = _path_list(self.val_path)
+        if self.val_paths and self.val_fraction is not None:
+            raise ValueError("data.val_path and data.val_fraction both set: validate on a file or on a held-out "
+                             "share of the training data, not both")
+        if self.val_paths and self.kind == "synthetic":
+            raise ValueError("data.val_path needs record files (data=jsonl|text|chat); with synthetic data hold "
+                             "out a share instead: data.val_fraction=0.05")
+        for p in self.val_paths:
+            if not p.endswith((".jsonl", ".parquet")):
+                raise ValueError(f"data.val_path entry {p!r}: expected a .jsonl or .parquet file")
+        if self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={self.val_fraction} must be between 0 and 1 (exclusive), "
+                             f"e.g. 0.05")
+        if not isinstance(self.val_position_buckets, list | tuple) or not self.val_position_buckets:
+            raise ValueError(f"data.val_position_buckets={self.val_position_buckets!r} must be a non-empty list of "
+                             f"sizes, e.g. [4k,16k,64k,256k]")
+        edges = [parse_size(v, key=f"data.val_position_buckets[{i}]")
+                 for i, v in enumerate(self.val_position_buckets)]
+        if any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"data.val_position_buckets={edges} must be strictly increasing")
+        self.val_position_buckets = edges
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.val_paths) or self.val_fraction is not None
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
         """Build from the Hydra ``data`` group (a dict or DictConfig); unknown keys are an error."""
@@ -123,6 +154,15 @@ class DataConfig:
             return Path(os.environ["CHUNKFLOW_CACHE"]).expanduser()
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
         return Path(base).expanduser() / "chunkflow_pl" / "tokenized"
+
+
+def _path_list(raw: object) -> list[str]:
+    # OmegaConf hands lists over as ListConfig: normalise to a list of str.
+    if raw is None or raw == "":
+        return []
+    if isinstance(raw, str | os.PathLike):
+        return [str(raw)]
+    return [str(p) for p in raw]
 
 
 def _choice(key: str, value: object, allowed: tuple[str, ...]) -> None:

@@ -13,6 +13,11 @@ Resuming (mid-epoch, exact): two mechanisms carry the same loader state, and bot
 * This datamodule's ``state_dict()`` holds the same loader state (plus the epoch and a fingerprint of
   the batching); ``load_state_dict()`` keeps it until ``train_dataloader()`` builds the loader.
 
+Validation (``data.val_path`` or ``data.val_fraction``): ``val_dataloader`` yields this rank's share of each
+global batch of the validation set, in file order (never shuffled), chunked and balanced like training. It has
+no state to resume: every validation pass reads the whole set. Without validation data it returns ``[]``, which
+Lightning takes as "no validation".
+
 ``StatefulDataLoader.load_state_dict`` *replaces* the pending state (it does not advance anything),
 so loading the same snapshot twice is idempotent: no double skip. A snapshot taken at the end of a
 pass resumes at the start of the next epoch.
@@ -23,15 +28,18 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import lightning.pytorch as pl
+import torch.utils.data
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from chunkflow_pl.data.balance import DEFAULT_CHUNK_COST, ChunkCost
 from chunkflow_pl.data.cache import SourceSpec, build_cache, cache_entry_dir, load_cached_store
 from chunkflow_pl.data.config import DataConfig
 from chunkflow_pl.data.dataset import BatchingSpec, GlobalBatchDataset, GlobalBatchSampler
+from chunkflow_pl.data.holdout import SubsetStore, holdout_split
 from chunkflow_pl.data.sources import DataError, TokenStore
 from chunkflow_pl.data.sources.synthetic import SyntheticStore
 from chunkflow_pl.data.types import StepBatch
@@ -71,6 +79,20 @@ class ResumableLoader(StatefulDataLoader):
         super().load_state_dict(state_dict)
 
 
+def make_stores(data: DataConfig, vocab_size: int | None,
+                max_seq_len: int | None = None) -> tuple[TokenStore, TokenStore | None]:
+    """``(train, validation)`` stores: validation from ``data.val_path`` (its bad records follow
+    ``data.on_bad_record`` as the training file's do), or ``data.val_fraction`` of the data held out, or None."""
+    store = make_store(data, vocab_size, max_seq_len)
+    if data.val_paths:
+        spec = source_spec(data, vocab_size, max_seq_len, paths=data.val_paths)
+        return store, load_cached_store(spec, data.resolved_cache_dir(), data.tokenize_workers)
+    if data.val_fraction is not None:
+        train_ids, val_ids = holdout_split(len(store), data.val_fraction, data.seed)
+        return SubsetStore(store, train_ids), SubsetStore(store, val_ids)
+    return store, None
+
+
 def make_store(data: DataConfig, vocab_size: int | None, max_seq_len: int | None = None) -> TokenStore:
     """The ``TokenStore`` for a data config (builds the tokenised cache on first use). Records longer
     than ``max_seq_len`` are bad records (error, or skipped with ``data.on_bad_record=skip``)."""
@@ -88,10 +110,12 @@ def make_store(data: DataConfig, vocab_size: int | None, max_seq_len: int | None
     return load_cached_store(spec, data.resolved_cache_dir(), data.tokenize_workers)
 
 
-def source_spec(data: DataConfig, vocab_size: int | None, max_seq_len: int | None = None) -> SourceSpec:
+def source_spec(data: DataConfig, vocab_size: int | None, max_seq_len: int | None = None,
+                paths: list[str] | None = None) -> SourceSpec:
+    """The tokenised cache's key for ``data.path`` (or ``paths``: the validation files, read the same way)."""
     return SourceSpec(
         kind=data.kind,
-        paths=tuple(data.paths),
+        paths=tuple(data.paths if paths is None else paths),
         tokenizer=data.tokenizer,
         train_on=data.train_on,
         vocab_size=vocab_size,
@@ -144,7 +168,9 @@ class ChunkFlowDataModule(pl.LightningDataModule):
             raise TypeError(f"chunk_cost must be a data.balance.ChunkCost, got {type(chunk_cost).__name__}")
         self.chunk_cost = chunk_cost
         self.store: TokenStore | None = None
+        self.val_store: TokenStore | None = None  # data.val_path or data.val_fraction, else None
         self.dataset: GlobalBatchDataset | None = None
+        self.val_dataset: GlobalBatchDataset | None = None
         self._loader: ResumableLoader | None = None
         self._pending_state: dict[str, Any] | None = None
         self._tokenized_here = False
@@ -156,6 +182,9 @@ class ChunkFlowDataModule(pl.LightningDataModule):
             spec, root = source_spec(self.data, self.vocab_size, self.max_seq_len), self.data.resolved_cache_dir()
             self._tokenized_here = not (cache_entry_dir(spec, root) / "meta.json").is_file()
             build_cache(spec, root, self.data.tokenize_workers)
+            if self.data.val_paths:
+                build_cache(source_spec(self.data, self.vocab_size, self.max_seq_len, self.data.val_paths), root,
+                            self.data.tokenize_workers)
 
     def setup(self, stage: str | None = None) -> None:
         self._resolve_dp()
@@ -165,28 +194,30 @@ class ChunkFlowDataModule(pl.LightningDataModule):
             self.chunk_cost = cost() if callable(cost) else DEFAULT_CHUNK_COST
         self._ensure_store()
         assert self.dp_rank is not None and self.dp_size is not None
-        self.dataset = GlobalBatchDataset(
-            self.store,
-            BatchingSpec(
-                global_batch_size=self.data.global_batch_size,
-                chunk_size=self.chunk_size,
-                dp_rank=self.dp_rank,
-                dp_size=self.dp_size,
-                shuffle=self.data.shuffle,
-                seed=self.data.seed,
-                limit_batches=self.limit_batches,
-                chunk_cost=self.chunk_cost,
-            ),
+        spec = BatchingSpec(
+            global_batch_size=self.data.global_batch_size,
+            chunk_size=self.chunk_size,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+            shuffle=self.data.shuffle,
+            seed=self.data.seed,
+            limit_batches=self.limit_batches,
+            chunk_cost=self.chunk_cost,
         )
+        self.dataset = GlobalBatchDataset(self.store, spec)
+        if self.val_store is not None:  # the whole set, in order, every pass
+            self.val_dataset = GlobalBatchDataset(self.val_store, replace(spec, shuffle=False, limit_batches=None))
 
     def _ensure_store(self) -> TokenStore:
         if self.store is None:
-            self.store = make_store(self.data, self.vocab_size, self.max_seq_len)
+            self.store, self.val_store = make_stores(self.data, self.vocab_size, self.max_seq_len)
         return self.store
 
     def longest_sequence(self) -> int:
-        """Tokens in the longest sequence of the data (tokenises record files first if needed)."""
-        return int(self._ensure_store().lengths.max())
+        """Tokens in the longest sequence of the data, validation included (tokenises record files first if
+        needed): validation keeps the K/V state of its sequences as training does."""
+        longest = int(self._ensure_store().lengths.max())
+        return max(longest, int(self.val_store.lengths.max())) if self.val_store is not None else longest
 
     def _resolve_dp(self) -> None:
         rank = self._dp_rank() if callable(self._dp_rank) else self._dp_rank
@@ -223,6 +254,18 @@ class ChunkFlowDataModule(pl.LightningDataModule):
             loader.load_state_dict(pending["loader"])
         self._loader = loader
         return loader
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader | list:
+        """This rank's share of every global batch of the validation set, or ``[]`` (no validation)."""
+        if self.dataset is None:
+            self.setup("validate")
+        if self.val_dataset is None:
+            return []
+        # GlobalBatchSampler counts as a DistributedSampler: Lightning never swaps in its own (each rank must
+        # see every global batch and take its share of the chunks itself).
+        return torch.utils.data.DataLoader(self.val_dataset, batch_size=None,
+                                           sampler=GlobalBatchSampler(len(self.val_dataset)),
+                                           num_workers=self.data.num_workers, collate_fn=_keep)
 
     def _start_epoch(self, pending: dict[str, Any] | None) -> int:
         if pending is not None and "epoch" in pending:
