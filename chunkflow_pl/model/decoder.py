@@ -23,7 +23,7 @@ from torch import nn
 
 from chunkflow_pl.model.attention import VarlenMeta, attention
 from chunkflow_pl.model.config import ModelConfig
-from chunkflow_pl.model.loss import chunked_cross_entropy
+from chunkflow_pl.model.loss import chunked_cross_entropy, token_cross_entropy
 from chunkflow_pl.model.rope import Llama3Scaling, RotaryTable
 from chunkflow_pl.model.stages import StageSpec
 
@@ -224,6 +224,10 @@ class Qwen2Decoder(nn.Module):
     def loss_sum(self, hidden_TD: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
         """Summed token cross-entropy, computed in slices so full logits never exist at once."""
         return chunked_cross_entropy(hidden_TD, self.head_weight, labels_T, self.loss_chunk)
+
+    def token_losses(self, hidden_TD: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of every token [T] (0 where not supervised), no autograd: what validation sums by position."""
+        return token_cross_entropy(hidden_TD, self.head_weight, labels_T, self.loss_chunk)
 
 
 def _name_seed(seed: int, name: str) -> int:

@@ -12,6 +12,11 @@ A stage executor owns the stage's state store and runs actions for the chunks of
 
 With one stage (pp = 1) only forward / recompute / backward occur and the transport is never used.
 
+Evaluation (``evaluation`` given: validation): the plan is forward-only (``schedule/evaluation.py``). Each
+forward runs under ``no_grad``, writes the keys/values of continuing segments to the store as in training, frees
+a sequence's state at its last chunk (no backward will read it), and on the last stage adds its per-token losses
+by position to ``evaluation``. Backward, recompute and kept forwards are refused.
+
 Each chunk's graph is self-contained: the prefix keys/values it reads from the state store enter as
 detached leaves, so backward of one chunk never walks into another's graph. State passing is explicit::
 
@@ -34,6 +39,7 @@ import torch
 
 from chunkflow_pl.data.types import ChunkBatch, Segment, StepBatch
 from chunkflow_pl.model.attention import VarlenMeta
+from chunkflow_pl.schedule.evaluation import EvalSums
 from chunkflow_pl.schedule.offload import CopyEngine, PrefixMover, copy_engine_for
 from chunkflow_pl.schedule.state import StateStore
 from chunkflow_pl.schedule.transport import ACT, GRAD, LocalTransport, Transport
@@ -77,8 +83,10 @@ class ChunkExecutor:
     def __init__(self, model: torch.nn.Module, batch: StepBatch, device: torch.device,
                  offload_state: bool = False, transport: Transport | None = None,
                  should_stop: Callable[[], bool] | None = None, clock: Callable[[], float] | None = None,
-                 copy_engine: CopyEngine | None = None, after_backward: Callable[[], None] | None = None) -> None:
+                 copy_engine: CopyEngine | None = None, after_backward: Callable[[], None] | None = None,
+                 evaluation: EvalSums | None = None) -> None:
         self.model = model
+        self.evaluation = evaluation
         self.after_backward = after_backward
         self.stage = model.stage
         self.batch = batch
@@ -211,6 +219,31 @@ class ChunkExecutor:
             return None
         return _Live(inp=inp, out=out, kv=kv)
 
+    def _run_eval(self, c: int) -> None:
+        cb = self._chunk(c)
+        inp = self._input(c, cb, recompute=False)
+        prefix, mover = self._prefix(cb, requires_grad=False)
+        meta = VarlenMeta.from_lengths([s.length for s in cb.segments], [s.start for s in cb.segments], mover)
+        with torch.no_grad():
+            hidden, kv = self.model(inp, cb.position_ids_T, meta, prefix, return_kv=True)
+            if mover is not None:
+                mover.close()
+            offset = 0
+            for s in cb.segments:
+                if self._continues(s):
+                    self.store.write(s.seq, self.batch.seq_lens[s.seq], s.start,
+                                     [(k[offset:offset + s.length], v[offset:offset + s.length]) for k, v in kv])
+                elif s.start > 0:
+                    self.store.free(s.seq)  # its last chunk ran: nothing reads this state again
+                offset += s.length
+            if self.stage.has_head:
+                self.evaluation.add(self.model.token_losses(hidden, cb.labels_T), cb.labels_T, cb.position_ids_T)
+            else:
+                self._outbox[c] = hidden
+        self.stats.tokens += cb.num_tokens
+        self.stats.chunks += 1
+        self._on_device.pop(c, None)
+
     def _empty(self, c: int) -> bool:
         # Padding micro-step of a data-parallel rank: no work, no messages.
         return self.batch.chunks[c].num_tokens == 0
@@ -221,6 +254,11 @@ class ChunkExecutor:
 
     def forward(self, c: int, keep: bool) -> None:
         if self._empty(c):
+            return
+        if self.evaluation is not None:
+            if keep:
+                raise ValueError(f"forward of chunk {c} keeps activations in a forward-only (evaluation) step")
+            self._run_eval(c)
             return
         live = self._run_forward(c, grad=keep, recompute=False)
         if keep:
@@ -289,6 +327,8 @@ class ChunkExecutor:
                 # the caller names the step (its optimizer-step count; batch.step_index counts global batches from 0)
                 raise StepInterrupted(f"stopped before action {a}")
             op = a.op.value
+            if self.evaluation is not None and op not in _EVAL_ACTIONS:
+                raise ValueError(f"action {a} in a forward-only (evaluation) step")
             start = self.clock() if self.clock is not None else 0.0
             if op == "forward":
                 self.forward(a.chunk, a.keep)
@@ -309,6 +349,7 @@ class ChunkExecutor:
         return self.stats
 
 
+_EVAL_ACTIONS = {"forward", "recv_act", "send_act"}
 _ACTIONS = {"recompute", "backward", "recv_act", "send_act", "recv_grad", "send_grad"}
 
 

@@ -12,6 +12,9 @@ A step of one rank (one pipeline stage of one data-parallel replica; one device 
     caps     the executor's measured peak of live activations must not pass plan.caps[stage]
     record   (record=True) every action timed from the replica's common origin: one StageTimeline
 
+``evaluate`` is the same path forward-only (validation): the replica's forward-only plan
+(``schedule/evaluation.py``), no backward, no recompute, caps 0, the per-token losses summed by position.
+
 Callers: the strategy (``strategy/step.py``, every layout), the exactness probe, the throughput
 callback (which chunks the plan recomputed) and the benchmarks. Layout-specific work stays with the
 caller through two hooks: ``on_plan`` (the strategy compares plan fingerprints across the replica)
@@ -30,6 +33,7 @@ from chunkflow_pl.data.types import StepBatch
 from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.stages import split_stages
 from chunkflow_pl.schedule.cost import CostModel
+from chunkflow_pl.schedule.evaluation import EvalSums, plan_forward
 from chunkflow_pl.schedule.executor import ChunkExecutor, StepStats
 from chunkflow_pl.schedule.pipeline_actions import Op, PipelinePlan
 from chunkflow_pl.schedule.pipeline_checker import check_pipeline_plan
@@ -151,6 +155,27 @@ class StepRunner:
             timeline = StageTimeline(self.rank, self.stage, self.dp_rank, batch.step_index, ex.events,
                                      stats.max_live_activations, cap, plan.text(), {"plan": plan})
         return StepRun(stats, plan, self.stage, timeline)
+
+
+    def evaluate(self, model: torch.nn.Module, batch: StepBatch, sums: EvalSums) -> StepRun:
+        """Forward-only step of this stage for ``batch`` (validation): the last stage adds every supervised token's
+        cross-entropy to ``sums`` by position. Nothing is kept for backward and no gradient is touched; each
+        sequence's K/V state is freed after its last chunk. Runs outside inference mode (under ``no_grad``), so
+        what it caches (the RoPE table) stays usable by training."""
+        plan = plan_forward([c.segments for c in batch.chunks], self.pp)
+        with torch.inference_mode(False), torch.no_grad():
+            self.transport.begin_step(batch.step_index, plan.stages, model.cfg.hidden_size,
+                                      next(model.parameters()).dtype)
+            ex = ChunkExecutor(model, batch, self.device, offload_state=self.offload_state, transport=self.transport,
+                               evaluation=sums)
+            t0 = time.perf_counter()
+            stats = ex.run(plan.stages[self.stage])
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            stats.compute_s = time.perf_counter() - t0
+        if stats.max_live_activations > 0:
+            raise RuntimeError(f"rank {self.rank}, stage {self.stage}: a forward-only step kept activations")
+        return StepRun(stats, plan, self.stage)
 
 
 def device_clock(device: torch.device) -> Callable[[], float]:
