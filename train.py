@@ -83,7 +83,21 @@ def trainer_options(node: DictConfig) -> dict[str, Any]:
     for key in ("max_steps", "max_epochs", "log_every_n_steps", "num_nodes"):
         if key in kwargs and (isinstance(kwargs[key], bool) or not isinstance(kwargs[key], int)):
             raise ValueError(f"trainer.{key}={kwargs[key]!r} must be an integer")
+    check_validation_options(kwargs)
     return kwargs
+
+
+def check_validation_options(kwargs: dict[str, Any]) -> None:
+    """Lightning's validation cadence: ``val_check_interval`` (an integer >= 1: every N training steps; a number in
+    (0, 1]: a fraction of an epoch) and ``check_val_every_n_epoch`` (an integer >= 1, or null)."""
+    v = kwargs.get("val_check_interval")
+    if v is not None:
+        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0 or (isinstance(v, float) and v > 1):
+            raise ValueError(f"trainer.val_check_interval={v!r} must be an integer >= 1 (every N training steps) or "
+                             f"a number in (0, 1] (a fraction of an epoch)")
+    n = kwargs.get("check_val_every_n_epoch", 1)
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"trainer.check_val_every_n_epoch={n!r} must be an integer >= 1 or null")
 
 
 def _output_dir(cfg: DictConfig) -> str:
@@ -143,7 +157,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         return {"model_config": mcfg, "memory": check_memory(request, device.type, refuse=False),
                 "longest_sequence": request.longest_sequence}
     module = ChunkFlowLM(mcfg, optim, attention=model.attention, loss_chunk=model.loss_chunk,
-                         pretrained=model.pretrained, init_std=model.init_std)
+                         pretrained=model.pretrained, init_std=model.init_std,
+                         val_position_buckets=data_cfg.val_position_buckets)
     strategy = ChunkFlowStrategy(parallel, chunk_k=chunk.k, offload_state=chunk.offload_state,
                                  layer_checkpoint=chunk.layer_checkpoint,
                                  check_memory=bool(cfg.get("check_memory", True)))

@@ -14,6 +14,8 @@ pipeline stage of one data-parallel replica, see ``dims.py``)::
                         path for every layout; gradients accumulate in ``.grad``          step.py
     setup               dp > 1: each layer and the root an FSDP2 unit over ("dp_replicate", "dp_shard");
                         all-gathered at step start, reduced per backward or per step   sharding.py
+    run_eval_step       validation: the same path forward-only (no backward, no gradient), per-token
+                        losses summed by position; ``eval_totals`` sums them over the job   step.py
     finish_gradients    tied head summed between first and last stage, global norm over the shards
                         and the pipeline, clipping                                        gradients.py
     export_hf           one Hugging Face directory from all ranks                         export.py
@@ -41,6 +43,7 @@ from chunkflow_pl.config import ParallelConfig
 from chunkflow_pl.data.balance import ChunkCost
 from chunkflow_pl.data.types import StepBatch
 from chunkflow_pl.model.stages import StageSpec, split_stages
+from chunkflow_pl.schedule.evaluation import EvalSums
 from chunkflow_pl.schedule.executor import StepStats
 from chunkflow_pl.schedule.runner import StageTimeline, StepRun, pipeline_cost
 from chunkflow_pl.strategy import checkpoint as ckpt
@@ -259,13 +262,29 @@ class ChunkFlowStrategy(ParallelStrategy):
         parallelism and taken from the last stage.
         """
         record, self.last_timeline, self.last_run = self.record_timeline, None, None
+        with peer_failures(self.global_rank, self.dims.world_size, batch.step_index):
+            run = self._rank_step().run(model, batch, self._groups, self.should_stop, record, self._sharded)
+        self.last_timeline, self.last_run = run.timeline, run
+        return run.stats
+
+    def _rank_step(self) -> RankStep:
         if self._step is None:
             self._step = RankStep(self.dims, self.global_rank, self.root_device,
                                   StepSettings(self.chunk_k, self.offload_state, self.check_plan, self.check_messages))
+        return self._step
+
+    def run_eval_step(self, model: torch.nn.Module, batch: StepBatch, sums: EvalSums) -> StepStats:
+        """Forward-only step of this rank's ``batch`` (validation): its stage of the replica's forward-only plan,
+        through the same runner as training; the last stage adds every supervised token's loss to ``sums``."""
         with peer_failures(self.global_rank, self.dims.world_size, batch.step_index):
-            run = self._step.run(model, batch, self._groups, self.should_stop, record, self._sharded)
-        self.last_timeline, self.last_run = run.timeline, run
+            run = self._rank_step().evaluate(model, batch, self._groups, sums, self._sharded)
         return run.stats
+
+    def eval_totals(self, values: list[float]) -> list[float]:
+        """Sums of a validation pass (``EvalSums.values``) over the job: from the last stage, summed over data
+        parallelism. The same numbers on every rank."""
+        with peer_failures(self.global_rank, self.dims.world_size, None):
+            return self.sum_over_dp(self.from_last_stage(values))
 
     def finish_gradients(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         """Tie, take the global norm (returned, before clipping), clip if ``max_norm > 0`` (FSDP2 reduced the

@@ -60,6 +60,7 @@ def shard_model(model: torch.nn.Module, mesh: Any, settings: ShardingSettings) -
         units.append(layer)
     fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
     register_fsdp_forward_method(model, "loss_sum")  # the chunked loss runs after forward, on the head
+    register_fsdp_forward_method(model, "token_losses")  # validation's per-token loss, the same way
     units.insert(0, model)
     for u in units:
         u.set_gradient_divide_factor(1.0)  # sum: the loss is scaled by the global label-token count already
@@ -86,6 +87,19 @@ class ShardedStage:
         fully_shard.state(self.root)._lazy_init()  # root-ness and shared state, as the first forward would
         for u in self.units:
             u.unshard()
+
+    def begin_eval(self) -> None:
+        """A forward-only (validation) step: all-gather every unit, in unit order, as ``begin_step`` does; nothing
+        is reduced after it (no gradient), ``end_eval`` only frees the unsharded parameters."""
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard.state(self.root)._lazy_init()
+        for u in self.units:
+            u.unshard()
+
+    def end_eval(self) -> None:
+        for u in self.units:
+            u.reshard()
 
     def after_backward(self) -> None:
         """Called after every backward action of the step's schedule (a padding chunk has none)."""

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from chunkflow_pl.data.types import StepBatch
+from chunkflow_pl.schedule.evaluation import EvalSums
 from chunkflow_pl.schedule.executor import StepInterrupted, StepStats
 from chunkflow_pl.schedule.pipeline_actions import PipelinePlan
 from chunkflow_pl.schedule.runner import StepRun, StepRunner
@@ -90,6 +91,20 @@ class RankStep:
             sharded.end_step()
         global_stats(run.stats, groups, self.dims, self.stage == self.dims.pp - 1, self.device)
         return run
+
+    def evaluate(self, model: torch.nn.Module, batch: StepBatch, groups: ProcessGroups | None, sums: EvalSums,
+                 sharded: ShardedStage | None = None) -> StepRun:
+        """This rank's stage of the replica's forward-only plan for ``batch`` (validation); the last stage adds its
+        tokens' losses to ``sums``. Nothing is reduced here: the caller sums ``sums`` over ranks once per pass.
+        ``sharded``: the stage's FSDP units, all-gathered before the first chunk and resharded after the last."""
+        runner = self.runner(model, groups)
+        if sharded is not None:
+            sharded.begin_eval()
+        try:
+            return runner.evaluate(model, batch, sums)
+        finally:
+            if sharded is not None:
+                sharded.end_eval()
 
     def close(self) -> None:
         self._runner = None  # drops its transport's process groups (see ProcessGroups.destroy)

@@ -3,21 +3,28 @@
 One ``training_step`` = one global batch = one optimizer step. Optimization is manual because a
 step is many forward/backward/recompute actions over chunks, ordered by the strategy's scheduler;
 Lightning still drives the optimizer step, precision plugin, gradient clipping and checkpoints.
+
+Validation (``validation_step``): each batch runs forward-only through the strategy's step runner; the pass's
+sums are reduced over the job once, at its end, and logged as ``val/loss``, ``val/ppl`` and the loss by context
+position (``training/validation.py``). Validation touches no weight, gradient, optimizer or random state.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
 
+from chunkflow_pl.data.config import VAL_POSITION_BUCKETS
 from chunkflow_pl.data.types import StepBatch
 from chunkflow_pl.model.attention import resolve_backend
 from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.decoder import Qwen2Decoder
 from chunkflow_pl.model.hf_io import load_pretrained
+from chunkflow_pl.schedule.evaluation import EvalSums
 from chunkflow_pl.schedule.executor import StepStats
 from chunkflow_pl.training.nonfinite import (
     NonFiniteError,
@@ -28,6 +35,7 @@ from chunkflow_pl.training.nonfinite import (
     strategy_sum,
 )
 from chunkflow_pl.training.optim import OptimConfig, build_optimizer, lr_lambda
+from chunkflow_pl.training.validation import ValidationResult
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +50,10 @@ class ChunkFlowLM(L.LightningModule):
         pretrained: str | None = None,
         init_std: float = 0.02,
         total_steps: int | None = None,
+        val_position_buckets: Sequence[int] = VAL_POSITION_BUCKETS,
     ) -> None:
-        """``total_steps``: the lr schedule's length; None = the Trainer's ``max_steps``."""
+        """``total_steps``: the lr schedule's length; None = the Trainer's ``max_steps``. ``val_position_buckets``:
+        upper edges of the position buckets of ``val/loss_by_position`` (``data.val_position_buckets``)."""
         super().__init__()
         self.automatic_optimization = False
         self.model_cfg = model_cfg
@@ -58,6 +68,9 @@ class ChunkFlowLM(L.LightningModule):
         self.tokens_seen = 0
         self.skipped_steps = 0  # non-finite steps skipped (optim.on_nonfinite=skip)
         self.consecutive_skips = 0
+        self.val_position_buckets = tuple(int(e) for e in val_position_buckets)
+        self._val_sums: EvalSums | None = None
+        self.val_result: ValidationResult | None = None  # the last validation pass (the plot callback reads it)
 
     def setup(self, stage: str) -> None:
         # Before configure_model allocates: a cosine schedule needs its length.
@@ -121,6 +134,22 @@ class ChunkFlowLM(L.LightningModule):
         self.log("train/label_tokens", float(batch.num_label_tokens), batch_size=1)
         self.log("train/dp_imbalance", float(stats.dp_imbalance), batch_size=1)
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = EvalSums(self.val_position_buckets, self.trainer.strategy.root_device)
+
+    def validation_step(self, batch: StepBatch, batch_idx: int) -> None:
+        self.trainer.strategy.run_eval_step(self.model, batch, self._val_sums)
+
+    def on_validation_epoch_end(self) -> None:
+        sums, self._val_sums = self._val_sums, None
+        values = self.trainer.strategy.eval_totals(sums.values())  # one collective for the whole pass
+        self.val_result = ValidationResult.from_sums(sums.buckets.edges, sums.curve.edges, values)
+        if self.val_result.tokens == 0:
+            log.warning("validation saw no supervised token: nothing logged")
+            return
+        for key, value in self.val_result.metrics().items():
+            self.log(key, value, batch_size=1, prog_bar=key == "val/loss")
 
     def _nonfinite_step(self, opt, batch: StepBatch, loss: float, norm: float) -> None:
         """optim.on_nonfinite: raise (error) or drop the step's gradients and count it (skip)."""
