@@ -69,9 +69,12 @@ class LossByPosition:
         if not edges or any(b <= a for a, b in zip(edges, edges[1:])) or edges[0] <= 0:
             raise ValueError(f"position bucket edges {edges} must be positive and strictly increasing")
         self.edges = tuple(edges)
-        self._edges = torch.tensor(edges, dtype=torch.int64, device=device)
-        self.loss_sum = torch.zeros(len(edges) + 1, dtype=torch.float64, device=device)
-        self.tokens = torch.zeros(len(edges) + 1, dtype=torch.float64, device=device)
+        # Normal tensors even when made under Lightning's inference mode: the forward-only step adds to them outside
+        # it (StepRunner.evaluate), and an inference tensor cannot be updated in place there.
+        with torch.inference_mode(False):
+            self._edges = torch.tensor(edges, dtype=torch.int64, device=device)
+            self.loss_sum = torch.zeros(len(edges) + 1, dtype=torch.float64, device=device)
+            self.tokens = torch.zeros(len(edges) + 1, dtype=torch.float64, device=device)
 
     def add(self, loss_T: torch.Tensor, labels_T: torch.Tensor, position_ids_T: torch.Tensor) -> None:
         """Add one chunk: per-token losses (0 where not supervised), its labels and its input tokens' positions
