@@ -127,3 +127,51 @@ def test_validation_memory_is_set_by_the_chunk_and_state_is_freed_per_sequence()
     # Two long sequences one after the other: the first's state is gone before the second's is written.
     _, state_two = validation_memory([16 * C, 16 * C])
     assert state_two == state_long
+
+
+# ---- configuration and validation data ---------------------------------------------------------------------
+
+
+def test_validation_keys_are_typed_and_refused_naming_the_key(tmp_path):
+    from chunkflow_pl.data.config import DataConfig
+    from train import trainer_options
+
+    cases = [({"val_fraction": "abc"}, "data.val_fraction='abc' must be a number"),
+             ({"val_fraction": 1.0}, "data.val_fraction=1.0 must be between 0 and 1"),
+             ({"val_position_buckets": [16, 4]}, r"data.val_position_buckets=\[16, 4\] must be strictly increasing"),
+             ({"val_position_buckets": ["4k", "x"]}, r"data.val_position_buckets\[1\]='x' is not a size"),
+             ({"val_path": "v.jsonl"}, "data.val_path needs record files"),
+             ({"kind": "jsonl", "path": "a.jsonl", "val_path": "v.jsonl", "val_fraction": 0.1}, "both set")]
+    for d, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            DataConfig.from_dict(d)
+    assert DataConfig.from_dict({"val_position_buckets": ["4k", "1m"]}).val_position_buckets == [4096, 1024**2]
+    from omegaconf import OmegaConf
+
+    for key, value in (("val_check_interval", 0), ("val_check_interval", 1.5), ("check_val_every_n_epoch", 0)):
+        with pytest.raises(ValueError, match=f"trainer.{key}"):
+            trainer_options(OmegaConf.create({key: value}))
+
+
+def test_held_out_share_is_fixed_and_disjoint():
+    from chunkflow_pl.data.holdout import holdout_split
+
+    train, val = holdout_split(100, 0.05, seed=1)
+    assert len(val) == 5 and len(train) == 95 and not set(train) & set(val)
+    again = holdout_split(100, 0.05, seed=1)
+    assert (again[1] == val).all() and (holdout_split(100, 0.05, seed=2)[1] != val).any()
+
+
+def test_a_validation_file_with_bad_records_follows_on_bad_record(tmp_path):
+    from chunkflow_pl.data.config import DataConfig
+    from chunkflow_pl.data.datamodule import make_stores
+    from chunkflow_pl.data.sources import DataError
+
+    (tmp_path / "train.jsonl").write_text('{"input_ids": [1, 2, 3]}\n')
+    (tmp_path / "val.jsonl").write_text('{"input_ids": [1, 2, 3, 4]}\n{"input_ids": [1, \n{"input_ids": [5, 6]}\n')
+    common = {"kind": "jsonl", "path": str(tmp_path / "train.jsonl"), "val_path": str(tmp_path / "val.jsonl"),
+              "cache_dir": str(tmp_path / "cache"), "tokenize_workers": 0}
+    with pytest.raises(DataError, match=r"val\.jsonl:2"):
+        make_stores(DataConfig(**common), vocab_size=97)
+    _, val = make_stores(DataConfig(**common, on_bad_record="skip"), vocab_size=97)
+    assert list(val.lengths) == [4, 2] and val.skipped_records == 1

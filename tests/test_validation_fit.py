@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from conftest import make_hf_model
 from multiproc import free_port, spawn_ranks, write_token_records
 
+from callbacks.val_position import LossByPositionPlot
 from chunkflow_pl import ChunkFlowDataModule, ChunkFlowLM, ChunkFlowStrategy, DataConfig, OptimConfig, ParallelConfig
 from chunkflow_pl.data.labels import targets_from_labels
 from chunkflow_pl.model.config import ModelConfig
@@ -132,7 +133,7 @@ def fit(tmp: Path, steps: int, validate_every: int | None, ckpt_every: int | Non
     dm = ChunkFlowDataModule(data, chunk_size=64, vocab_size=cfg.vocab_size)
     module = ChunkFlowLM(cfg, OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"), loss_chunk=32)
     rec = Record()
-    callbacks: list[L.Callback] = [rec]
+    callbacks: list[L.Callback] = [rec, LossByPositionPlot()]
     if ckpt_every:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp / "ckpt", every_n_train_steps=ckpt_every,
                                                              save_top_k=-1))
@@ -155,6 +156,8 @@ def test_validation_leaves_training_bit_identical_and_resumes(tmp_path):
     # Lightning counts an integer val_check_interval within each epoch: after batches 3 and 6 of each epoch of 8
     assert [s for s, _ in val_rec.val_losses] == [3, 6, 11] and all(math.isfinite(v) for _, v in val_rec.val_losses)
     assert plain_rec.val_losses == []
+    assert sorted(p.name for p in (tmp_path / "val" / "val_loss_by_position").glob("*.png")) == [
+        "step_000003.png", "step_000006.png", "step_000011.png"]  # the plot of each pass (no logger: the file only)
     for n, p in plain.items():
         assert torch.equal(p, with_val[n]), n
     step6 = next((tmp_path / "val" / "ckpt").glob("*step=6.ckpt"))
