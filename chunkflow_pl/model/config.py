@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from chunkflow_pl.model.lora import LoraSettings
 from chunkflow_pl.utils.typed_config import SIZE, check_fields, from_dict
 
 
@@ -261,6 +262,7 @@ class ModelSettings:
     attention:  auto (flash-attn on CUDA when installed, else sdpa), sdpa or flash.
     loss_chunk: tokens per slice of the LM head + cross-entropy (full logits never exist at once).
     init_std:   std of the random initialisation (ignored with pretrained).
+    lora:       LoRA adapters (``model/lora.py``): rank (0 = off), alpha, target, dropout (only 0).
     """
 
     preset: str = "tiny"
@@ -269,6 +271,7 @@ class ModelSettings:
     attention: str = "auto"
     loss_chunk: int = field(default=4096, metadata=SIZE)
     init_std: float = 0.02
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
         if not self.init_std > 0:
