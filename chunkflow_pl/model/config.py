@@ -76,14 +76,19 @@ class ModelConfig:
     def kv_groups(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    def num_params(self) -> int:
-        """Exact parameter count of the decoder this config builds."""
+    @property
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer (norms, attention with its q/k/v biases if any, MLP)."""
         d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
         bias = self.num_heads * hd + 2 * self.num_kv_heads * hd if self.qkv_bias else 0
         attn = d * d + 2 * d * self.num_kv_heads * hd + d * d + bias
-        layer = attn + 3 * d * f + 2 * d
+        return attn + 3 * d * f + 2 * d
+
+    def num_params(self) -> int:
+        """Exact parameter count of the decoder this config builds."""
+        d = self.hidden_size
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.vocab_size * d + self.num_layers * layer + d + head
+        return self.vocab_size * d + self.num_layers * self.layer_params + d + head
 
     # ---- Hugging Face config.json ------------------------------------------------------------
     def to_hf_dict(self) -> dict[str, Any]:
