@@ -157,7 +157,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         return {"model_config": mcfg, "memory": check_memory(request, device.type, refuse=False),
                 "longest_sequence": request.longest_sequence}
     module = ChunkFlowLM(mcfg, optim, attention=model.attention, loss_chunk=model.loss_chunk,
-                         pretrained=model.pretrained, init_std=model.init_std,
+                         pretrained=model.pretrained, init_std=model.init_std, lora=model.lora,
                          val_position_buckets=data_cfg.val_position_buckets)
     strategy = ChunkFlowStrategy(parallel, chunk_k=chunk.k, offload_state=chunk.offload_state,
                                  layer_checkpoint=chunk.layer_checkpoint,

@@ -14,10 +14,13 @@ log = logging.getLogger(__name__)
 
 
 class HFExport(L.Callback):
-    def __init__(self, hf_dir: str | None = None, dtype: str | None = None, tokenizer_dir: str | None = None) -> None:
+    def __init__(self, hf_dir: str | None = None, dtype: str | None = None, tokenizer_dir: str | None = None,
+                 merge_lora: bool = False) -> None:
+        """``merge_lora``: with LoRA adapters, write the merged full weights instead of a PEFT adapter folder."""
         self.hf_dir = hf_dir
         self.dtype = export_dtype(dtype)  # train.py checked it at start already (training/precision.py)
         self.tokenizer_dir = tokenizer_dir
+        self.merge_lora = merge_lora
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not self.hf_dir:
@@ -26,7 +29,8 @@ class HFExport(L.Callback):
                       strategy_sum(trainer.strategy, pl_module.device))
         export = getattr(trainer.strategy, "export_hf", None)
         if export is not None:  # every rank takes part: each pipeline stage writes its own shard
-            out = export(pl_module.model, self.hf_dir, dtype=self.dtype, tokenizer_dir=self.tokenizer_dir)
+            out = export(pl_module.model, self.hf_dir, dtype=self.dtype, tokenizer_dir=self.tokenizer_dir,
+                         merge_lora=self.merge_lora, base_model=getattr(pl_module, "pretrained", None))
         elif trainer.is_global_zero:
             out = save_hf(pl_module.model, pl_module.model_cfg, self.hf_dir, dtype=self.dtype,
                           tokenizer_dir=self.tokenizer_dir)

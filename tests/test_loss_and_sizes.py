@@ -57,16 +57,19 @@ def test_parse_size_rejects_with_key_and_forms(bad):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_match_transformers_exactly(name):
     """Every preset builds the parameters (names via NAME_MAP, shapes, total count) of transformers'
-    Qwen2ForCausalLM for the same config.json, built on the meta device (no memory, no download)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    Qwen2ForCausalLM (LlamaForCausalLM for Llama presets) for the same config.json, built on the meta device
+    (no memory, no download)."""
+    import transformers
 
     from chunkflow_pl.model.decoder import Qwen2Decoder
     from chunkflow_pl.model.hf_io import to_hf_name
 
     cfg = PRESETS[name]
-    hf_cfg = Qwen2Config(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "torch_dtype")})
+    arch = cfg.to_hf_dict()["architectures"][0]
+    config_cls, model_cls = getattr(transformers, arch.replace("ForCausalLM", "Config")), getattr(transformers, arch)
+    hf_cfg = config_cls(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "torch_dtype")})
     with torch.device("meta"):
-        hf = Qwen2ForCausalLM(hf_cfg)
+        hf = model_cls(hf_cfg)
     with parameters_on_meta():
         ours = Qwen2Decoder(cfg)
     hf_shapes = {n: tuple(p.shape) for n, p in hf.named_parameters()}  # a tied lm_head is listed once
@@ -79,7 +82,9 @@ def test_presets_match_transformers_exactly(name):
 # model cards round (32B: "32.5B"); the checkpoints are exact. 0.5B / 1.5B ship one file without an index:
 # their cards' rounded sizes (0.49B, 1.54B).
 PUBLISHED_EXACT = {"qwen3b": 6171877376 // 2, "qwen7b": 15231233024 // 2, "qwen14b": 29540067328 // 2,
-                   "qwen32b": 65527752704 // 2, "qwen72b": 145412407296 // 2}
+                   "qwen32b": 65527752704 // 2, "qwen72b": 145412407296 // 2,
+                   # meta-llama/Llama-3.1-8B and -70B: 16060522496 and 141107412992 bf16 bytes
+                   "llama3.1-8b": 16060522496 // 2, "llama3.1-70b": 141107412992 // 2}
 PUBLISHED_ROUNDED = {"qwen0.5b": 0.49, "qwen1.5b": 1.54}
 
 

@@ -80,8 +80,8 @@ def test_every_group_uses_the_one_helper():
     with pytest.raises(ValueError, match=r"model\.overrides\.num_layers='two' must be an integer"):
         get_preset("tiny", num_layers="two")
     assert get_preset("tiny", max_position_embeddings="64k").max_position_embeddings == 65536
-    with pytest.raises(ValueError, match=r"unknown key model\.foo; accepted keys: attention, init_std, loss_chunk, "
-                                         r"overrides, preset, pretrained"):
+    with pytest.raises(ValueError, match=r"unknown key model\.foo; accepted keys: attention, init_std, lora, "
+                                         r"loss_chunk, overrides, preset, pretrained"):
         ModelSettings.from_dict({"foo": 1})
 
 

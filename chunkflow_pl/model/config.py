@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from chunkflow_pl.model.lora import LoraSettings
 from chunkflow_pl.utils.typed_config import SIZE, check_fields, from_dict
 
 
@@ -75,14 +76,19 @@ class ModelConfig:
     def kv_groups(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    def num_params(self) -> int:
-        """Exact parameter count of the decoder this config builds."""
+    @property
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer (norms, attention with its q/k/v biases if any, MLP)."""
         d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
         bias = self.num_heads * hd + 2 * self.num_kv_heads * hd if self.qkv_bias else 0
         attn = d * d + 2 * d * self.num_kv_heads * hd + d * d + bias
-        layer = attn + 3 * d * f + 2 * d
+        return attn + 3 * d * f + 2 * d
+
+    def num_params(self) -> int:
+        """Exact parameter count of the decoder this config builds."""
+        d = self.hidden_size
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.vocab_size * d + self.num_layers * layer + d + head
+        return self.vocab_size * d + self.num_layers * self.layer_params + d + head
 
     # ---- Hugging Face config.json ------------------------------------------------------------
     def to_hf_dict(self) -> dict[str, Any]:
@@ -261,6 +267,7 @@ class ModelSettings:
     attention:  auto (flash-attn on CUDA when installed, else sdpa), sdpa or flash.
     loss_chunk: tokens per slice of the LM head + cross-entropy (full logits never exist at once).
     init_std:   std of the random initialisation (ignored with pretrained).
+    lora:       LoRA adapters (``model/lora.py``): rank (0 = off), alpha, target, dropout (only 0).
     """
 
     preset: str = "tiny"
@@ -269,6 +276,7 @@ class ModelSettings:
     attention: str = "auto"
     loss_chunk: int = field(default=4096, metadata=SIZE)
     init_std: float = 0.02
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
         if not self.init_std > 0:

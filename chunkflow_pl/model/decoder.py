@@ -174,7 +174,7 @@ class Qwen2Decoder(nn.Module):
                 elif name.endswith(".bias"):
                     p.zero_()
                 else:
-                    g = torch.Generator(device=p.device).manual_seed(_name_seed(seed, name))
+                    g = torch.Generator(device=p.device).manual_seed(name_seed(seed, name))
                     p.normal_(0.0, std, generator=g)
 
     def forward(
@@ -230,6 +230,6 @@ class Qwen2Decoder(nn.Module):
         return token_cross_entropy(hidden_TD, self.head_weight, labels_T, self.loss_chunk)
 
 
-def _name_seed(seed: int, name: str) -> int:
+def name_seed(seed: int, name: str) -> int:
     # A stable (process-independent, unlike hash()) 63-bit seed per parameter name.
     return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), "little") >> 1

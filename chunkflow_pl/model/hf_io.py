@@ -57,10 +57,17 @@ def _rename(name: str, table) -> str | None:
 
 
 def to_hf_name(name: str) -> str:
-    out = _rename(name, _OURS_TO_HF)
+    """transformers' name of our parameter ``name`` (a LoRA-wrapped projection's frozen ``base_layer`` weight
+    included: it is the plain weight)."""
+    out = _rename(name.replace(".base_layer.", "."), _OURS_TO_HF)
     if out is None:
         raise KeyError(f"parameter {name!r} has no Hugging Face name in NAME_MAP")
     return out
+
+
+def to_hf_module(module: str) -> str:
+    """transformers' name of our projection module (``layers.0.attn.q_proj`` -> ``model.layers.0.self_attn.q_proj``)."""
+    return to_hf_name(module + ".weight").removesuffix(".weight")
 
 
 def from_hf_name(name: str) -> str | None:

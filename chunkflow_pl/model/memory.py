@@ -121,9 +121,8 @@ def estimate_training_memory(cfg: ModelConfig, chunk_size: int, k: int, precisio
 
 def stage_params(cfg: ModelConfig, stage: StageSpec) -> int:
     """Parameters a stage builds (``Qwen2Decoder(cfg, stage=stage)``); the whole model's count if whole."""
-    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    attn = d * d + d + 2 * (d * cfg.num_kv_heads * hd + cfg.num_kv_heads * hd) + d * d
-    n = len(stage.layer_ids) * (attn + 3 * d * f + 2 * d)
+    d = cfg.hidden_size
+    n = len(stage.layer_ids) * cfg.layer_params
     tied = cfg.tie_word_embeddings
     if stage.takes_ids or (stage.has_head and tied):
         n += cfg.vocab_size * d

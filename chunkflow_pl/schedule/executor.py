@@ -300,8 +300,11 @@ class ChunkExecutor:
                         outputs += [k[offset:offset + s.length], v[offset:offset + s.length]]
                         grads += [g[0], g[1]]
             offset += s.length
-        if outputs:
-            torch.autograd.backward(outputs, grads)  # prefix gradients reach the store through hooks (or a mover)
+        # Frozen paths (LoRA: layer 0's keys when k_proj is not adapted) carry no graph: no parameter they depend
+        # on trains, so their gradients are dropped, not an error.
+        pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+        if pairs:  # prefix gradients reach the store through hooks (or a mover)
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         if not self.stage.takes_ids:
             g_in = live.inp.grad
             self._grad_out[c] = g_in if g_in is not None else torch.zeros_like(live.inp)

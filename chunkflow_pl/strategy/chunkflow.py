@@ -297,11 +297,13 @@ class ChunkFlowStrategy(ParallelStrategy):
 
     # ---- Hugging Face export -----------------------------------------------------------------
     def export_hf(self, model: torch.nn.Module, out_dir, dtype: torch.dtype | None = None,
-                  tokenizer_dir=None) -> Path:
-        """One Hugging Face checkpoint directory from all ranks (collective: every rank calls it; ``export.py``)."""
+                  tokenizer_dir=None, merge_lora: bool = False, base_model: str | None = None) -> Path:
+        """One Hugging Face checkpoint directory from all ranks (collective: every rank calls it; ``export.py``);
+        with LoRA a PEFT adapter folder, or the merged weights (``merge_lora``)."""
         out = Path(self.broadcast(str(out_dir)))
         spec = self.stage_spec if self.dims.pp > 1 else None
-        export_hf(model, out, self.dims, self.global_rank, spec, dtype=dtype, tokenizer_dir=tokenizer_dir)
+        export_hf(model, out, self.dims, self.global_rank, spec, dtype=dtype, tokenizer_dir=tokenizer_dir,
+                  merge_lora=merge_lora, base_model=base_model)
         self.barrier("export_hf")
         return out
 

@@ -15,17 +15,33 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from chunkflow_pl.model.hf_io import save_hf, save_hf_shard, write_hf_config
+from chunkflow_pl.model.hf_io import save_hf, save_hf_shard, to_hf_module, write_hf_config
+from chunkflow_pl.model.lora import export_tensors, lora_of, save_adapter
 from chunkflow_pl.model.stages import StageSpec
 from chunkflow_pl.strategy.dims import ParallelDims
 
 
 def export_hf(model: torch.nn.Module, out: Path, dims: ParallelDims, rank: int, spec: StageSpec | None,
-              dtype: torch.dtype | None = None, tokenizer_dir=None) -> Path:
-    """Write this rank's part of the export of ``model`` to ``out`` (``spec``: this rank's stage, pp > 1)."""
+              dtype: torch.dtype | None = None, tokenizer_dir=None, merge_lora: bool = False,
+              base_model: str | None = None) -> Path:
+    """Write this rank's part of the export of ``model`` to ``out`` (``spec``: this rank's stage, pp > 1). With LoRA
+    adapters: a PEFT adapter folder (``base_model``: the checkpoint they adapt), or with ``merge_lora`` the merged
+    full weights."""
     cfg = model.cfg
     pp_rank, dp_rank = dims.coords(rank)
     state = gathered_state(model, keep=dp_rank == 0)
+    lora = lora_of(model)
+    if lora is not None:
+        whole = state if state is not None else model.state_dict()
+        state = export_tensors(whole, lora, merge=merge_lora) if dp_rank == 0 else {}
+        if not merge_lora:  # one adapter file, written by rank 0 from every stage's adapters
+            parts: list[Any] = [state]
+            if dims.world_size > 1:
+                parts = [None] * dims.world_size
+                dist.all_gather_object(parts, {k: v.cpu() for k, v in state.items()})
+            if rank == 0:
+                save_adapter({k: v for p in parts for k, v in (p or {}).items()}, lora, out, base_model, to_hf_module)
+            return out
     if dims.pp == 1:
         if rank == 0:
             save_hf(model, cfg, out, dtype=dtype, tokenizer_dir=tokenizer_dir, state=state)

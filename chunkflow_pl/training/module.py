@@ -24,6 +24,7 @@ from chunkflow_pl.model.attention import resolve_backend
 from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.decoder import Qwen2Decoder
 from chunkflow_pl.model.hf_io import load_pretrained
+from chunkflow_pl.model.lora import LoraSettings, apply_lora
 from chunkflow_pl.schedule.evaluation import EvalSums
 from chunkflow_pl.schedule.executor import StepStats
 from chunkflow_pl.training.nonfinite import (
@@ -40,6 +41,23 @@ from chunkflow_pl.training.validation import ValidationResult
 log = logging.getLogger(__name__)
 
 
+def build_decoder(cfg: ModelConfig, stage, backend: str, loss_chunk: int, pretrained: str | None, init_std: float,
+                  lora: LoraSettings) -> Qwen2Decoder:
+    """The decoder (whole, or the pipeline stage ``stage``) with its weights: loaded from ``pretrained``, or random
+    from the global (seeded) generator, then LoRA adapters (after the weights, before the strategy checkpoints and
+    shards layers). A stage gets exactly the values of the whole model's parameters it holds."""
+    # One draw before anything is built: building modules runs their default init, which moves the global
+    # generator by an amount that depends on how many layers this stage builds.
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+    model = Qwen2Decoder(cfg, attention_backend=backend, loss_chunk=loss_chunk, stage=stage)
+    if pretrained:
+        load_pretrained(model, pretrained, cfg)
+    else:
+        model.reset_parameters(init_std, generator=g)
+    apply_lora(model, lora, generator=g)
+    return model
+
+
 class ChunkFlowLM(L.LightningModule):
     def __init__(
         self,
@@ -50,10 +68,12 @@ class ChunkFlowLM(L.LightningModule):
         pretrained: str | None = None,
         init_std: float = 0.02,
         total_steps: int | None = None,
+        lora: LoraSettings | None = None,
         val_position_buckets: Sequence[int] = VAL_POSITION_BUCKETS,
     ) -> None:
-        """``total_steps``: the lr schedule's length; None = the Trainer's ``max_steps``. ``val_position_buckets``:
-        upper edges of the position buckets of ``val/loss_by_position`` (``data.val_position_buckets``)."""
+        """``total_steps``: the lr schedule's length; None = the Trainer's ``max_steps``. ``lora``: adapters
+        injected after the weights are loaded (only they train). ``val_position_buckets``: upper edges of the
+        position buckets of ``val/loss_by_position`` (``data.val_position_buckets``)."""
         super().__init__()
         self.automatic_optimization = False
         self.model_cfg = model_cfg
@@ -63,6 +83,7 @@ class ChunkFlowLM(L.LightningModule):
         self.pretrained = pretrained
         self.init_std = init_std
         self.total_steps = total_steps
+        self.lora = lora or LoraSettings()
         self.model: Qwen2Decoder | None = None
         self.last_stats: StepStats | None = None
         self.tokens_seen = 0
@@ -89,11 +110,8 @@ class ChunkFlowLM(L.LightningModule):
         backend = resolve_backend(self.attention, device, precision)
         # The strategy owns the layout: on a pipeline stage only that stage's layers are built.
         stage = getattr(trainer.strategy, "stage_spec", None) if trainer is not None else None
-        self.model = Qwen2Decoder(self.model_cfg, attention_backend=backend, loss_chunk=self.loss_chunk, stage=stage)
-        if self.pretrained:
-            load_pretrained(self.model, self.pretrained, self.model_cfg)
-        else:
-            self.model.reset_parameters(self.init_std)
+        self.model = build_decoder(self.model_cfg, stage, backend, self.loss_chunk, self.pretrained, self.init_std,
+                                   self.lora)
 
     def configure_optimizers(self):
         opt = build_optimizer(self.model, self.optim_cfg)

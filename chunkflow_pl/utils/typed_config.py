@@ -69,6 +69,8 @@ def _convert(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
             raise ValueError(f"{e} or null") from None
     if meta.get("size"):
         return parse_size(value, key=key)
+    if dataclasses.is_dataclass(tp):  # a nested group (model.lora): typed the same way, keys named in full
+        return value if isinstance(value, tp) else from_dict(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{key}={value!r} must be true or false")
