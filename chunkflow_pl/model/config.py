@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from chunkflow_pl.model.lora import LoraSettings
 from chunkflow_pl.utils.typed_config import SIZE, check_fields, from_dict
 
 
@@ -255,6 +254,46 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"model={name!r} is unknown; choose one of {', '.join(sorted(PRESETS))}")
     return replace(PRESETS[name], **check_fields(ModelConfig, overrides, "model.overrides"))
+
+
+# LoRA settings live here (pure, no torch: planning imports this module without torch); model/lora.py applies them.
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER = "default"  # peft's adapter name; PEFT's files drop it
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The ``model.lora`` group. rank 0 = no adapters (full fine-tuning)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    target: tuple[str, ...] = TARGETS
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ValueError(f"model.lora.rank={self.rank} must be >= 0 (0 = no adapters)")
+        if self.rank and not self.alpha > 0:
+            raise ValueError(f"model.lora.alpha={self.alpha} must be > 0")
+        if self.dropout != 0:
+            raise ValueError(f"model.lora.dropout={self.dropout} is not supported: a recomputed chunk or layer runs "
+                             f"its forward again and would draw another dropout mask; use model.lora.dropout=0")
+        if self.rank and not self.target:
+            raise ValueError("model.lora.target is empty: name the projections to adapt, e.g. [q_proj,v_proj]")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def peft_config(self, base_model: str | None = None):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.target), lora_dropout=0.0,
+                          bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model)
 
 
 @dataclass(frozen=True)

@@ -19,50 +19,13 @@ what ``peft.PeftModel.from_pretrained`` loads onto transformers' model), or the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ADAPTER = "default"  # peft's adapter name; PEFT's files drop it
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """The ``model.lora`` group. rank 0 = no adapters (full fine-tuning)."""
-
-    rank: int = 0
-    alpha: float = 16.0
-    target: tuple[str, ...] = TARGETS
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.rank < 0:
-            raise ValueError(f"model.lora.rank={self.rank} must be >= 0 (0 = no adapters)")
-        if self.rank and not self.alpha > 0:
-            raise ValueError(f"model.lora.alpha={self.alpha} must be > 0")
-        if self.dropout != 0:
-            raise ValueError(f"model.lora.dropout={self.dropout} is not supported: a recomputed chunk or layer runs "
-                             f"its forward again and would draw another dropout mask; use model.lora.dropout=0")
-        if self.rank and not self.target:
-            raise ValueError("model.lora.target is empty: name the projections to adapt, e.g. [q_proj,v_proj]")
-
-    @property
-    def enabled(self) -> bool:
-        return self.rank > 0
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def peft_config(self, base_model: str | None = None):
-        from peft import LoraConfig
-
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.target), lora_dropout=0.0,
-                          bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+from chunkflow_pl.model.config import ADAPTER, LoraSettings
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings, generator: torch.Generator | None = None) -> None:
