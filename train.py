@@ -153,7 +153,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
                                      max_seq_len=mcfg.max_position_embeddings)
     if cfg.get("dry_run"):
         request = MemoryRequest(mcfg, chunk.size, chunk.k, precision, optim.name, model.loss_chunk,
-                                datamodule.longest_sequence(), parallel.pp)
+                                datamodule.longest_sequence(), parallel.pp, lora=model.lora)
         return {"model_config": mcfg, "memory": check_memory(request, device.type, refuse=False),
                 "longest_sequence": request.longest_sequence}
     module = ChunkFlowLM(mcfg, optim, attention=model.attention, loss_chunk=model.loss_chunk,

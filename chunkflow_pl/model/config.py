@@ -289,6 +289,16 @@ class LoraSettings:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def adapter_params(self, cfg: ModelConfig, num_layers: int) -> int:
+        """Parameters of the adapters on ``num_layers`` decoder layers: ``rank x (in + out)`` per adapted projection."""
+        if not self.enabled:
+            return 0
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        dims = {"q_proj": d + q, "k_proj": d + kv, "v_proj": d + kv, "o_proj": q + d, "gate_proj": d + f,
+                "up_proj": d + f, "down_proj": f + d}
+        return num_layers * self.rank * sum(dims.get(t, 0) for t in self.target)
+
     def peft_config(self, base_model: str | None = None):
         from peft import LoraConfig
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from chunkflow_pl.model.config import ModelConfig
+from chunkflow_pl.model.config import LoraSettings, ModelConfig
 from chunkflow_pl.model.stages import StageSpec
 from chunkflow_pl.utils.host_memory import available_host_bytes
 
@@ -67,7 +67,8 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, precision: str, layer_che
 
 def estimate_stage_memory(cfg: ModelConfig, stage: StageSpec, chunk_size: int, live_chunks: int, precision: str,
                           optimizer: str = "adamw", loss_chunk: int = 4096, state_tokens: int = 0,
-                          boundary_tokens: int = 0, layer_checkpoint: str = "none") -> MemoryEstimate:
+                          boundary_tokens: int = 0, layer_checkpoint: str = "none",
+                          lora: LoraSettings | None = None) -> MemoryEstimate:
     """Peak training memory of one pipeline stage (the whole model when ``stage`` is whole).
 
     ``live_chunks``: chunks holding activations at once (``k`` on one device; the stage's cap in a
@@ -75,10 +76,13 @@ def estimate_stage_memory(cfg: ModelConfig, stage: StageSpec, chunk_size: int, l
     (the store allocates a whole sequence at its first write). ``boundary_tokens``: ``[T, D]`` inputs kept
     by dropped forwards for their recompute (stages after the first). ``layer_checkpoint``: ``chunk.
     layer_checkpoint`` (``full``: live chunks keep per layer its input and K/V; the chunk in backward also
-    holds one recomputed layer's activations).
+    holds one recomputed layer's activations). ``lora``: adapters on the stage's layers; then only they have
+    gradients and optimizer state (the frozen weights only their weights).
     """
     wb, ab = precision_bytes(precision)
     n = stage_params(cfg, stage)
+    adapters = lora.adapter_params(cfg, len(stage.layer_ids)) if lora is not None else 0
+    trained = adapters if adapters else n
     opt_states = {"adamw": 2, "sgd": 1}.get(optimizer, 2)
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     kv = 2 * cfg.num_kv_heads * hd
@@ -100,14 +104,15 @@ def estimate_stage_memory(cfg: ModelConfig, stage: StageSpec, chunk_size: int, l
         acc = max(ab, 4)  # gradient accumulators are kept in >= fp32
         # keys/values + their gradient accumulators per layer; one layer's prefix gradient in flight
         state = state_tokens * (layers * kv * (ab + acc) + kv * ab)
-    return MemoryEstimate(params=n, weights=n * wb, grads=n * wb, optimizer=n * max(wb, 4) * opt_states,
-                          activations=act, state=state)
+    return MemoryEstimate(params=n + adapters, weights=(n + adapters) * wb, grads=trained * wb,
+                          optimizer=trained * max(wb, 4) * opt_states, activations=act, state=state)
 
 
 def estimate_training_memory(cfg: ModelConfig, chunk_size: int, k: int, precision: str,
                              optimizer: str = "adamw", loss_chunk: int = 4096,
                              max_seq_len: int | None = None, stage: StageSpec | None = None,
-                             live_chunks: int | None = None, layer_checkpoint: str = "none") -> MemoryEstimate:
+                             live_chunks: int | None = None, layer_checkpoint: str = "none",
+                             lora: LoraSettings | None = None) -> MemoryEstimate:
     """One device's memory: the whole model with ``k`` live chunks, or pipeline ``stage`` holding up to
     ``live_chunks`` chunks' activations at once (its cap in the pipeline plan; default ``k``). The state of
     the longest sequence counts when it is split; stages after the first also keep the ``[T, D]`` inputs of
@@ -116,7 +121,8 @@ def estimate_training_memory(cfg: ModelConfig, chunk_size: int, k: int, precisio
     state = max_seq_len if max_seq_len is not None and max_seq_len > chunk_size else 0
     return estimate_stage_memory(cfg, stage, chunk_size, live_chunks if live_chunks is not None else k, precision,
                                  optimizer, loss_chunk, state_tokens=state,
-                                 boundary_tokens=0 if stage.takes_ids else state, layer_checkpoint=layer_checkpoint)
+                                 boundary_tokens=0 if stage.takes_ids else state, layer_checkpoint=layer_checkpoint,
+                                 lora=lora)
 
 
 def stage_params(cfg: ModelConfig, stage: StageSpec) -> int:

@@ -95,4 +95,4 @@ def memory_request(strategy: ChunkFlowStrategy, module: Any, datamodule: Any, pr
         return None
     cfg, optim, chunk_size, longest = needed
     return MemoryRequest(cfg, int(chunk_size), strategy.chunk_k, precision, optim.name, int(module.loss_chunk),
-                         int(longest()), strategy.dims.pp)
+                         int(longest()), strategy.dims.pp, lora=getattr(module, "lora", None))

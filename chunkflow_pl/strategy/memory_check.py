@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from chunkflow_pl.model.config import ModelConfig
+from chunkflow_pl.model.config import LoraSettings, ModelConfig
 from chunkflow_pl.model.memory import (
     InsufficientMemoryError,
     MemoryEstimate,
@@ -37,6 +37,7 @@ class MemoryRequest:
     loss_chunk: int
     longest_sequence: int
     pp: int = 1
+    lora: LoraSettings | None = None  # adapters: only they hold gradients and optimizer state
 
 
 def estimate(req: MemoryRequest) -> MemoryEstimate:
@@ -44,7 +45,7 @@ def estimate(req: MemoryRequest) -> MemoryEstimate:
     plan's cap on live chunks."""
     return max((estimate_training_memory(req.model, req.chunk_size, req.chunk_k, req.precision, req.optimizer,
                                          req.loss_chunk, max_seq_len=req.longest_sequence, stage=spec,
-                                         live_chunks=cap)
+                                         live_chunks=cap, lora=req.lora)
                 for spec, cap in zip(split_stages(req.model.num_layers, req.pp), default_caps(req.pp, req.chunk_k))),
                key=lambda e: e.total)
 
