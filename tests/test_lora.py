@@ -4,6 +4,7 @@ the adapters train, and the exports load in peft / transformers with the same lo
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -185,3 +186,72 @@ def test_memory_estimate_counts_gradients_and_optimizer_state_of_the_adapters_on
     full = estimate_training_memory(big, 32768, 1, "bf16-mixed")
     lora = estimate_training_memory(big, 32768, 1, "bf16-mixed", lora=LoraSettings(rank=16, alpha=32.0))
     assert lora.optimizer < full.optimizer / 100 and lora.activations == full.activations
+
+
+LORA_LAYOUTS = {"dp2": {"dp": 2}, "pp2": {"pp": 2}, "dp_shard2": {"dp_shard": 2}}
+
+
+def lora_fit(d: str, parallel, devices: int) -> dict[str, list]:
+    """Two float64 AdamW steps of LoRA on the checkpoint under ``parallel``: this rank's adapters, whole."""
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    from chunkflow_pl import ChunkFlowDataModule, ChunkFlowLM, ChunkFlowStrategy, DataConfig, OptimConfig
+
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    cfg = ModelConfig.from_hf_dir(f"{d}/hf")
+    data = DataConfig(kind="jsonl", path=f"{d}/train.jsonl", global_batch_size=7, shuffle=False,
+                      cache_dir=f"{d}/cache")
+    dm = ChunkFlowDataModule(data, chunk_size=16, vocab_size=cfg.vocab_size)
+    module = ChunkFlowLM(cfg, OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"), loss_chunk=16,
+                         pretrained=f"{d}/hf", lora=LORA)
+    env = {"cluster_environment": LightningEnvironment()} if devices > 1 else {}
+    strategy = ChunkFlowStrategy(parallel, chunk_k=1, **env)
+    grab = Adapters()
+    trainer = L.Trainer(strategy=strategy, devices=devices, accelerator="cpu", precision="64-true", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, max_steps=2,
+                        callbacks=[grab])
+    trainer.fit(module, datamodule=dm)
+    return grab.out
+
+
+class Adapters(L.Callback):
+    """The adapters, whole (FSDP2 shards gathered), at the end of training, while the process groups live."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.out = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().tolist()
+                    for n, p in pl_module.model.named_parameters() if is_adapter(n)}
+
+
+def _lora_layouts_worker(rank: int, d: str, ports: list[int], out: str) -> None:
+    import os
+
+    from chunkflow_pl import ParallelConfig
+
+    results = {}
+    for (name, layout), port in zip(LORA_LAYOUTS.items(), ports):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                          LOCAL_RANK=str(rank), RANK=str(rank))
+        results[name] = lora_fit(d, ParallelConfig(**layout), 2)
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def test_lora_trains_the_same_adapters_under_dp_pp_and_fsdp(tmp_path):
+    """2 gloo ranks: dp=2, pp=2 (each stage its layers' adapters) and dp_shard=2 (FSDP2 with frozen base weights)
+    give the adapters of 1 process after two float64 AdamW steps."""
+    from multiproc import free_port, spawn_ranks, write_token_records
+
+    from chunkflow_pl import ParallelConfig
+
+    make_hf_model(tie=False, dtype=torch.float64, seed=3).save_pretrained(tmp_path / "hf")
+    write_token_records(tmp_path / "train.jsonl")
+    want = lora_fit(str(tmp_path), ParallelConfig(), 1)
+    spawn_ranks(_lora_layouts_worker, (str(tmp_path), [free_port() for _ in LORA_LAYOUTS], str(tmp_path)),
+                timeout=240, hang="LoRA training hangs under a 2-rank layout")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for name in LORA_LAYOUTS:
+        got = {**ranks[1][name], **ranks[0][name]}  # pp: each stage holds its own layers' adapters
+        assert set(got) == set(want), name
+        for key, w in want.items():
+            w, g = torch.tensor(w, dtype=torch.float64), torch.tensor(got[key], dtype=torch.float64)
+            assert (g - w).norm() / w.norm() < 1e-10, f"{name} {key}"
