@@ -57,3 +57,15 @@ def test_a_dead_peer_is_named(tmp_path):
         assert health.describe_failure(0, 3, step=7) is None  # everybody alive: no diagnosis
     finally:
         dist.destroy_process_group()
+
+
+def test_a_sharded_layout_that_does_not_fill_the_world_names_the_sharding_keys():
+    """dp_shard=3 on 2 processes names dp_replicate x dp_shard x pp (what the user set) and a dp_shard fix; a
+    replicated layout keeps naming parallel.dp."""
+    from chunkflow_pl.strategy.dims import ParallelDims
+
+    with pytest.raises(ValueError, match=r"parallel\.dp_replicate x parallel\.dp_shard x parallel\.pp = 1 x 3 x 1 = 3 "
+                                         r"processes, but the run has 2 .* e\.g\. parallel\.dp_shard=2"):
+        ParallelDims(dp=3, pp=1, world_size=2, dp_shard=3)
+    with pytest.raises(ValueError, match=r"parallel\.dp x parallel\.pp = 3 x 1 = 3 processes, .* parallel\.dp=2"):
+        ParallelDims(dp=3, pp=1, world_size=2)

@@ -36,11 +36,17 @@ class ParallelDims:
             raise ValueError(f"parallel.dp_shard={self.dp_shard!r} must be a positive integer dividing the "
                              f"data-parallel degree {self.dp}")
         if self.dp * self.pp != self.world_size:
+            # name the keys the user set: dp alone (replicas), or dp_replicate x dp_shard
+            degrees = (f"parallel.dp_replicate x parallel.dp_shard x parallel.pp = {self.dp_replicate} x "
+                       f"{self.dp_shard} x {self.pp}" if self.dp_shard > 1 else
+                       f"parallel.dp x parallel.pp = {self.dp} x {self.pp}")
+            fit = self.world_size // self.pp if self.world_size % self.pp == 0 else 1
+            fix = (f"parallel.dp_shard={fit}" if self.dp_shard > 1 and self.dp_replicate == 1 else
+                   f"parallel.dp={fit}")
             raise ValueError(
-                f"parallel.dp x parallel.pp = {self.dp} x {self.pp} = {self.dp * self.pp} processes, but the run has "
-                f"{self.world_size} (trainer.devices x trainer.num_nodes, or the launcher's world size): make them "
-                f"equal, e.g. parallel.dp={self.world_size // self.pp if self.world_size % self.pp == 0 else 1} "
-                f"or launch {self.dp * self.pp} processes")
+                f"{degrees} = {self.dp * self.pp} processes, but the run has {self.world_size} (trainer.devices x "
+                f"trainer.num_nodes, or the launcher's world size): make them equal, e.g. {fix} or launch "
+                f"{self.dp * self.pp} processes")
         if self.num_layers is not None and self.pp > self.num_layers:
             raise ValueError(f"parallel.pp={self.pp} is larger than the model's {self.num_layers} layers: each "
                              f"pipeline stage needs at least one layer; use parallel.pp <= {self.num_layers}")
@@ -105,8 +111,8 @@ def world_from_launch(devices: int | str, num_nodes: int, dp: int, pp: int, env:
     if devices == "auto":
         total = dp * pp
         if total % num_nodes:
-            raise ValueError(f"parallel.dp x parallel.pp = {total} processes do not split over "
-                             f"trainer.num_nodes={num_nodes}; set trainer.devices explicitly")
+            raise ValueError(f"the parallel degrees (dp_replicate x dp_shard x pp) = {total} processes do not split "
+                             f"over trainer.num_nodes={num_nodes}; set trainer.devices explicitly")
         return total // num_nodes, num_nodes, False
     try:
         n = int(devices)
