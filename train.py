@@ -143,6 +143,10 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
                                               int(trainer_kwargs.get("num_nodes", 1)), parallel.data_parallel,
                                               parallel.pp, dict(os.environ))
     data_cfg = DataConfig.from_dict(cfg.data)
+    if not (data_cfg.val_path or data_cfg.val_fraction):
+        # No validation data: no validation loop at all. Lightning's loop state differs when one exists (even an
+        # empty one), and a run pre-empted inside its first step then resumed logging from step 1, not 0.
+        trainer_kwargs.setdefault("limit_val_batches", 0)
     precision = str(trainer_kwargs.get("precision", "32-true"))
     accelerator, device = _accelerator(str(trainer_kwargs.get("accelerator", "auto")))
     resolve_backend(model.attention, device, precision)  # a bad model.attention fails now, not after tokenising
