@@ -31,7 +31,7 @@ from chunkflow_pl.schedule.executor import StepInterrupted
 from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
 from chunkflow_pl.strategy.dims import world_from_launch
 from chunkflow_pl.strategy.health import PeerFailure
-from chunkflow_pl.strategy.memory_check import MemoryRequest, check_memory
+from chunkflow_pl.strategy.memory_check import MemoryRequest, check_memory, sharding_of
 from chunkflow_pl.strategy.preemption import Preempted
 from chunkflow_pl.training.module import ChunkFlowLM
 from chunkflow_pl.training.nonfinite import NonFiniteError
@@ -153,7 +153,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
                                      max_seq_len=mcfg.max_position_embeddings)
     if cfg.get("dry_run"):
         request = MemoryRequest(mcfg, chunk.size, chunk.k, precision, optim.name, model.loss_chunk,
-                                datamodule.longest_sequence(), parallel.pp, lora=model.lora)
+                                datamodule.longest_sequence(), parallel.pp, lora=model.lora,
+                                layer_checkpoint=chunk.layer_checkpoint, sharding=sharding_of(parallel))
         return {"model_config": mcfg, "memory": check_memory(request, device.type, refuse=False),
                 "longest_sequence": request.longest_sequence}
     module = ChunkFlowLM(mcfg, optim, attention=model.attention, loss_chunk=model.loss_chunk,
