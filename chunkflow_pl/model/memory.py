@@ -171,9 +171,9 @@ def sharded_state(params: int, trained: int, optimizer_bytes: int, largest_unit:
     all-gather's buffers), the unsharded gradient accumulated in the reduce dtype (``last_backward``: the whole
     stage's, held from the first backward on; ``every_backward``: built during one chunk's backward while that
     chunk's activations are freed, so only what exceeds them, plus the reduced shards), activations and K/V
-    state. ``reduce`` (after the stage's last backward): no activations or state, but the unsharded gradient,
-    the sharded result and one unit's reduce-scatter buffers at once. ``ab``: compute (= activation) bytes,
-    bf16 under bf16-mixed; ``wb``: master weight, gradient and reduce bytes.
+    state. ``reduce`` (after the stage's last backward): no activations or state, but the unsharded gradient
+    (each unit's freed as its shard appears) and one unit's reduce-scatter buffers. ``ab``: compute
+    (= activation) bytes, bf16 under bf16-mixed; ``wb``: master weight, gradient and reduce bytes.
     """
     p = sharding.dp_shard
     weights, optimizer = -(-params // p) * wb, -(-optimizer_bytes // p)
@@ -191,7 +191,8 @@ def sharded_state(params: int, trained: int, optimizer_bytes: int, largest_unit:
     during = MemoryEstimate(params=params, weights=weights, grads=step_grads, optimizer=optimizer, activations=act,
                             state=state, gathered=gathered, buffers=gather_buffers, phase="step")
     reduce_buffers = largest_unit * wb + -(-largest_unit // p) * wb  # reduce-scatter input + output of one unit
-    at_reduce = MemoryEstimate(params=params, weights=weights, grads=unsharded + shards, optimizer=optimizer,
+    # unit by unit, a unit's unsharded gradient is freed as its shard appears: never more than the unsharded whole
+    at_reduce = MemoryEstimate(params=params, weights=weights, grads=max(unsharded, shards), optimizer=optimizer,
                                activations=0, state=0, gathered=gathered, buffers=reduce_buffers,
                                phase="gradient reduce")
     return max(during, at_reduce, key=lambda e: e.total)
