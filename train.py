@@ -26,7 +26,7 @@ from chunkflow_pl.data.datamodule import ChunkFlowDataModule
 from chunkflow_pl.model.attention import resolve_backend
 from chunkflow_pl.model.config import ModelSettings
 from chunkflow_pl.model.memory import InsufficientMemoryError
-from chunkflow_pl.plan.auto import resolve_auto_chunk
+from chunkflow_pl.plan.auto import resolve_auto_chunk, resolve_auto_layout
 from chunkflow_pl.schedule.executor import StepInterrupted
 from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
 from chunkflow_pl.strategy.dims import world_from_launch
@@ -133,6 +133,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     check_precisions(cfg.trainer.get("precision", "32-true"), (cfg.get("export") or {}).get("dtype"))
     model = ModelSettings.from_dict(cfg.model)
     mcfg = model.architecture()
+    cfg = resolve_auto_layout(cfg, mcfg)  # parallel=auto: the layout planner's pick (chunk.size/k too when auto)
     cfg = resolve_auto_chunk(cfg, mcfg)  # chunk.size=auto: the planner's pick (python -m chunkflow_pl.plan)
     chunk = ChunkConfig.from_dict(cfg.chunk)
     parallel = ParallelConfig.from_dict(cfg.parallel)

@@ -107,3 +107,23 @@ def test_memory_check_refuses_a_sharded_pipeline_that_does_not_fit_naming_the_fi
     with pytest.raises(InsufficientMemoryError, match=r"per rank.*parallel\.dp_shard, parallel\.pp; python -m "
                                                       r"chunkflow_pl\.plan finds a layout"):
         check_memory(req, "cpu")
+
+
+def test_parallel_auto_fills_the_layout_the_runtime_then_accepts():
+    from conftest import ROOT
+    from hydra import compose, initialize_config_dir
+
+    from chunkflow_pl.config import ChunkConfig, ParallelConfig
+    from chunkflow_pl.plan.auto import resolve_auto_layout
+    from chunkflow_pl.plan.settings import model_config
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["parallel=auto", "model=qwen7b", "plan.devices=8", "chunk.size=32k",
+                                          *CLUSTER])
+    out = resolve_auto_layout(cfg, model_config(cfg.model))
+    parallel, chunk = ParallelConfig.from_dict(out.parallel), ChunkConfig.from_dict(out.chunk)
+    assert not parallel.auto and parallel.world_size == 8 and chunk.size == 32 * 1024
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        bad = compose("train", overrides=["parallel=auto", "plan.devices=8", "plan.flops_per_s=null"])
+    with pytest.raises(ValueError, match=r"parallel=auto needs plan\.flops_per_s"):
+        resolve_auto_layout(bad, model_config(bad.model))
