@@ -127,3 +127,25 @@ def test_parallel_auto_fills_the_layout_the_runtime_then_accepts():
         bad = compose("train", overrides=["parallel=auto", "plan.devices=8", "plan.flops_per_s=null"])
     with pytest.raises(ValueError, match=r"parallel=auto needs plan\.flops_per_s"):
         resolve_auto_layout(bad, model_config(bad.model))
+
+
+def test_the_layout_search_runs_without_torch():
+    """DESIGN.md: planning is pure; the layout search (memory estimate, simulator, collectives) imports no torch."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = """
+import sys
+sys.modules["torch"] = None  # any "import torch" now raises ImportError
+from chunkflow_pl.model.config import get_preset
+from chunkflow_pl.plan.core import PlanSpec
+from chunkflow_pl.plan.layout import ClusterSpec, plan_layout
+spec = PlanSpec(memory_budget=0, precision="bf16-mixed", chunk_sizes=(4096,), ks=(1,))
+print(plan_layout(get_preset("qwen7b", num_layers=4), spec, ClusterSpec(4, 80 * 10**9), [[9000, 300, 20]]).best.fits)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
