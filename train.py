@@ -26,12 +26,12 @@ from chunkflow_pl.data.datamodule import ChunkFlowDataModule
 from chunkflow_pl.model.attention import resolve_backend
 from chunkflow_pl.model.config import ModelSettings
 from chunkflow_pl.model.memory import InsufficientMemoryError
-from chunkflow_pl.plan.auto import resolve_auto_chunk
+from chunkflow_pl.plan.auto import resolve_auto_chunk, resolve_auto_layout
 from chunkflow_pl.schedule.executor import StepInterrupted
 from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
 from chunkflow_pl.strategy.dims import world_from_launch
 from chunkflow_pl.strategy.health import PeerFailure
-from chunkflow_pl.strategy.memory_check import MemoryRequest, check_memory
+from chunkflow_pl.strategy.memory_check import MemoryRequest, check_memory, sharding_of
 from chunkflow_pl.strategy.preemption import Preempted
 from chunkflow_pl.training.module import ChunkFlowLM
 from chunkflow_pl.training.nonfinite import NonFiniteError
@@ -133,6 +133,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     check_precisions(cfg.trainer.get("precision", "32-true"), (cfg.get("export") or {}).get("dtype"))
     model = ModelSettings.from_dict(cfg.model)
     mcfg = model.architecture()
+    cfg = resolve_auto_layout(cfg, mcfg)  # parallel=auto: the layout planner's pick (chunk.size/k too when auto)
     cfg = resolve_auto_chunk(cfg, mcfg)  # chunk.size=auto: the planner's pick (python -m chunkflow_pl.plan)
     chunk = ChunkConfig.from_dict(cfg.chunk)
     parallel = ParallelConfig.from_dict(cfg.parallel)
@@ -157,7 +158,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
                                      max_seq_len=mcfg.max_position_embeddings)
     if cfg.get("dry_run"):
         request = MemoryRequest(mcfg, chunk.size, chunk.k, precision, optim.name, model.loss_chunk,
-                                datamodule.longest_sequence(), parallel.pp, lora=model.lora)
+                                datamodule.longest_sequence(), parallel.pp, lora=model.lora,
+                                layer_checkpoint=chunk.layer_checkpoint, sharding=sharding_of(parallel))
         return {"model_config": mcfg, "memory": check_memory(request, device.type, refuse=False),
                 "longest_sequence": request.longest_sequence}
     module = ChunkFlowLM(mcfg, optim, attention=model.attention, loss_chunk=model.loss_chunk,

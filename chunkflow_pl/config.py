@@ -74,6 +74,9 @@ class ParallelConfig:
     # Debug: size headers on every message and plan fingerprints compared across ranks each step.
     check_messages: bool = False
     collective_timeout: int | float | str = "10m"
+    # parallel=auto: the layout planner (chunkflow_pl.plan.layout) picks pp, dp_replicate, dp_shard, grad_reduce and
+    # chunk.layer_checkpoint (and chunk.size / chunk.k when those are auto) for the launch's world size at start.
+    auto: bool = False
 
     def __post_init__(self) -> None:
         for key, value in (("parallel.dp", self.dp), ("parallel.dp_replicate", self.dp_replicate),

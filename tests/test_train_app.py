@@ -222,20 +222,24 @@ def test_cosine_without_max_steps_and_overrides_with_pretrained_are_clear_errors
 
 
 def test_parallel_presets_compose_and_pipelines_estimate_the_largest_stage(tmp_path):
-    from chunkflow_pl.model.memory import estimate_training_memory, stage_params
+    from chunkflow_pl.model.memory import Sharding, estimate_training_memory, stage_params
     from chunkflow_pl.model.stages import split_stages
 
     runs = {p: train(compose_cfg(tmp_path, f"parallel={p}", "model=qwen7b", "chunk.size=8k", "dry_run=true"))
             for p in ("single", "dp2", "pp2", "dp2_pp2")}
     cfg = runs["single"]["model_config"]
     whole = estimate_training_memory(cfg, 8192, 1, "32-true")
-    assert runs["single"]["memory"] == runs["dp2"]["memory"] == whole
+    assert runs["single"]["memory"] == whole
+    # replicas run on FSDP2 with a shard of 1, which still gathers a separate compute copy of the parameters
+    replicas = Sharding(dp_shard=1, dp_replicate=2)
+    assert runs["dp2"]["memory"] == estimate_training_memory(cfg, 8192, 1, "32-true", sharding=replicas)
+    assert runs["dp2"]["memory"].gathered == 4 * cfg.num_params()
     first, last = split_stages(cfg.num_layers, 2)
-    for p in ("pp2", "dp2_pp2"):
+    for p, sharding in (("pp2", None), ("dp2_pp2", replicas)):
         est = runs[p]["memory"]
         # 7B is untied: stage 0 (embedding, 14 layers, 2 chunks live) outweighs stage 1 (14 layers, head, 1 chunk).
         assert est.params == stage_params(cfg, first) and est.total < whole.total
-        assert est == estimate_training_memory(cfg, 8192, 1, "32-true", stage=first, live_chunks=2)
+        assert est == estimate_training_memory(cfg, 8192, 1, "32-true", stage=first, live_chunks=2, sharding=sharding)
     assert stage_params(cfg, first) + stage_params(cfg, last) == cfg.num_params()
 
 

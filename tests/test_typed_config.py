@@ -96,14 +96,14 @@ def _cfg(tmp_path, *overrides):
     ("chunk.k=abc", r"chunk\.k='abc' must be an integer"),
     ("+model.foo=1", r"unknown key model\.foo; accepted keys: .*preset"),
     ("+model.overrides.foo=1", r"unknown key model\.overrides\.foo; accepted keys: .*num_layers"),
-    ("+parallel.tp=2", r"unknown key parallel\.tp; accepted keys: check_messages, check_plan, collective_timeout, "
-                       r"dp, dp_replicate, dp_shard, grad_reduce, pp, reshard_after_forward"),
+    ("+parallel.tp=2", r"unknown key parallel\.tp; accepted keys: auto, check_messages, check_plan, "
+                       r"collective_timeout, dp, dp_replicate, dp_shard, grad_reduce, pp, reshard_after_forward"),
     ("+trainer.foo=1", r"unknown key trainer\.foo; accepted keys: .*max_steps"),
     ("trainer.max_steps=many", r"trainer\.max_steps='many' must be an integer"),
     ("+trainer.strategy=ddp", r"trainer\.strategy is set by train\.py"),
     # the plan group is typed even when chunk.size is not auto (the planner is not asked)
-    ("+plan.foo=1", r"unknown key plan\.foo; accepted keys: chunk_sizes, flops_per_s, ks, memory_budget, num_batches, "
-                    r"overhead$"),
+    ("+plan.foo=1", r"unknown key plan\.foo; accepted keys: chunk_sizes, device_memory, devices, devices_per_node, "
+                    r"flops_per_s, inter_node_gbps, intra_node_gbps, ks, memory_budget, num_batches, overhead$"),
     ("plan.ks=[1,chain,abc]", r"plan\.ks\[2\]='abc' must be an integer >= 1 or chain"),
     ("plan.ks=[]", r"plan\.ks=\[\] lists no k"),
     ("plan.chunk_sizes=[]", r"plan\.chunk_sizes=\[\] lists no chunk size"),

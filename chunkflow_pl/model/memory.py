@@ -23,24 +23,70 @@ def precision_bytes(precision: str) -> tuple[int, int]:
     return 2, 2  # bf16-true / 16-true
 
 
+GRAD_REDUCE = ("last_backward", "every_backward")
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How the data-parallel ranks of a stage hold its parameters (``strategy/sharding.py``, FSDP2; any data
+    parallelism runs on it, replicate-only being a shard size of 1). ``dp_shard``: ranks parameters, gradients
+    and optimizer state are sharded over; ``grad_reduce``: ``last_backward`` (an unsharded gradient accumulates
+    over the step) or ``every_backward`` (reduced after each chunk's backward); ``reshard_after_forward``: free
+    the gathered parameters after each unit's forward (an all-gather per unit per chunk) instead of holding
+    them for the step."""
+
+    dp_shard: int = 1
+    dp_replicate: int = 1
+    grad_reduce: str = "last_backward"
+    reshard_after_forward: bool = False
+
+    def __post_init__(self) -> None:
+        for key, v in (("parallel.dp_shard", self.dp_shard), ("parallel.dp_replicate", self.dp_replicate)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{key}={v!r} must be a positive integer")
+        if self.grad_reduce not in GRAD_REDUCE:
+            raise ValueError(f"parallel.grad_reduce={self.grad_reduce!r} must be one of {', '.join(GRAD_REDUCE)}")
+
+    @property
+    def dp(self) -> int:
+        return self.dp_shard * self.dp_replicate
+
+    @property
+    def fsdp(self) -> bool:
+        """Whether FSDP2 units exist at all (any data parallelism; ``ParallelDims.sharded``)."""
+        return self.dp > 1
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """One rank's peak, by kind. ``weights``: what the optimizer updates (under FSDP2 this rank's shard of the
+    master weights); ``gathered``: FSDP2's unsharded compute copy of the parameters; ``grads``: gradients held at
+    the peak (unsharded accumulation and/or shards); ``buffers``: collective buffers at the peak; ``phase``:
+    when the peak happens (``step``: among the chunks' actions; ``reduce``: the gradient reduce after the
+    last backward, when activations and K/V state are gone but sharded and unsharded gradients coexist)."""
+
     params: int
     weights: int
     grads: int
     optimizer: int
     activations: int
     state: int = 0  # K/V state of split sequences: keys/values + gradient accumulators
+    gathered: int = 0
+    buffers: int = 0
+    phase: str = "step"
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.activations + self.state
+        return (self.weights + self.gathered + self.grads + self.optimizer + self.activations + self.state
+                + self.buffers)
 
     def table(self) -> str:
-        rows = [("parameters", f"{self.params / 1e9:.3f} B"), ("weights", _g(self.weights)),
-                ("gradients", _g(self.grads)), ("optimizer state", _g(self.optimizer)),
-                ("activations (chunk x k)", _g(self.activations)), ("K/V state", _g(self.state)),
-                ("total", _g(self.total))]
+        rows = [("parameters", f"{self.params / 1e9:.3f} B"), ("weights", _g(self.weights))]
+        if self.gathered or self.buffers:
+            rows += [("gathered parameters", _g(self.gathered)), ("collective buffers", _g(self.buffers))]
+        rows += [("gradients", _g(self.grads)), ("optimizer state", _g(self.optimizer)),
+                 ("activations (chunk x k)", _g(self.activations)), ("K/V state", _g(self.state)),
+                 ("total" if self.phase == "step" else f"total (peak at the {self.phase})", _g(self.total))]
         return "\n".join(f"  {k:<26}{v:>12}" for k, v in rows)
 
 
@@ -68,7 +114,7 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, precision: str, layer_che
 def estimate_stage_memory(cfg: ModelConfig, stage: StageSpec, chunk_size: int, live_chunks: int, precision: str,
                           optimizer: str = "adamw", loss_chunk: int = 4096, state_tokens: int = 0,
                           boundary_tokens: int = 0, layer_checkpoint: str = "none",
-                          lora: LoraSettings | None = None) -> MemoryEstimate:
+                          lora: LoraSettings | None = None, sharding: Sharding | None = None) -> MemoryEstimate:
     """Peak training memory of one pipeline stage (the whole model when ``stage`` is whole).
 
     ``live_chunks``: chunks holding activations at once (``k`` on one device; the stage's cap in a
@@ -77,7 +123,8 @@ def estimate_stage_memory(cfg: ModelConfig, stage: StageSpec, chunk_size: int, l
     by dropped forwards for their recompute (stages after the first). ``layer_checkpoint``: ``chunk.
     layer_checkpoint`` (``full``: live chunks keep per layer its input and K/V; the chunk in backward also
     holds one recomputed layer's activations). ``lora``: adapters on the stage's layers; then only they have
-    gradients and optimizer state (the frozen weights only their weights).
+    gradients and optimizer state (the frozen weights only their weights). ``sharding``: the stage's data
+    parallelism (``sharded_state``); None or one rank: plain tensors, no FSDP2.
     """
     wb, ab = precision_bytes(precision)
     n = stage_params(cfg, stage)
@@ -104,15 +151,58 @@ def estimate_stage_memory(cfg: ModelConfig, stage: StageSpec, chunk_size: int, l
         acc = max(ab, 4)  # gradient accumulators are kept in >= fp32
         # keys/values + their gradient accumulators per layer; one layer's prefix gradient in flight
         state = state_tokens * (layers * kv * (ab + acc) + kv * ab)
-    return MemoryEstimate(params=n + adapters, weights=(n + adapters) * wb, grads=trained * wb,
-                          optimizer=trained * max(wb, 4) * opt_states, activations=act, state=state)
+    optimizer_bytes = trained * max(wb, 4) * opt_states
+    if sharding is None or not sharding.fsdp:
+        return MemoryEstimate(params=n + adapters, weights=(n + adapters) * wb, grads=trained * wb,
+                              optimizer=optimizer_bytes, activations=act, state=state)
+    # the chunk whose backward builds the unsharded gradient (every_backward: layer by layer as it frees its own)
+    chunk_act = chunk_size * per_token if live_chunks else 0
+    units = (n - layers * cfg.layer_params, cfg.layer_params) if layers else (n,)
+    return sharded_state(n + adapters, trained, optimizer_bytes, max(units), wb, ab, act, chunk_act, state, sharding)
+
+
+def sharded_state(params: int, trained: int, optimizer_bytes: int, largest_unit: int, wb: int, ab: int,
+                  act: int, chunk_act: int, state: int, sharding: Sharding) -> MemoryEstimate:
+    """One rank's peak under FSDP2 (``strategy/sharding.py``): the larger of two moments.
+
+    ``step`` (among the chunks' actions): this rank's shard of the master weights and optimizer state (1 /
+    ``dp_shard``), the unsharded compute copy of every parameter (gathered once at step start and held:
+    ``reshard_after_forward=false``; with ``true`` only the unit computing and the one prefetched, plus that
+    all-gather's buffers), the unsharded gradient accumulated in the reduce dtype (``last_backward``: the whole
+    stage's, held from the first backward on; ``every_backward``: built during one chunk's backward while that
+    chunk's activations are freed, so only what exceeds them, plus the reduced shards), activations and K/V
+    state. ``reduce`` (after the stage's last backward): no activations or state, but the unsharded gradient
+    (each unit's freed as its shard appears) and one unit's reduce-scatter buffers. ``ab``: compute
+    (= activation) bytes, bf16 under bf16-mixed; ``wb``: master weight, gradient and reduce bytes.
+    """
+    p = sharding.dp_shard
+    weights, optimizer = -(-params // p) * wb, -(-optimizer_bytes // p)
+    shards = -(-trained // p) * wb  # reduced gradients, this rank's shard
+    unsharded = trained * wb
+    if sharding.reshard_after_forward:
+        gathered = 2 * largest_unit * ab
+        gather_buffers = largest_unit * ab + -(-largest_unit // p) * ab  # all-gather output + input, per chunk
+    else:
+        gathered, gather_buffers = params * ab, 0
+    if sharding.grad_reduce == "last_backward":
+        step_grads = unsharded
+    else:
+        step_grads = max(0, unsharded - chunk_act) + shards
+    during = MemoryEstimate(params=params, weights=weights, grads=step_grads, optimizer=optimizer, activations=act,
+                            state=state, gathered=gathered, buffers=gather_buffers, phase="step")
+    reduce_buffers = largest_unit * wb + -(-largest_unit // p) * wb  # reduce-scatter input + output of one unit
+    # unit by unit, a unit's unsharded gradient is freed as its shard appears: never more than the unsharded whole
+    at_reduce = MemoryEstimate(params=params, weights=weights, grads=max(unsharded, shards), optimizer=optimizer,
+                               activations=0, state=0, gathered=gathered, buffers=reduce_buffers,
+                               phase="gradient reduce")
+    return max(during, at_reduce, key=lambda e: e.total)
 
 
 def estimate_training_memory(cfg: ModelConfig, chunk_size: int, k: int, precision: str,
                              optimizer: str = "adamw", loss_chunk: int = 4096,
                              max_seq_len: int | None = None, stage: StageSpec | None = None,
                              live_chunks: int | None = None, layer_checkpoint: str = "none",
-                             lora: LoraSettings | None = None) -> MemoryEstimate:
+                             lora: LoraSettings | None = None, sharding: Sharding | None = None) -> MemoryEstimate:
     """One device's memory: the whole model with ``k`` live chunks, or pipeline ``stage`` holding up to
     ``live_chunks`` chunks' activations at once (its cap in the pipeline plan; default ``k``). The state of
     the longest sequence counts when it is split; stages after the first also keep the ``[T, D]`` inputs of
@@ -122,7 +212,7 @@ def estimate_training_memory(cfg: ModelConfig, chunk_size: int, k: int, precisio
     return estimate_stage_memory(cfg, stage, chunk_size, live_chunks if live_chunks is not None else k, precision,
                                  optimizer, loss_chunk, state_tokens=state,
                                  boundary_tokens=0 if stage.takes_ids else state, layer_checkpoint=layer_checkpoint,
-                                 lora=lora)
+                                 lora=lora, sharding=sharding)
 
 
 def stage_params(cfg: ModelConfig, stage: StageSpec) -> int:

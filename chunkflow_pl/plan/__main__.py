@@ -5,6 +5,11 @@ Takes the training command's overrides (composed with Hydra from ``conf/``, ``pl
     python -m chunkflow_pl.plan model=qwen7b data.max_len=256k plan.memory_budget=75GiB trainer.precision=bf16-mixed
     python -m chunkflow_pl.plan model=qwen7b parallel.pp=4 plan.memory_budget=75GiB plan.chunk_sizes=[8k,16k,32k]
     python -m chunkflow_pl.plan data=jsonl data.path=train.jsonl
+    python -m chunkflow_pl.plan model=qwen72b plan.devices=64 plan.device_memory=80GB trainer.precision=bf16-mixed
+
+With ``plan.devices`` (or ``parallel=auto`` under torchrun/srun) it searches the layout instead: pp x dp_replicate
+x dp_shard, grad_reduce and layer checkpointing (and chunk.size / chunk.k when they are ``auto`` or
+``plan.chunk_sizes`` is given), printing the fastest fitting layouts and the override line of the pick.
 
 Prints the data's length histogram, a table (chunks per batch, recompute share of compute, predicted
 step time and tokens/s, predicted peak memory, per stage when ``parallel.pp > 1``), the recommended
@@ -23,6 +28,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
 from chunkflow_pl.plan.core import PlanResult, format_table, plan_chunking
+from chunkflow_pl.plan.layout import LayoutResult, plan_layout
+from chunkflow_pl.plan.layout_report import layout_json, layout_report
 from chunkflow_pl.plan.settings import plan_inputs
 from chunkflow_pl.utils.sizes import format_bytes
 
@@ -71,18 +78,28 @@ def to_json(result: PlanResult, hist: dict[str, int]) -> dict:
     }
 
 
-def nothing_fits(result: PlanResult) -> str | None:
+def nothing_fits(result: PlanResult | LayoutResult) -> str | None:
     """The error of a plan with no candidate under the budget (the CLI then exits 1), or None."""
     if result.best is not None:
         return None
+    if isinstance(result, LayoutResult):
+        return (f"no layout of plan.devices={result.cluster.devices} cards fits plan.device_memory="
+                f"{format_bytes(result.cluster.device_memory)}; see the table and the advice printed above")
     return (f"no (chunk.size, chunk.k) candidate fits plan.memory_budget={format_bytes(result.spec.memory_budget)}; "
             f"see the table and the advice printed above")
 
 
-def main(argv: Sequence[str] | None = None) -> PlanResult:
+def main(argv: Sequence[str] | None = None) -> PlanResult | LayoutResult:
+    """The chunk-size table for the configured layout, or with ``plan.devices`` (or ``parallel=auto`` under a
+    launcher) the layout search (``layout.py``)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=list(sys.argv[1:] if argv is None else argv))
     inputs = plan_inputs(cfg)
+    if inputs.cluster is not None:
+        layouts = plan_layout(inputs.model, inputs.spec, inputs.cluster, inputs.sample, inputs.epoch)
+        print(layout_report(layouts, inputs.spec))
+        print(json.dumps(layout_json(layouts)))
+        return layouts
     result = plan_chunking(inputs.model, inputs.spec, inputs.sample, inputs.epoch)
     hist = histogram(inputs.epoch)
     print(report(result, hist))

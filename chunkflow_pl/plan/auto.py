@@ -42,3 +42,35 @@ def resolve_auto_chunk(cfg: DictConfig, mcfg: ModelConfig) -> DictConfig:
         out.chunk.k = result.best.k
     log.info("chunk.size=auto -> %s", result.override())
     return out
+
+
+def resolve_auto_layout(cfg: DictConfig, mcfg: ModelConfig) -> DictConfig:
+    """``cfg`` unchanged unless ``parallel=auto`` (``parallel.auto: true``); then a copy with the layout planner's pick
+    (``layout.py``) for the launch's world size (or ``plan.devices``): ``parallel.pp``, ``dp_replicate``,
+    ``dp_shard``, ``grad_reduce``, ``chunk.layer_checkpoint``, and ``chunk.size`` / ``chunk.k`` (searched only
+    when ``auto``)."""
+    from chunkflow_pl.plan.layout import plan_layout
+    from chunkflow_pl.plan.layout_report import format_layouts
+
+    if not bool(cfg.parallel.get("auto", False)):
+        return cfg
+    plan = PlanSettings.from_dict(cfg.get("plan") or {})
+    if plan.flops_per_s is None:
+        # a measured rate differs from process to process; every rank must pick the same layout
+        raise ValueError("parallel=auto needs plan.flops_per_s set explicitly (e.g. plan.flops_per_s=4e14), so that "
+                         "every rank derives the same layout")
+    inputs = plan_inputs(cfg, mcfg)
+    result = plan_layout(inputs.model, inputs.spec, inputs.cluster, inputs.sample, inputs.epoch)
+    log.info("parallel=auto: layout planner (python -m chunkflow_pl.plan prints the same)\n%s", format_layouts(result))
+    if result.best is None:
+        raise ValueError(f"parallel=auto: no layout of {inputs.cluster.devices} cards fits "
+                         f"{format_bytes(inputs.cluster.device_memory)} per card (plan.device_memory); see the table "
+                         f"above, or run python -m chunkflow_pl.plan with the same overrides")
+    lay = result.best.layout
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.parallel.update(auto=False, dp=1, pp=lay.pp, dp_replicate=lay.dp_replicate, dp_shard=lay.dp_shard,
+                            grad_reduce=lay.grad_reduce, reshard_after_forward=False)
+        out.chunk.update(size=lay.chunk_size, k=lay.k, layer_checkpoint=lay.layer_checkpoint)
+    log.info("parallel=auto -> %s", result.override())
+    return out

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from chunkflow_pl.data.balance import assign_to_ranks
 from chunkflow_pl.data.packing import build_chunk_plan
 from chunkflow_pl.model.config import ModelConfig
-from chunkflow_pl.model.memory import estimate_stage_memory, precision_bytes
+from chunkflow_pl.model.memory import Sharding, estimate_stage_memory, precision_bytes
 from chunkflow_pl.model.stages import split_stages
 from chunkflow_pl.schedule.cost import CostModel
 from chunkflow_pl.schedule.graph import build_graph
@@ -127,15 +127,17 @@ def worst_case(batches: Sequence[Sequence[int]], chunk_size: int) -> tuple[int, 
 
 
 def stage_peaks(cfg: ModelConfig, spec: PlanSpec, chunk_tokens: int, k: int, state_tokens: int,
-                chain_len: int) -> tuple[int, ...]:
-    """Predicted peak bytes of each pipeline stage for chunks of ``chunk_tokens`` and ``k`` kept chunks."""
+                chain_len: int, sharding: Sharding | None = None, layer_checkpoint: str = "none") -> tuple[int, ...]:
+    """Predicted peak bytes of each pipeline stage's ranks for chunks of ``chunk_tokens`` and ``k`` kept chunks
+    (``sharding``: the stage's data parallelism under FSDP2; None: unsharded)."""
     caps = default_caps(spec.pp, k)
     out = []
     for s, stage in enumerate(split_stages(cfg.num_layers, spec.pp)):
         live = min(caps[s], chain_len) if spec.pp == 1 else caps[s]
         boundary = 0 if s == 0 else max(0, chain_len - k) * chunk_tokens
         est = estimate_stage_memory(cfg, stage, chunk_tokens, live, spec.precision, spec.optimizer, spec.loss_chunk,
-                                    state_tokens=state_tokens, boundary_tokens=boundary)
+                                    state_tokens=state_tokens, boundary_tokens=boundary,
+                                    layer_checkpoint=layer_checkpoint, sharding=sharding)
         out.append(est.total)
     return tuple(out)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,8 @@ from chunkflow_pl.model.config import ModelConfig, ModelSettings
 from chunkflow_pl.model.memory import available_memory
 from chunkflow_pl.model.stages import split_stages
 from chunkflow_pl.plan.core import PlanSpec
+from chunkflow_pl.plan.layout import ClusterSpec
+from chunkflow_pl.schedule.cost import DEFAULT_INTER_NODE_GBPS, DEFAULT_INTRA_NODE_GBPS, Links
 from chunkflow_pl.training.optim import OptimConfig
 from chunkflow_pl.training.precision import check_precision
 from chunkflow_pl.utils.host_memory import current_rss_bytes
@@ -47,6 +50,11 @@ class PlanSettings:
     ks:            candidate k (an integer >= 1, or "chain": every chunk of the longest sequence kept).
     num_batches:   global batches simulated for the step time.
     flops_per_s:   FLOP/s of the cost model; None = measured on the training device (or 400e12 without one).
+    devices:       cards to plan a layout for (``layout.py``); None = the launch's world size under ``parallel=auto``,
+                   else no layout search (chunk.size and chunk.k only, for the configured layout).
+    device_memory: bytes per card for the layout search; None = plan.memory_budget, else the device's.
+    devices_per_node, intra_node_gbps, inter_node_gbps: how the cards are linked (gigabits per second per card,
+                   inside a node and between nodes): the price of FSDP2's collectives and pipeline messages.
     """
 
     memory_budget: int | float | str | None = None
@@ -55,8 +63,23 @@ class PlanSettings:
     ks: tuple[int | str, ...] = (1, 2, 4, 8, "chain")
     num_batches: int = 16
     flops_per_s: float | None = None
+    devices: int | None = None
+    device_memory: int | float | str | None = None
+    devices_per_node: int = 8
+    intra_node_gbps: float = DEFAULT_INTRA_NODE_GBPS
+    inter_node_gbps: float = DEFAULT_INTER_NODE_GBPS
 
     def __post_init__(self) -> None:
+        if self.device_memory is not None:
+            object.__setattr__(self, "device_memory", parse_bytes(self.device_memory, key="plan.device_memory"))
+        for key in ("devices", "devices_per_node"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"plan.{key}={v!r} must be a positive integer")
+        for key in ("intra_node_gbps", "inter_node_gbps"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"plan.{key}={v!r} must be a positive number of gigabits per second per card")
         if self.memory_budget is not None:
             object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget, key="plan.memory_budget"))
         if self.overhead is not None:
@@ -100,6 +123,15 @@ class PlanInputs:
     sample: list[list[int]]  # global batches to time
     epoch: list[list[int]]  # every global batch of epoch 0 (memory worst case)
     device: str
+    cluster: ClusterSpec | None = None  # a layout search: plan.devices, or parallel=auto
+
+
+def launch_world_size(env: Mapping[str, str]) -> int | None:
+    """Processes the launcher started (torchrun's ``WORLD_SIZE``, srun's ``SLURM_NTASKS``); None outside one."""
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if str(env.get(key, "")).isdigit():
+            return int(env[key])
+    return None
 
 
 def model_config(node: DictConfig) -> ModelConfig:
@@ -122,6 +154,8 @@ def plan_inputs(cfg: DictConfig, mcfg: ModelConfig | None = None, k: int | None 
     here = device == "cpu" or torch.cuda.is_available()
     if settings.memory_budget is not None:
         budget = int(settings.memory_budget)
+    elif settings.device_memory is not None:
+        budget = int(settings.device_memory)
     elif here:
         budget = available_memory(device)
     else:
@@ -139,6 +173,23 @@ def plan_inputs(cfg: DictConfig, mcfg: ModelConfig | None = None, k: int | None 
         flops = measure_peak_flops(dev, matmul_dtype(str(cfg.trainer.precision)))
     else:
         flops = DEFAULT_FLOPS_PER_S
+    cluster = None
+    devices = settings.devices if settings.devices is not None else (
+        launch_world_size(os.environ) if parallel.auto else None)
+    if parallel.auto and devices is None:
+        raise ValueError("parallel=auto needs the number of cards: launch with torchrun/srun, or set plan.devices")
+    if devices is not None:
+        memory = settings.device_memory if settings.device_memory is not None else budget
+        cluster = ClusterSpec(devices, int(memory), Links(settings.devices_per_node, settings.intra_node_gbps,
+                                                          settings.inter_node_gbps))
+        if str(cfg.chunk.size).lower() != "auto" and settings.chunk_sizes is None:
+            chunk_sizes = (int(ChunkConfig(size=cfg.chunk.size).size),)  # fixed: searched only when auto
+        else:
+            chunk_sizes = settings.chunk_sizes
+        if k is None and str(cfg.chunk.k).lower() != "auto":
+            k = int(cfg.chunk.k)
+    else:
+        chunk_sizes = settings.chunk_sizes
     spec = PlanSpec(
         memory_budget=budget,
         precision=str(cfg.trainer.precision),
@@ -146,7 +197,7 @@ def plan_inputs(cfg: DictConfig, mcfg: ModelConfig | None = None, k: int | None 
         loss_chunk=int(cfg.model.loss_chunk),
         pp=parallel.pp,
         dp=parallel.dp,
-        chunk_sizes=settings.chunk_sizes,  # type: ignore[arg-type]  # parsed to ints in __post_init__
+        chunk_sizes=chunk_sizes,  # type: ignore[arg-type]  # parsed to ints in __post_init__
         ks=(k,) if k is not None else settings.ks,
         flops_per_s=flops,
         overhead=overhead,
@@ -154,4 +205,5 @@ def plan_inputs(cfg: DictConfig, mcfg: ModelConfig | None = None, k: int | None 
     data = DataConfig.from_dict(OmegaConf.to_container(cfg.data, resolve=True))
     lengths = sequence_lengths(data, mcfg.vocab_size)
     epoch = global_batches(lengths, data, None)
-    return PlanInputs(model=mcfg, spec=spec, sample=epoch[:settings.num_batches], epoch=epoch, device=device)
+    return PlanInputs(model=mcfg, spec=spec, sample=epoch[:settings.num_batches], epoch=epoch, device=device,
+                      cluster=cluster)

@@ -183,3 +183,67 @@ class MeasuredCost:
 
     def comm_time(self, tokens: int) -> float:
         return self.comm
+
+
+# ---- FSDP2's collectives, priced from link bandwidths (the layout planner's) -------------------------------------
+
+DEFAULT_INTRA_NODE_GBPS = 3200.0  # gigabits/s per GPU inside a node (NVLink-class; ~400 GB/s of ring bandwidth)
+DEFAULT_INTER_NODE_GBPS = 400.0  # gigabits/s per GPU between nodes (one 400G NIC per GPU)
+
+
+@dataclass(frozen=True)
+class Links:
+    """Per-GPU link bandwidths in gigabits per second (``plan.intra_node_gbps``, ``plan.inter_node_gbps``) and how
+    many ranks share a node (``plan.devices_per_node``). A group whose ranks all sit on one node runs at the intra
+    rate, any other at the inter rate (a ring is as fast as its slowest hop)."""
+
+    devices_per_node: int = 8
+    intra_node_gbps: float = DEFAULT_INTRA_NODE_GBPS
+    inter_node_gbps: float = DEFAULT_INTER_NODE_GBPS
+    latency_s: float = DEFAULT_LATENCY_S
+
+    def bytes_per_s(self, contiguous_span: int) -> float:
+        """Bandwidth of a group whose ranks lie within ``contiguous_span`` consecutive ranks, aligned to it (the
+        layout is pipeline-major with ``dp_shard`` minor, ``strategy/dims.py``)."""
+        one_node = contiguous_span <= self.devices_per_node and self.devices_per_node % contiguous_span == 0
+        return (self.intra_node_gbps if one_node else self.inter_node_gbps) * 1e9 / 8
+
+    def ring(self, nbytes: float, ranks: int, span: int, passes: float = 1.0) -> float:
+        """Seconds of a ring all-gather / reduce-scatter (``passes=1``) or all-reduce (``passes=2``) of ``nbytes``
+        (the whole unsharded tensor) over ``ranks`` ranks spread over ``span`` consecutive ranks."""
+        if ranks <= 1:
+            return 0.0
+        return passes * ((ranks - 1) / ranks * nbytes / self.bytes_per_s(span) + (ranks - 1) * self.latency_s)
+
+
+@dataclass(frozen=True)
+class FsdpComm:
+    """FSDP2's collectives in one step of one stage (``strategy/sharding.py``), issued at fixed points and not
+    overlapped with compute in this runtime, so their time adds to the step's:
+
+    * all-gather of the stage's parameters in the compute dtype over ``dp_shard``: once at step start
+      (``reshard_after_forward=false``), or per unit per chunk pass when resharding (every forward, recompute
+      and backward gathers again);
+    * reduce-scatter of the stage's gradients in the reduce dtype over ``dp_shard`` and all-reduce of the shard
+      over ``dp_replicate``: once per step (``last_backward``) or after every backward (``every_backward``).
+    """
+
+    stage_params: int
+    trained_params: int
+    compute_bytes: int  # per parameter gathered (bf16 under bf16-mixed)
+    reduce_bytes: int  # per gradient reduced (fp32 under bf16-mixed)
+    dp_shard: int
+    dp_replicate: int
+    grad_reduce: str = "last_backward"
+    reshard_after_forward: bool = False
+
+    def step_time(self, links: Links, chunk_passes: int, backwards: int) -> float:
+        """Seconds of one step's collectives; ``chunk_passes``: forwards + recomputes + backwards of the rank's
+        chunks (gathers when resharding), ``backwards``: its backward actions (padding chunks count as one)."""
+        p, r = self.dp_shard, self.dp_replicate
+        gather = links.ring(self.stage_params * self.compute_bytes, p, p)
+        gathers = chunk_passes if self.reshard_after_forward else 1
+        reduce = (links.ring(self.trained_params * self.reduce_bytes, p, p)
+                  + links.ring(self.trained_params * self.reduce_bytes / p, r, p * r, passes=2.0))
+        reduces = max(backwards, 1) if self.grad_reduce == "every_backward" else 1
+        return gathers * gather + reduces * reduce

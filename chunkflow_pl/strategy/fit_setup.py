@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 
 from chunkflow_pl.config import ParallelConfig
+from chunkflow_pl.model.memory import Sharding
 from chunkflow_pl.schedule.executor import StepInterrupted
 from chunkflow_pl.strategy.dims import ParallelDims
 from chunkflow_pl.strategy.memory_check import MemoryRequest, check_memory
@@ -94,5 +95,8 @@ def memory_request(strategy: ChunkFlowStrategy, module: Any, datamodule: Any, pr
         log.info("memory check skipped: it needs a ChunkFlowLM and a ChunkFlowDataModule")
         return None
     cfg, optim, chunk_size, longest = needed
+    dims = strategy.dims
     return MemoryRequest(cfg, int(chunk_size), strategy.chunk_k, precision, optim.name, int(module.loss_chunk),
-                         int(longest()), strategy.dims.pp, lora=getattr(module, "lora", None))
+                         int(longest()), dims.pp, lora=getattr(module, "lora", None),
+                         layer_checkpoint=strategy.layer_checkpoint,
+                         sharding=Sharding(dims.dp_shard, dims.dp_replicate, strategy.grad_reduce))

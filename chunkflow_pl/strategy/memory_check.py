@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from chunkflow_pl.config import ParallelConfig
 from chunkflow_pl.model.config import LoraSettings, ModelConfig
 from chunkflow_pl.model.memory import (
     InsufficientMemoryError,
     MemoryEstimate,
+    Sharding,
     available_memory,
     estimate_training_memory,
 )
@@ -38,24 +40,50 @@ class MemoryRequest:
     longest_sequence: int
     pp: int = 1
     lora: LoraSettings | None = None  # adapters: only they hold gradients and optimizer state
+    layer_checkpoint: str = "none"  # chunk.layer_checkpoint
+    sharding: Sharding = Sharding()  # the data parallelism of each stage (FSDP2 when dp > 1)
+
+
+def sharding_of(parallel: ParallelConfig) -> Sharding:
+    """The ``parallel`` group's data parallelism as the estimate takes it (``parallel.dp`` alone: replicas)."""
+    return Sharding(parallel.dp_shard, parallel.data_parallel // parallel.dp_shard, parallel.grad_reduce,
+                    parallel.reshard_after_forward)
+
+
+def stage_estimates(req: MemoryRequest) -> list[MemoryEstimate]:
+    """One estimate per pipeline stage (every rank of a stage holds the same): its layers, its plan's cap on
+    live chunks, its shard of the model state."""
+    return [estimate_training_memory(req.model, req.chunk_size, req.chunk_k, req.precision, req.optimizer,
+                                     req.loss_chunk, max_seq_len=req.longest_sequence, stage=spec, live_chunks=cap,
+                                     layer_checkpoint=req.layer_checkpoint, lora=req.lora, sharding=req.sharding)
+            for spec, cap in zip(split_stages(req.model.num_layers, req.pp), default_caps(req.pp, req.chunk_k))]
 
 
 def estimate(req: MemoryRequest) -> MemoryEstimate:
-    """The estimate of the device that needs the most: the whole model, or the largest pipeline stage with its
-    plan's cap on live chunks."""
-    return max((estimate_training_memory(req.model, req.chunk_size, req.chunk_k, req.precision, req.optimizer,
-                                         req.loss_chunk, max_seq_len=req.longest_sequence, stage=spec,
-                                         live_chunks=cap, lora=req.lora)
-                for spec, cap in zip(split_stages(req.model.num_layers, req.pp), default_caps(req.pp, req.chunk_k))),
-               key=lambda e: e.total)
+    """The estimate of the device that needs the most: the whole model, or the largest pipeline stage."""
+    return max(stage_estimates(req), key=lambda e: e.total)
+
+
+def per_rank_table(req: MemoryRequest) -> str:
+    """``dry_run``'s print: each pipeline stage's ranks (pipeline-major, as ``ParallelDims`` lays them out) and
+    their estimate."""
+    dp = req.sharding.dp
+    out = []
+    for s, est in enumerate(stage_estimates(req)):
+        ranks = f"ranks {s * dp}..{s * dp + dp - 1}" if dp > 1 else f"rank {s}"
+        out.append(f"{ranks} (pipeline stage {s} of {req.pp}, data-parallel {req.sharding.dp_replicate} x "
+                   f"{req.sharding.dp_shard} sharded, {req.sharding.grad_reduce}):\n{est.table()}")
+    return "\n".join(out)
 
 
 def log_estimate(req: MemoryRequest, est: MemoryEstimate, device_type: str, avail: int) -> None:
     m = req.model
-    log.info("model %s: %.3f B parameters; estimated training memory%s at %s, chunk.size=%d, k=%d, longest sequence "
-             "%d tokens:\n%s\n  available on %s: %.2f GiB", m.name, m.num_params() / 1e9,
-             f" of the largest of {req.pp} pipeline stages" if req.pp > 1 else "", req.precision, req.chunk_size,
-             req.chunk_k, req.longest_sequence, est.table(), device_type, avail / 2**30)
+    several = req.pp > 1 or req.sharding.dp > 1
+    log.info("model %s: %.3f B parameters; estimated training memory%s at %s, chunk.size=%d, k=%d, "
+             "layer_checkpoint=%s, longest sequence %d tokens:\n%s\n  available on %s: %.2f GiB", m.name,
+             m.num_params() / 1e9, " per rank" if several else "", req.precision, req.chunk_size, req.chunk_k,
+             req.layer_checkpoint, req.longest_sequence, per_rank_table(req) if several else est.table(), device_type,
+             avail / 2**30)
 
 
 def check_memory(req: MemoryRequest, device_type: str, refuse: bool = True) -> MemoryEstimate:
@@ -65,13 +93,18 @@ def check_memory(req: MemoryRequest, device_type: str, refuse: bool = True) -> M
     avail = available_memory(device_type)
     log_estimate(req, est, device_type, avail)
     if refuse and est.total > avail:
+        per_rank = " per rank" if req.sharding.dp > 1 or req.pp > 1 else ""
+        gathered = f"gathered parameters {est.gathered / 2**30:.1f}, " if est.gathered else ""
         raise InsufficientMemoryError(
-            f"model={req.model.name} needs about {est.total / 2**30:.1f} GiB to train "
-            f"(weights {est.weights / 2**30:.1f}, gradients {est.grads / 2**30:.1f}, {req.optimizer} state "
+            f"model={req.model.name} needs about {est.total / 2**30:.1f} GiB{per_rank} "
+            f"to train (weights {est.weights / 2**30:.1f}, {gathered}gradients {est.grads / 2**30:.1f}, "
+            f"{req.optimizer} state "
             f"{est.optimizer / 2**30:.1f}, activations {est.activations / 2**30:.1f}, K/V state "
             f"{est.state / 2**30:.1f}) but {device_type} has "
             f"{avail / 2**30:.1f} GiB available. Use a machine with more memory, a smaller model "
-            f"(model=tiny, model=qwen0.5b), a smaller chunk.size, trainer.precision=bf16-true, optim=sgd, or "
+            f"(model=tiny, model=qwen0.5b), a smaller chunk.size, chunk.layer_checkpoint=full, more ranks "
+            f"(parallel.dp_shard, parallel.pp; python -m chunkflow_pl.plan finds a layout), "
+            f"trainer.precision=bf16-true, optim=sgd, or "
             f"check_memory=false "
             f"to try anyway.")
     return est
