@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -92,12 +93,31 @@ def _sibling(path: Path, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 
 
-def _state(module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+def _optim_options(flatten: bool = True):
+    """Optimizer state keyed by parameter name throughout (``param_groups.<name>.lr``), not by group index.
+
+    Pipeline stages hold different parameters in their groups, and the nested format's key of a group
+    (``optimizer_0.param_groups.0.params``) is the same on every stage: DCP keeps one rank's copy of a key written
+    by several, so a stage loaded groups naming another stage's parameters (a pp=2 run resumed from its own
+    checkpoint died at its first AdamW step, KeyError 'betas'). ``flatten=False`` reads checkpoints written in the
+    nested format before."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=flatten)
+
+
+def _nested_optimizer_format(metadata: Any) -> bool:
+    """Written before optimizer state was flattened: its groups are keyed by index."""
+    keys = (getattr(metadata, "state_dict_metadata", None) or {}).keys()
+    return any(re.match(r"optimizer_\d+\.param_groups\.\d+\.", k) for k in keys)
+
+
+def _state(module: torch.nn.Module, optimizers: list[torch.optim.Optimizer], flatten: bool = True) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     state: dict[str, Any] = {"state_dict": get_model_state_dict(module)}
     for i, opt in enumerate(optimizers):
-        state[f"optimizer_{i}"] = get_optimizer_state_dict(module, opt)
+        state[f"optimizer_{i}"] = get_optimizer_state_dict(module, opt, options=_optim_options(flatten))
     return state
 
 
@@ -226,7 +246,8 @@ def load_checkpoint(path: str | Path, module: torch.nn.Module, optimizers: list[
     path = readable_checkpoint(path)
     metadata = _check_metadata(path)
     _check_shards(path, metadata)
-    state = _state(module, optimizers if with_optimizers else [])
+    flatten = not _nested_optimizer_format(metadata)
+    state = _state(module, optimizers if with_optimizers else [], flatten)
     _check_keys(path, metadata, state)
     try:
         with warnings.catch_warnings():
@@ -244,7 +265,7 @@ def load_checkpoint(path: str | Path, module: torch.nn.Module, optimizers: list[
                          f"damaged: resume from an earlier one") from e
     if with_optimizers:
         for i, opt in enumerate(optimizers):
-            set_optimizer_state_dict(module, opt, state[f"optimizer_{i}"])
+            set_optimizer_state_dict(module, opt, state[f"optimizer_{i}"], options=_optim_options(flatten))
             if i in meta.get(UNSTEPPED, ()):  # saved before its first step (save_checkpoint)
                 opt.state.clear()
     return meta
