@@ -45,6 +45,7 @@ CASES = [("SIGTERM", "one"), ("SIGTERM", "all"), ("SIGUSR1", "one"), ("SIGUSR1",
          ("SIGKILL", "all"), ("SIGSTOP", "one")]
 SAVE_PARTS = ["begin", "shards", "meta", "commit", "swap", "end"]
 STARTUP = ["delay", "tokenise", "pg_before", "pg_after"]
+STOP_SLACK_S = 30.0  # SIGSTOP: the other rank's error may come this long after the collective timeout
 DEADLINE_S = 90.0  # a step and a save of the tiny model take well under a second; a loaded box is slower
 WORLD = 2
 # Two global batches of 7 (packed short sequences and chains of dependent chunks at chunk.size 32).
@@ -219,6 +220,13 @@ def trial(folder: Path, plan: dict, ref: dict, data: Path, steps: int, timeout_s
     if hang:
         res["problems"].append(f"rank(s) {hang} still running {deadline:.0f} s after the fault")
     res["bad_exit"] = bool(res["problems"]) and not hang
+    others = [run.ended[r] for r in run.pids if r not in stopped and r in run.ended]
+    if stopped and others:  # the README's promise: named within the timeout (+ a step's compute, on a loaded box)
+        res["stop_named_s"] = round(max(others) - min(fire), 1)
+        if res["stop_named_s"] > timeout_s + STOP_SLACK_S:  # counted as a hang
+            res["hang"] = [r for r in run.pids if r not in stopped]
+            res["problems"].append(f"the other rank stopped {res['stop_named_s']} s after the stop, more than "
+                                   f"parallel.collective_timeout={timeout_s}s + {STOP_SLACK_S:.0f} s")
 
     saved = [s for _, w, s in events(folder, 0) if w == "saved"]  # saves that completed (their steps)
     try:
@@ -321,7 +329,9 @@ def main() -> int:
                 for i, r in enumerate(results) if r["problems"]]
     result = {"seed": seed, "trials": sum(r["fired"] for r in results), "not_reached": sum(not r["fired"] for r in
               results), "layouts": layouts, "steps": args.steps, "collective_timeout_s": args.timeout,
-              "deadline_s": DEADLINE_S, **summary["total"], "points": _points(results), "cases": summary["cases"],
+              "deadline_s": DEADLINE_S, **summary["total"], "sigstop_named_s_max": max(
+                  (r["stop_named_s"] for r in results if "stop_named_s" in r), default=None),
+              "points": _points(results), "cases": summary["cases"],
               "failures": failures, "wall_s": round(time.monotonic() - t0, 1)}
     print("RESULT " + json.dumps(result), flush=True)
     return 1 if failures else 0
