@@ -4,9 +4,10 @@ Importing torch + Lightning + train.py costs ~6 s of CPU per process (13 s wall 
 than a tiny run's training. So the campaign's process imports ``train`` once and forks one child per rank; each
 child gets the environment torchrun gives a worker (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK,
 MASTER_ADDR/PORT, TORCHELASTIC_RUN_ID: Lightning's TorchElasticEnvironment, ranks started externally), its own
-argv and log file, and runs ``train.main()`` (Hydra, then ``run``: the exit code of the README table). What the
-children do not exercise: signals during Python's own imports, and interpreter finalisation (a child ends with
-``os._exit`` after atexit handlers). The parent must stay fork-safe: it never runs a torch operation.
+argv and log file, holds SIGTERM/SIGUSR1 as train.py's first line does, and runs train.py's Hydra entry point
+(``train.run``: the exit code of the README table). What the children do not exercise: signals during Python's own
+imports, and interpreter finalisation (a child ends with ``os._exit`` after atexit handlers). The parent must stay
+fork-safe: it never runs a torch operation (checkpoint checks run in a forked child, ``in_child``).
 """
 
 from __future__ import annotations
@@ -33,12 +34,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: one t
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from chunkflow_pl.utils.held_signals import SIGNALS  # noqa: E402
-
-for _s in SIGNALS:  # importing train.py held them (train.py's first lines): this process is the campaign, not a rank
-    signal.signal(_s, signal.SIG_DFL)
-
 import train  # noqa: E402  (once, in the parent: every child inherits it)
+from chunkflow_pl.utils.held_signals import SIGNALS, take_held_signal  # noqa: E402
+
+for _s in SIGNALS:  # importing train.py held them (its first lines): this process is the campaign, not a rank
+    signal.signal(_s, signal.SIG_DFL)
 
 
 # train.py's own entry point, with its config folder by absolute path (Hydra finds a relative one only when
@@ -70,6 +70,7 @@ def _child(argv: list[str], env: dict[str, str], log: Path) -> None:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
+        take_held_signal()  # a fresh process holds nothing yet
         train.hold_signals()  # what a fresh train.py process does first
         faulthandler.register(signal.SIGUSR2, all_threads=True)  # a hung rank's stacks, before it is killed
         os.environ.clear()
