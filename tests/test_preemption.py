@@ -157,6 +157,20 @@ def test_sigterm_during_start_up_stops_before_step_1_with_a_checkpoint_and_resum
     assert _export(tmp_path / "hf") == ref_weights
 
 
+def test_signals_are_held_only_until_training_ends():
+    """Held from start-up to the pre-emption callback; once it restores its handlers a signal takes its default
+    action again (else a script that built a strategy would swallow SIGTERM for good)."""
+    from chunkflow_pl.strategy.preemption import Preemption
+    from chunkflow_pl.utils.held_signals import hold_signals
+
+    hold_signals()
+    assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+    stop = Preemption()
+    stop._install()
+    stop._restore()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
 def test_sigusr1_on_slurm_requeues_and_the_requeued_job_resumes_by_itself(tmp_path, reference, monkeypatch):
     ref_losses, ref_weights = reference
     bin_dir = tmp_path / "bin"  # SLURM is not installed here: a stand-in scontrol records how it was called

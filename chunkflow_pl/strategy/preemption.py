@@ -54,7 +54,7 @@ import torch
 from torch.distributed import ReduceOp
 
 from chunkflow_pl.schedule.executor import StepInterrupted
-from chunkflow_pl.utils.held_signals import take_held_signal
+from chunkflow_pl.utils.held_signals import release_signals, take_held_signal
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -116,6 +116,7 @@ class Preemption(L.Callback):
         for s, h in self._previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
         self._previous = {}
+        release_signals()  # held during start-up only: after training a signal acts as it did before the run
 
     # ---- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -36,6 +36,17 @@ def hold_signals() -> None:
             signal.signal(s, _record)
 
 
+def release_signals() -> None:
+    """Give SIGTERM/SIGUSR1 their default action back where they are held (training is over: nothing would act on
+    a held one), forgetting any held."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for s in SIGNALS:
+        if signal.getsignal(s) is _record:
+            signal.signal(s, signal.SIG_DFL)
+    take_held_signal()
+
+
 def take_held_signal() -> int | None:
     """The first signal recorded since the last call (None if none), forgotten once taken."""
     global _held
