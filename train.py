@@ -7,6 +7,12 @@ by SIGTERM/SIGUSR1 after saving a resumable checkpoint.
 
 from __future__ import annotations
 
+from chunkflow_pl.utils.held_signals import hold_signals
+
+# Before the heavy imports: a SIGTERM/SIGUSR1 during start-up is held for the pre-emption callback (a clean stop
+# before step 1, every rank together) instead of killing this rank alone (chunkflow_pl/utils/held_signals.py).
+hold_signals()
+
 import inspect
 import logging
 import os

@@ -45,10 +45,13 @@ class LossLog(L.Callback):
 
 class SignalSelf(L.Callback):
     """Sends ``sig`` to this process: ``mid`` = during the 3rd forward of layer 0 inside step ``step``,
-    ``between`` = once step ``step`` has completed (before the next one starts)."""
+    ``between`` = once step ``step`` has completed (before the next one starts), ``start`` = now (the callback
+    is built during start-up, before the Trainer exists)."""
 
     def __init__(self, sig: str, step: int, where: str) -> None:
         self.sig, self.step, self.where = getattr(signal, sig), step, where
+        if where == "start":
+            os.kill(os.getpid(), self.sig)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.where == "mid" and trainer.global_step + 1 == self.step:
@@ -132,6 +135,40 @@ def test_sigterm_inside_a_step_saves_and_the_resumed_run_is_bit_identical(tmp_pa
     _train(tmp_path / "resumed", tmp_path / "losses", f"ckpt_path={ckpt}", f"export.hf_dir={tmp_path / 'hf'}")
     assert _losses(tmp_path / "losses") == ref_losses
     assert _export(tmp_path / "hf") == ref_weights
+
+
+def test_sigterm_during_start_up_stops_before_step_1_with_a_checkpoint_and_resumes_exactly(tmp_path, reference):
+    """Found by benchmarks/faults.py: a signal before the pre-emption callback's setup took the default action
+    (exit -15, no checkpoint, peers left waiting). Now it is held until the callback takes over."""
+    from checkpoint_files import checkpoint_meta
+
+    ref_losses, ref_weights = reference
+    run = tmp_path / "run"
+    r = _drive(tmp_path, tmp_path / "losses", f"hydra.run.dir={run}", env={"SIGNAL_SELF": "SIGTERM:0:start"})
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert "SIGTERM received during start-up" in out and "stopped on SIGTERM (before step 1)" in out, out[-3000:]
+    ckpt = run / "hpc_ckpt_1.ckpt"
+    assert checkpoint_meta(ckpt)["global_step"] == 0
+    assert not (tmp_path / "losses").exists()  # no step ran
+
+    _train(tmp_path / "resumed", tmp_path / "losses", f"ckpt_path={ckpt}", f"export.hf_dir={tmp_path / 'hf'}")
+    assert _losses(tmp_path / "losses") == ref_losses
+    assert _export(tmp_path / "hf") == ref_weights
+
+
+def test_signals_are_held_only_until_training_ends():
+    """Held from start-up to the pre-emption callback; once it restores its handlers a signal takes its default
+    action again (else a script that built a strategy would swallow SIGTERM for good)."""
+    from chunkflow_pl.strategy.preemption import Preemption
+    from chunkflow_pl.utils.held_signals import hold_signals
+
+    hold_signals()
+    assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+    stop = Preemption()
+    stop._install()
+    stop._restore()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
 
 
 def test_sigusr1_on_slurm_requeues_and_the_requeued_job_resumes_by_itself(tmp_path, reference, monkeypatch):

@@ -50,6 +50,24 @@ def test_resume_policy(tmp_path):
     assert resume_policy(tmp_path, None, {}) == "hpc"  # a pre-empted run's folder resumes it
 
 
+def test_a_restarted_job_resumes_a_checkpoint_whose_swap_a_kill_cut_short(tmp_path):
+    """Found by benchmarks/faults.py: a kill between a save's two renames leaves only ``last.ckpt.old`` (whole);
+    loading ``last.ckpt`` takes it, but the restarted job saw no ``last.ckpt`` and started over from step 0."""
+    from chunkflow_pl.strategy.checkpoint import readable_checkpoint
+
+    old = tmp_path / "checkpoints" / "last.ckpt.old"
+    old.mkdir(parents=True)
+    (old / ".metadata").write_bytes(b"x")
+    (old / "meta.pt").write_bytes(b"x")
+    restart = {"TORCHELASTIC_RESTART_COUNT": "1"}
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert resume_policy(tmp_path, None, restart) == str(last)
+    assert readable_checkpoint(last) == old  # what loading it reads
+    (old / "meta.pt").unlink()  # cut off before its last part: nothing whole to resume
+    (tmp_path / "checkpoints" / "last.ckpt.partial").mkdir()
+    assert resume_policy(tmp_path, None, restart) is None
+
+
 def test_reusing_a_folder_with_checkpoints_is_refused_unless_resuming(tmp_path):
     def cfg(*extra):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

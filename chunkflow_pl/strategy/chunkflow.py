@@ -58,6 +58,7 @@ from chunkflow_pl.strategy.layer_checkpoint import apply_layer_checkpoint, check
 from chunkflow_pl.strategy.preemption import Preemption
 from chunkflow_pl.strategy.sharding import ShardedStage, ShardingSettings, shard_model
 from chunkflow_pl.strategy.step import RankStep, StepSettings, comm_device
+from chunkflow_pl.utils.held_signals import hold_signals
 from chunkflow_pl.utils.sizes import format_duration
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ class ChunkFlowStrategy(ParallelStrategy):
         self.num_layers = num_layers if num_layers is not None else getattr(self.dims, "num_layers", None)
         self.check_memory = bool(check_memory)
         self.preemption: Preemption | None = Preemption() if preemption else None
+        if preemption:  # a signal before fit sets up is held for it (utils/held_signals.py), not obeyed at once
+            hold_signals()
         flags = self._parallel if isinstance(self._parallel, ParallelConfig) else ParallelConfig()
         timeout = flags.timeout if timeout is None else timeout
         self.timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))

@@ -64,7 +64,7 @@ class ProcessGroups:
             # Point-to-point channels of every replica (collective: creates and warms up every group).
             comm_device = device if device.type == "cuda" else torch.device("cpu")
             p2p = P2PTransport(dims, rank, comm_device, check_messages, timeout=timeout)
-        register_process(rank)
+        register_process(rank, dims.world_size)
         dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp > 1 else None
         dp = None
         for s in range(dims.pp):  # every rank creates every stage's group, in order

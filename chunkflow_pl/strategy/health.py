@@ -1,6 +1,7 @@
 """Name the rank that failed instead of hanging or reporting a socket error.
 
-At start every rank records ``(host, pid)`` in the process group's key-value store. When a collective
+At start every rank records ``(host, pid)`` in the process group's key-value store and reads everybody's back
+into a table (the store itself lives in rank 0, or in torchrun's agent, and may be what failed). When a collective
 or point-to-point call fails (gloo reports a closed connection at once; NCCL, and any backend waiting on
 a peer that is alive but stopped, after the process group timeout ``parallel.collective_timeout``), the
 surviving rank looks up which peers on its host no longer exist or are stopped and raises
@@ -29,10 +30,24 @@ def _store():
         return None
 
 
-def register_process(rank: int) -> None:
+# Every rank's "host pid", read once at start: when a collective fails the store may be what failed (rank 0
+# holds it outside torchrun; stopped, a store lookup never returns).
+_peers: dict[int, str] = {}
+
+
+def register_process(rank: int, world_size: int | None = None) -> None:
+    """Record this rank's host and pid in the store; with ``world_size`` (every rank calls it at start) also read
+    every rank's into the table the health check uses, so naming a failed peer never needs the store."""
+    _peers.clear()  # a new process group: the last one's ranks are not this one's
     store = _store()
-    if store is not None:
-        store.set(f"chunkflow/proc/{rank}", f"{socket.gethostname()} {os.getpid()}")
+    if store is None:
+        return
+    store.set(f"chunkflow/proc/{rank}", f"{socket.gethostname()} {os.getpid()}")
+    for r in range(world_size or 0):
+        try:
+            _peers[r] = store.get(f"chunkflow/proc/{r}").decode()  # waits for ranks not there yet
+        except Exception:  # a peer that never registered: the check falls back to the store
+            _peers.pop(r, None)
 
 
 def _state(pid: int) -> str:
@@ -59,9 +74,9 @@ def describe_failure(rank: int, world_size: int, step: int | None) -> str | None
         if r == rank:
             continue
         try:
-            if store is None:
+            if store is None and r not in _peers:
                 raise RuntimeError("no store")
-            h, pid = store.get(f"chunkflow/proc/{r}").decode().split()
+            h, pid = (_peers.get(r) or store.get(f"chunkflow/proc/{r}").decode()).split()
         except Exception:
             unknown.append(r)
             continue

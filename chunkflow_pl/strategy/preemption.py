@@ -54,6 +54,7 @@ import torch
 from torch.distributed import ReduceOp
 
 from chunkflow_pl.schedule.executor import StepInterrupted
+from chunkflow_pl.utils.held_signals import release_signals, take_held_signal
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -106,11 +107,16 @@ class Preemption(L.Callback):
             return
         for s in SIGNALS:
             self._previous[s] = signal.signal(s, self._handler)
+        held = take_held_signal()  # one that came during start-up (utils/held_signals.py): stop before step 1
+        if held is not None and self.signum is None:
+            self.signum = held
+            log.warning("%s received during start-up: stopping before the first step", signal.Signals(held).name)
 
     def _restore(self) -> None:
         for s, h in self._previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
         self._previous = {}
+        release_signals()  # held during start-up only: after training a signal acts as it did before the run
 
     # ---- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

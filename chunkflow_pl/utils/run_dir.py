@@ -80,7 +80,8 @@ def resume_policy(output_dir: str | Path, ckpt_path: str | None, env: Mapping[st
       newest is incomplete (cut off while being written) it is skipped with a warning and the newest
       complete one is returned by path;
     * the job is a restart (``SLURM_RESTART_COUNT``/``TORCHELASTIC_RESTART_COUNT`` > 0): resume from
-      ``checkpoints/last.ckpt`` if it exists, else start over;
+      ``checkpoints/last.ckpt`` if it exists (or a kill cut its save's swap short, leaving the previous one
+      whole as ``last.ckpt.old``), else start over;
     * the folder holds another checkpoint: ``OutputDirInUse`` (never overwrite another run's);
     * otherwise: start fresh (``None``).
     """
@@ -93,7 +94,7 @@ def resume_policy(output_dir: str | Path, ckpt_path: str | None, env: Mapping[st
             return newest
     last = d / "checkpoints" / "last.ckpt"  # a file, or a directory (torch.distributed.checkpoint)
     if is_restart(env):
-        return str(last) if last.exists() else None
+        return str(last) if last.exists() or _swap_cut_short(last) else None
     held = sorted(str(p) for p in d.rglob("*.ckpt"))
     if held:
         raise OutputDirInUse(
@@ -118,6 +119,14 @@ def _complete_preemption_checkpoint(d: Path) -> str | None:
             return "hpc" if i == 0 else str(p)
         log.warning("skipping the incomplete preemption checkpoint %s (cut off while being written)", p)
     return None
+
+
+def _swap_cut_short(last: Path) -> bool:
+    """A kill between a save's two renames left the previous checkpoint whole as ``last.ckpt.old`` and no
+    ``last.ckpt``; loading ``last.ckpt`` reads it (``strategy/checkpoint.py``, ``readable_checkpoint``)."""
+    from chunkflow_pl.strategy.checkpoint import is_complete  # lazily: the folder format belongs to the strategy
+
+    return is_complete(last.with_name(last.name + ".old"))
 
 
 def remove_preemption_checkpoints(output_dir: str | Path) -> list[str]:
