@@ -102,21 +102,40 @@ def reference(tmp_path_factory):
     return (d / "hf" / "model.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("point", ["shards", "index", "complete", "swap"])
-def test_a_kill_inside_a_save_leaves_the_previous_checkpoint_and_resuming_it_is_exact(tmp_path, reference, point):
-    run = tmp_path / "killed"
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    env = {**os.environ, "KILL_POINT": point, "LOSS_LOG": str(tmp_path / "killed.losses")}
+POINTS = ["shards", "index", "complete", "swap"]
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """The four killed runs, started together before the in-process reference run: each is a separate process that
+    mostly imports and starts up, so on two cores they overlap instead of queueing. point -> (process, folder);
+    a test waits for its own."""
+    procs = {}
     common = [o for o in COMMON if o != "callbacks.checkpoint=null"]
-    r = subprocess.run([sys.executable, str(driver), *common, *EVERY_STEP, "callbacks.checkpoint.dirpath="
-                        f"{run / 'checkpoints'}", f"hydra.run.dir={run}"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
-    assert _steps(tmp_path / "killed.losses") == [1, 2, 3]  # killed in step 3's save
+    for point in POINTS:
+        d = tmp_path_factory.mktemp(f"killed_{point}")
+        (d / "driver.py").write_text(DRIVER)
+        env = {**os.environ, "KILL_POINT": point, "LOSS_LOG": str(d / "killed.losses")}
+        cmd = [sys.executable, str(d / "driver.py"), *common, *EVERY_STEP,
+               f"callbacks.checkpoint.dirpath={d / 'killed' / 'checkpoints'}", f"hydra.run.dir={d / 'killed'}"]
+        with open(d / "out.log", "w") as log:  # a file, not a pipe: a full pipe would block a run not yet waited for
+            procs[point] = (subprocess.Popen(cmd, cwd=d, env=env, stdout=log, stderr=subprocess.STDOUT), d)
+    yield procs
+    for proc, _ in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_a_kill_inside_a_save_leaves_the_previous_checkpoint_and_resuming_it_is_exact(tmp_path, killed, reference,
+                                                                                       point):
+    proc, d = killed[point]
+    proc.wait(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, (d / "out.log").read_text()[-3000:]
+    assert _steps(d / "killed.losses") == [1, 2, 3]  # killed in step 3's save
 
     log = tmp_path / "resumed.losses"
-    last = run / "checkpoints" / "last.ckpt"
+    last = d / "killed" / "checkpoints" / "last.ckpt"
     train(_cfg(tmp_path / "resumed", f"ckpt_path={last}", f"export.hf_dir={tmp_path / 'hf'}"),
           callbacks=[LossLog(str(log))])
     assert _steps(log) == [3, 4]  # resumed from step 2's checkpoint, whatever the kill left

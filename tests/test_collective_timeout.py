@@ -40,42 +40,64 @@ def _logged_at(line: str) -> float:
     return datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
-@pytest.mark.parametrize("layout", ["parallel.dp=2", "parallel.pp=2"])
-def test_a_stopped_rank_ends_the_run_within_the_collective_timeout(tmp_path, layout):
-    write_token_records(tmp_path / "data.jsonl")
-    run, marker = tmp_path / "run", uuid.uuid4().hex
+def _start(tmp_path: Path, layout: str) -> tuple[subprocess.Popen, Path, str, Path]:
+    """An endless 2-rank run of ``layout``; its output goes to a file (the other layout's run is waited for
+    meanwhile, and a full pipe would block this one)."""
+    folder = tmp_path / layout.replace(".", "_").replace("=", "")
+    folder.mkdir()
+    write_token_records(folder / "data.jsonl")
+    run, marker, log = folder / "run", uuid.uuid4().hex, folder / "out.log"
     # progress: the CSV rank 0 writes after every step (no collective in it, unlike a checkpoint save)
     cmd = train_cmd(2, "logger=csv", "+logger.flush_logs_every_n_steps=1", "trainer.log_every_n_steps=1",
                     "callbacks.progress=null", "callbacks.checkpoint=null", "trainer.enable_model_summary=false",
                     "trainer.accelerator=cpu", f"hydra.run.dir={run}", "data=jsonl",
-                    f"data.path={tmp_path / 'data.jsonl'}", f"data.cache_dir={tmp_path / 'cache'}",
+                    f"data.path={folder / 'data.jsonl'}", f"data.cache_dir={folder / 'cache'}",
                     "data.global_batch_size=7", "chunk.size=32", *SMALL, "trainer.max_steps=100000", layout,
                     f"parallel.collective_timeout={TIMEOUT_S}s")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**train_env(), "CHUNKFLOW_TEST_MARK": marker},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    stopped = None
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**train_env(), "CHUNKFLOW_TEST_MARK": marker}, stdout=f,
+                                stderr=subprocess.STDOUT, text=True)
+    return proc, run, marker, log
+
+
+def test_a_stopped_rank_ends_the_run_within_the_collective_timeout(tmp_path):
+    """Both layouts at once: each run mostly waits (start-up, then the timeout), so the two overlap; every
+    check is made per layout, on its own run's output."""
+    layouts = ["parallel.dp=2", "parallel.pp=2"]
+    runs = {layout: _start(tmp_path, layout) for layout in layouts}
+    stopped: dict[str, int] = {}
+    t_stop: dict[str, float] = {}
     try:
-        deadline = time.time() + 240
-        while not list(run.glob("csv/version_*/metrics.csv")):  # a step done: both ranks are training
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        deadline = time.time() + 300
+        while len(stopped) < len(runs):  # stop rank 1 of each run once it has done a step (both ranks training)
+            for layout, (proc, run, marker, log) in runs.items():
+                if layout in stopped:
+                    continue  # it may end now: its timeout runs while the other layout starts up
+                if list(run.glob("csv/version_*/metrics.csv")):
+                    stopped[layout] = _worker(marker, 1)
+                    os.kill(stopped[layout], signal.SIGSTOP)
+                    t_stop[layout] = time.time()
+                assert proc.poll() is None and time.time() < deadline, (layout, log.read_text()[-3000:])
             time.sleep(0.2)
-        stopped = _worker(marker, 1)
-        os.kill(stopped, signal.SIGSTOP)
-        t_stop = time.time()
-        out, _ = proc.communicate(timeout=TIMEOUT_S + 120)  # torchrun ends the stopped rank after the other fails
+        for proc, *_ in runs.values():  # torchrun ends the stopped rank after the other fails
+            proc.wait(timeout=TIMEOUT_S + 120)
     finally:
-        if stopped is not None:
+        for pid in stopped.values():
             try:
-                os.kill(stopped, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode != 0, out[-3000:]
-    assert len(re.findall(rf"rank [01]: gloo process group of 2 ranks, collective timeout {TIMEOUT_S}s "
-                          rf"\(parallel\.collective_timeout\)", out)) == 2, out[-3000:]
-    # rank 0 names the stopped rank, within the timeout (plus a step's compute before it waits, on a loaded machine)
-    errors = [line for line in out.splitlines() if re.match(r"\[[-0-9 :,]{23}\]\[.*\]\[ERROR\]", line)]
-    assert errors and re.search(r"rank 0: rank\(s\) \[1\] of this run stopped answering( during step \d+)? "
-                                r"\(process stopped", errors[0]), out[-3000:]
-    assert _logged_at(errors[0]) - t_stop < TIMEOUT_S + 30, (errors[0], out[-3000:])
+        for proc, *_ in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+    for layout, (proc, _, _, log) in runs.items():
+        out = log.read_text()
+        assert proc.returncode != 0, (layout, out[-3000:])
+        assert len(re.findall(rf"rank [01]: gloo process group of 2 ranks, collective timeout {TIMEOUT_S}s "
+                              rf"\(parallel\.collective_timeout\)", out)) == 2, (layout, out[-3000:])
+        # rank 0 names the stopped rank, within the timeout (plus a step's compute before it waits, on a loaded
+        # machine)
+        errors = [line for line in out.splitlines() if re.match(r"\[[-0-9 :,]{23}\]\[.*\]\[ERROR\]", line)]
+        assert errors and re.search(r"rank 0: rank\(s\) \[1\] of this run stopped answering( during step \d+)? "
+                                    r"\(process stopped", errors[0]), (layout, out[-3000:])
+        assert _logged_at(errors[0]) - t_stop[layout] < TIMEOUT_S + 30, (layout, errors[0], out[-3000:])

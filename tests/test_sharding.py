@@ -147,7 +147,12 @@ def _protocol_worker(rank: int, port: int, out_dir: str) -> None:
     stage.end_step()
     grads = {n: p.grad.full_tensor().double() for n, p in model.named_parameters()}  # the reduced (summed) grads
     master = {str(p.dtype) for p in model.parameters()}
-    out = {"compute": compute_dtype, "master": sorted(master), "reduces": stage.reduces,
+    # on gloo every unit reduces through the all-reduce-based comm (strategy/gloo_comm.py): the sums checked below
+    from torch.distributed.fsdp import fully_shard
+
+    comms = sorted({type(g._reduce_scatter_comm).__name__ for u in stage.units
+                    for g in fully_shard.state(u)._fsdp_param_groups})
+    out = {"compute": compute_dtype, "master": sorted(master), "reduces": stage.reduces, "comms": comms,
            "grad_dtypes": sorted({str(p.grad.dtype) for p in model.parameters()}),
            "changed": sorted(n for n, p in model.named_parameters() if not torch.equal(p.full_tensor(), whole[n]))}
     torch.save((grads, {n: p.grad for n, p in plain.named_parameters()}), Path(out_dir, f"grads{rank}.pt"))
@@ -168,6 +173,7 @@ def test_sharded_step_reduces_equally_often_on_ranks_with_different_chunk_counts
     for r in (r0, r1):
         assert r["compute"] == "torch.bfloat16" and r["master"] == ["torch.float32"], r
         assert r["grad_dtypes"] == ["torch.float32"] and r["reduces"] == 3, r
+        assert r["comms"] == ["AllReduceScatter"], r
         assert r["changed"] == [], r  # the step left the master weights alone (only the optimizer moves them)
     (g0, own0), (g1, own1) = (torch.load(tmp_path / f"grads{r}.pt") for r in (0, 1))
     for k in g0:  # each rank holds the sum of both ranks' gradients (bf16 compute against a float64 reference)

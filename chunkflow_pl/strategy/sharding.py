@@ -50,7 +50,10 @@ class ShardingSettings:
 def shard_model(model: torch.nn.Module, mesh: Any, settings: ShardingSettings) -> ShardedStage:
     """``fully_shard`` each decoder layer, then the root, over ``mesh`` (1-D: shard; 2-D ("dp_replicate",
     "dp_shard"): HSDP). Returns the handle the step uses to unshard and reduce."""
+    import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    from chunkflow_pl.strategy.gloo_comm import AllReduceScatter
 
     mp = MixedPrecisionPolicy(param_dtype=settings.param_dtype, reduce_dtype=settings.reduce_dtype)
     units = []
@@ -62,7 +65,12 @@ def shard_model(model: torch.nn.Module, mesh: Any, settings: ShardingSettings) -
     register_fsdp_forward_method(model, "loss_sum")  # the chunked loss runs after forward, on the head
     register_fsdp_forward_method(model, "token_losses")  # validation's per-token loss, the same way
     units.insert(0, model)
+    shard_group = mesh.get_group(mesh.ndim - 1)  # the shard dim is the last of either mesh
+    # gloo's reduce_scatter is 2-3x slower than its all_reduce (strategy/gloo_comm.py); NCCL keeps FSDP2's own
+    gloo_reduce = shard_group.size() > 1 and dist.get_backend(shard_group) == "gloo"
     for u in units:
+        if gloo_reduce:
+            u.set_custom_reduce_scatter(AllReduceScatter())
         u.set_gradient_divide_factor(1.0)  # sum: the loss is scaled by the global label-token count already
         u.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM; the factor is 1 anyway)
         u.set_reduce_scatter_unused_params(True, recurse=False)
