@@ -85,3 +85,24 @@ def hf_reference_step(hf_dir: Path, seqs, labels):
                for s, t in zip(seqs, targets)) / n
     loss.backward()
     return {k: p.detach() for k, p in hf.named_parameters()}, {k: p.grad for k, p in hf.named_parameters()}
+
+
+@pytest.fixture(autouse=True)
+def _process_threads_unchanged():
+    """A test must leave pytest's process with the thread count it found: bit-identity between an in-process run
+    and a subprocess (tests/test_preemption.py) holds only at one thread count, and a leaked
+    ``torch.set_num_threads(1)`` once made later tests compare 1-thread with 2-thread sums (failed in CI).
+    The test that leaks fails, naming what it changed; the count is put back either way."""
+    import os
+
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    yield
+    now, now_omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(threads)
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
+    assert (now, now_omp) == (threads, omp), (
+        f"this test left torch.get_num_threads()={now}, OMP_NUM_THREADS={now_omp!r} (found {threads}, {omp!r}): "
+        "set them in spawned ranks only, or restore them")

@@ -193,11 +193,19 @@ LORA_LAYOUTS = {"dp2": {"dp": 2}, "pp2": {"pp": 2}, "dp_shard2": {"dp_shard": 2}
 
 def lora_fit(d: str, parallel, devices: int) -> dict[str, list]:
     """Two float64 AdamW steps of LoRA on the checkpoint under ``parallel``: this rank's adapters, whole."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same in 1 process as in each rank; given back below (pytest's own process)
+    try:
+        return _lora_fit(d, parallel, devices)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _lora_fit(d: str, parallel, devices: int) -> dict[str, list]:
     from lightning.fabric.plugins.environments import LightningEnvironment
 
     from chunkflow_pl import ChunkFlowDataModule, ChunkFlowLM, ChunkFlowStrategy, DataConfig, OptimConfig
 
-    torch.set_num_threads(1)
     L.seed_everything(0)
     cfg = ModelConfig.from_hf_dir(f"{d}/hf")
     data = DataConfig(kind="jsonl", path=f"{d}/train.jsonl", global_batch_size=7, shuffle=False,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
@@ -91,7 +92,8 @@ DRIVER = textwrap.dedent(f"""
 def _drive(tmp_path: Path, log: Path, *overrides: str, env: dict[str, str] | None = None):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    full_env = {**os.environ, "LOSS_LOG": str(log), **(env or {})}
+    # the thread count of this process, whose in-process runs the subprocess's halves are compared with bit for bit
+    full_env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "LOSS_LOG": str(log), **(env or {})}
     return subprocess.run([sys.executable, str(driver), *COMMON, *overrides], cwd=tmp_path, env=full_env,
                           capture_output=True, text=True, timeout=300)
 
