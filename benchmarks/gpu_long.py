@@ -236,6 +236,7 @@ def section_p(ctx, budget):
     model.zero_grad(set_to_none=True)
     ours_s, ours_peak = _peak_of(lambda: _run(model, batch, 1, ctx.device), ctx.device)  # noqa: B023
     from chunkflow_pl.model.hf_io import to_hf_name
+    from chunkflow_pl.strategy.layer_checkpoint import apply_layer_checkpoint
 
     diffs = [rel(p.grad, hf_grads[to_hf_name(n)]) for n, p in model.named_parameters() if to_hf_name(n) in hf_grads]
     tokens = sum(lengths)
@@ -247,6 +248,17 @@ def section_p(ctx, budget):
     log(f"p {fmt_len(longest)} + 31 short ({tokens} tokens): transformers {tokens / hf_s:.0f} tok/s, peak "
         f"{hf_peak}; chunkflow {tokens / ours_s:.0f} tok/s, peak {ours_peak}; speed-up {hf_s / ours_s:.2f}x, "
         f"grad rel diff {max(diffs):.1e}")
+    # the same batch with chunk.layer_checkpoint=full: transformers recomputes its layers too (like for like)
+    if budget.left() > 2 * ours_s + 5:
+        apply_layer_checkpoint(model, "full")
+        model.zero_grad(set_to_none=True)
+        ckpt_s, ckpt_peak = _peak_of(lambda: _run(model, batch, 1, ctx.device), ctx.device)  # noqa: B023
+        out["ours_layer_checkpoint"] = {"step_s": ckpt_s, "tokens_per_s": tokens / ckpt_s, "peak_gib": ckpt_peak,
+                                        "speedup": hf_s / ckpt_s}
+        if hf_peak:
+            out["ours_layer_checkpoint"]["memory_ratio"] = ckpt_peak / hf_peak
+        log(f"p same batch, chunk.layer_checkpoint=full: chunkflow {tokens / ckpt_s:.0f} tok/s, peak {ckpt_peak}; "
+            f"speed-up {hf_s / ckpt_s:.2f}x")
     return out
 
 
@@ -444,6 +456,11 @@ def table_lines(results) -> list[str]:
                          f"{r['hf']['tokens_per_s']:.0f} tok/s (peak {r['hf']['peak_gib']}), chunkflow "
                          f"{r['ours']['tokens_per_s']:.0f} tok/s (peak {r['ours']['peak_gib']}): "
                          f"{r['speedup']:.2f}x" + (f", memory {r['memory_ratio']:.2f}x" if "memory_ratio" in r else ""))
+            if "ours_layer_checkpoint" in r:
+                c = r["ours_layer_checkpoint"]
+                lines.append(f"   with chunk.layer_checkpoint=full: chunkflow {c['tokens_per_s']:.0f} tok/s (peak "
+                             f"{c['peak_gib']}): {c['speedup']:.2f}x"
+                             + (f", memory {c['memory_ratio']:.2f}x" if "memory_ratio" in c else ""))
         elif sec == "t":
             share = ", ".join(f"{k} {v:.0%}" for k, v in r["share"].items())
             lines.append(f"   {fmt_len(r['L'])} {r['kernel']}: {share}")
