@@ -37,7 +37,7 @@ from chunkflow_pl.schedule.executor import StepInterrupted
 from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
 from chunkflow_pl.strategy.dims import world_from_launch
 from chunkflow_pl.strategy.health import PeerFailure
-from chunkflow_pl.strategy.memory_check import MemoryRequest, check_memory, sharding_of
+from chunkflow_pl.strategy.memory_check import MemoryRequest, check_memory, settle_grad_reduce, sharding_of
 from chunkflow_pl.strategy.preemption import Preempted
 from chunkflow_pl.training.module import ChunkFlowLM
 from chunkflow_pl.training.nonfinite import NonFiniteError
@@ -166,6 +166,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         request = MemoryRequest(mcfg, chunk.size, chunk.k, precision, optim.name, model.loss_chunk,
                                 datamodule.longest_sequence(), parallel.pp, lora=model.lora,
                                 layer_checkpoint=chunk.layer_checkpoint, sharding=sharding_of(parallel))
+        request = settle_grad_reduce(request, parallel.grad_reduce, device.type)
         return {"model_config": mcfg, "memory": check_memory(request, device.type, refuse=False),
                 "longest_sequence": request.longest_sequence}
     module = ChunkFlowLM(mcfg, optim, attention=model.attention, loss_chunk=model.loss_chunk,

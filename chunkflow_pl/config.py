@@ -16,6 +16,7 @@ from chunkflow_pl.utils.sizes import parse_duration, parse_size
 from chunkflow_pl.utils.typed_config import SIZE, from_dict
 
 GRAD_REDUCE = ("last_backward", "every_backward")
+GRAD_REDUCE_SETTINGS = (*GRAD_REDUCE, "auto")  # auto: picked per run by the memory check
 LAYER_CHECKPOINT = ("none", "full")
 
 
@@ -57,7 +58,9 @@ class ParallelConfig:
     (FSDP2) and replicated over ``dp_replicate`` groups of them (HSDP when both are > 1).
     grad_reduce: ``last_backward`` (gradients of a step accumulate unsharded, one reduce-scatter after the
     stage's last backward: fewest collectives) or ``every_backward`` (reduced after every chunk's backward,
-    only sharded gradients held: the memory choice; pp = 1 only). reshard_after_forward: only ``false``
+    only sharded gradients held: the memory choice; pp = 1 only) or ``auto`` (the default: ``last_backward`` when
+    its per-rank estimate fits the device, else ``every_backward``; what the layout planner picks for a given
+    layout, decided when the run starts: ``strategy/memory_check.py``). reshard_after_forward: only ``false``
     (parameters stay unsharded for the whole step, see ``strategy/sharding.py`` for why).
     collective_timeout: how long a rank waits in a collective or point-to-point call for the others
     (``600``, ``90s``, ``10m``, ``1h``) before it stops with an error: a hung peer is reported within it.
@@ -67,7 +70,7 @@ class ParallelConfig:
     dp_replicate: int = 1
     dp_shard: int = 1
     pp: int = 1
-    grad_reduce: str = "last_backward"
+    grad_reduce: str = "auto"
     reshard_after_forward: bool = False
     # pp > 1: prove each step's plan valid before running it (cheap; see conf/parallel/single.yaml).
     check_plan: bool = True
@@ -87,8 +90,9 @@ class ParallelConfig:
             raise ValueError(f"parallel.dp={self.dp} with parallel.dp_replicate={self.dp_replicate} and "
                              f"parallel.dp_shard={self.dp_shard}: parallel.dp means dp_replicate alone; set either "
                              f"parallel.dp, or parallel.dp_replicate and parallel.dp_shard")
-        if self.grad_reduce not in GRAD_REDUCE:
-            raise ValueError(f"parallel.grad_reduce={self.grad_reduce!r} must be one of {', '.join(GRAD_REDUCE)}")
+        if self.grad_reduce not in GRAD_REDUCE_SETTINGS:
+            raise ValueError(f"parallel.grad_reduce={self.grad_reduce!r} must be one of "
+                             f"{', '.join(GRAD_REDUCE_SETTINGS)}")
         if self.grad_reduce == "every_backward" and self.pp > 1:
             raise ValueError("parallel.grad_reduce=every_backward with parallel.pp > 1: the data-parallel ranks of a "
                              "stage run different chunk schedules, so a reduce after every backward would tie their "

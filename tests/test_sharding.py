@@ -123,6 +123,11 @@ def _protocol_worker(rank: int, port: int, out_dir: str) -> None:
     from chunkflow_pl.strategy.sharding import ShardingSettings, shard_model
 
     strategy = gloo_strategy(rank, port, ParallelDims(dp=2, pp=1, world_size=2, num_layers=2, dp_shard=2))
+    settled = []  # parallel.grad_reduce=auto: the ranks' memory checks picked (rank 0, rank 1); all must agree
+    for picks in (("last_backward", "every_backward"), ("last_backward", "last_backward")):
+        strategy.grad_reduce, strategy.grad_reduce_pick = "auto", picks[rank]
+        strategy._settle_grad_reduce()
+        settled.append(strategy.grad_reduce)
     torch.manual_seed(0)
     cfg = get_preset("tiny", num_layers=2)
     model = Qwen2Decoder(cfg)
@@ -153,6 +158,7 @@ def _protocol_worker(rank: int, port: int, out_dir: str) -> None:
     comms = sorted({type(g._reduce_scatter_comm).__name__ for u in stage.units
                     for g in fully_shard.state(u)._fsdp_param_groups})
     out = {"compute": compute_dtype, "master": sorted(master), "reduces": stage.reduces, "comms": comms,
+           "settled": settled,
            "grad_dtypes": sorted({str(p.grad.dtype) for p in model.parameters()}),
            "changed": sorted(n for n, p in model.named_parameters() if not torch.equal(p.full_tensor(), whole[n]))}
     torch.save((grads, {n: p.grad for n, p in plain.named_parameters()}), Path(out_dir, f"grads{rank}.pt"))
@@ -173,6 +179,7 @@ def test_sharded_step_reduces_equally_often_on_ranks_with_different_chunk_counts
     for r in (r0, r1):
         assert r["compute"] == "torch.bfloat16" and r["master"] == ["torch.float32"], r
         assert r["grad_dtypes"] == ["torch.float32"] and r["reduces"] == 3, r
+        assert r["settled"] == ["every_backward", "last_backward"], r  # every_backward if any rank needs it
         assert r["comms"] == ["AllReduceScatter"], r
         assert r["changed"] == [], r  # the step left the master weights alone (only the optimizer moves them)
     (g0, own0), (g1, own1) = (torch.load(tmp_path / f"grads{r}.pt") for r in (0, 1))

@@ -107,7 +107,8 @@ class ChunkFlowStrategy(ParallelStrategy):
         self.should_stop = None  # optional callable polled between chunk actions (signals)
         self.check_plan = bool(flags.check_plan if check_plan is None else check_plan)
         self.check_messages = bool(flags.check_messages if check_messages is None else check_messages)
-        self.grad_reduce = flags.grad_reduce
+        self.grad_reduce = flags.grad_reduce  # "auto": settled when sharding (_settle_grad_reduce)
+        self.grad_reduce_pick: str | None = None  # auto: this rank's pick from the memory check (fit_setup.py)
         self._sharded: ShardedStage | None = None  # dp > 1: this stage's FSDP2 units (setup)
         # Timeline: a callback sets record_timeline before a step; the step leaves its StageTimeline here.
         self.record_timeline = False
@@ -199,6 +200,7 @@ class ChunkFlowStrategy(ParallelStrategy):
         # (torchtitan's order).
         apply_layer_checkpoint(self.lightning_module.model, self.layer_checkpoint)
         if self.dims.sharded:
+            self._settle_grad_reduce()
             self._sharded = shard_model(self.lightning_module.model, self._groups.dp_mesh,
                                         ShardingSettings(self.grad_reduce, *self._sharded_dtypes()))
         self.barrier("setup")
@@ -207,6 +209,14 @@ class ChunkFlowStrategy(ParallelStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
+
+    def _settle_grad_reduce(self) -> None:
+        """``parallel.grad_reduce=auto``: every rank takes the same mode, ``every_backward`` if any rank's memory
+        check picked it (ranks can see different free memory; different modes would pair different collectives)."""
+        if self.grad_reduce != "auto":
+            return
+        mine = torch.tensor([float(self.grad_reduce_pick == "every_backward")], device=self.root_device)
+        self.grad_reduce = "every_backward" if self.reduce(mine, reduce_op="max").item() else "last_backward"
 
     def _sharded_dtypes(self) -> tuple[torch.dtype | None, torch.dtype | None]:
         """FSDP2's (param_dtype, reduce_dtype): bf16-mixed computes with bf16 parameters gathered from fp32 master

@@ -28,7 +28,7 @@ from chunkflow_pl.config import ParallelConfig
 from chunkflow_pl.model.memory import Sharding
 from chunkflow_pl.schedule.executor import StepInterrupted
 from chunkflow_pl.strategy.dims import ParallelDims
-from chunkflow_pl.strategy.memory_check import MemoryRequest, check_memory
+from chunkflow_pl.strategy.memory_check import MemoryRequest, check_memory, settle_grad_reduce, settled_or_last
 
 if TYPE_CHECKING:
     from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
@@ -75,6 +75,8 @@ def prepare_fit(strategy: ChunkFlowStrategy) -> None:
     _attach_callbacks(strategy, trainer.callbacks)
     request = memory_request(strategy, module, trainer.datamodule, str(trainer.precision))
     if request is not None:
+        request = settle_grad_reduce(request, strategy.grad_reduce, strategy.root_device.type)
+        strategy.grad_reduce_pick = request.sharding.grad_reduce  # ranks agree on it when sharding (chunkflow.py)
         check_memory(request, strategy.root_device.type, refuse=strategy.check_memory)
 
 
@@ -99,4 +101,4 @@ def memory_request(strategy: ChunkFlowStrategy, module: Any, datamodule: Any, pr
     return MemoryRequest(cfg, int(chunk_size), strategy.chunk_k, precision, optim.name, int(module.loss_chunk),
                          int(longest()), dims.pp, lora=getattr(module, "lora", None),
                          layer_checkpoint=strategy.layer_checkpoint,
-                         sharding=Sharding(dims.dp_shard, dims.dp_replicate, strategy.grad_reduce))
+                         sharding=Sharding(dims.dp_shard, dims.dp_replicate, settled_or_last(strategy.grad_reduce)))

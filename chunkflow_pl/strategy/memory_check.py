@@ -9,7 +9,7 @@ rank computes the same number (the pipeline stage that needs the most), so all r
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from chunkflow_pl.config import ParallelConfig
 from chunkflow_pl.model.config import LoraSettings, ModelConfig
@@ -45,9 +45,41 @@ class MemoryRequest:
 
 
 def sharding_of(parallel: ParallelConfig) -> Sharding:
-    """The ``parallel`` group's data parallelism as the estimate takes it (``parallel.dp`` alone: replicas)."""
-    return Sharding(parallel.dp_shard, parallel.data_parallel // parallel.dp_shard, parallel.grad_reduce,
-                    parallel.reshard_after_forward)
+    """The ``parallel`` group's data parallelism as the estimate takes it (``parallel.dp`` alone: replicas;
+    ``grad_reduce=auto`` as ``last_backward`` until ``settle_grad_reduce`` picks)."""
+    return Sharding(parallel.dp_shard, parallel.data_parallel // parallel.dp_shard,
+                    settled_or_last(parallel.grad_reduce), parallel.reshard_after_forward)
+
+
+def settled_or_last(grad_reduce: str) -> str:
+    return "last_backward" if grad_reduce == "auto" else grad_reduce
+
+
+def pick_grad_reduce(req: MemoryRequest, avail: int) -> str:
+    """``parallel.grad_reduce=auto`` for this layout, as the layout planner would pick it: ``last_backward`` (one
+    reduce per step, fewest collectives: always the faster) when its per-rank estimate fits ``avail`` bytes, else
+    ``every_backward`` (no unsharded gradient held across backwards) when that needs less. Without sharding, or with
+    pp > 1 (where every_backward is refused), ``last_backward``."""
+    if req.sharding.dp_shard == 1 or req.pp > 1:
+        return "last_backward"
+    last = estimate(replace(req, sharding=replace(req.sharding, grad_reduce="last_backward")))
+    if last.total <= avail:
+        return "last_backward"
+    every = estimate(replace(req, sharding=replace(req.sharding, grad_reduce="every_backward")))
+    return "every_backward" if every.total < last.total else "last_backward"
+
+
+def settle_grad_reduce(req: MemoryRequest, grad_reduce: str, device_type: str) -> MemoryRequest:
+    """The request with ``parallel.grad_reduce`` settled: as set, or for ``auto`` ``pick_grad_reduce``'s choice for
+    the memory ``device_type`` has (logged)."""
+    if grad_reduce != "auto":
+        return req
+    choice = pick_grad_reduce(req, available_memory(device_type))
+    if req.sharding.dp_shard > 1 and req.pp == 1:
+        log.info("parallel.grad_reduce=auto: %s (%s)", choice,
+                 "its estimate fits the device" if choice == "last_backward" else
+                 "last_backward's unsharded gradient does not fit the device")
+    return replace(req, sharding=replace(req.sharding, grad_reduce=choice))
 
 
 def stage_estimates(req: MemoryRequest) -> list[MemoryEstimate]:
