@@ -44,7 +44,8 @@ def case(tmp_path_factory):
 
 def validate(d: Path, parallel: ParallelConfig, devices: int, chunk_size: int) -> dict:
     """``Trainer.validate`` of the checkpoint on the file under ``parallel``: this rank's ``ValidationResult``."""
-    torch.set_num_threads(1)
+    if devices > 1:  # a spawned rank; in pytest's own process the thread count stays (tests/conftest.py)
+        torch.set_num_threads(1)
     cfg = ModelConfig.from_hf_dir(d / "hf")
     data = DataConfig(kind="jsonl", path=str(d / "val.jsonl"), val_path=str(d / "val.jsonl"), global_batch_size=7,
                       shuffle=False, cache_dir=str(d / "cache"), val_position_buckets=EDGES)
