@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from chunkflow_pl.config import GRAD_REDUCE
 from chunkflow_pl.model.config import LoraSettings, ModelConfig
 from chunkflow_pl.model.stages import StageSpec
 from chunkflow_pl.utils.host_memory import available_host_bytes
@@ -21,9 +22,6 @@ def precision_bytes(precision: str) -> tuple[int, int]:
     if p.endswith("-mixed"):
         return 4, 2  # fp32 master weights, half-precision activations
     return 2, 2  # bf16-true / 16-true
-
-
-GRAD_REDUCE = ("last_backward", "every_backward")
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-GRAD_REDUCE = ("last_backward", "every_backward")
+from chunkflow_pl.config import GRAD_REDUCE
 
 
 @dataclass(frozen=True)
