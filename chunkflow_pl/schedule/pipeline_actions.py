@@ -16,7 +16,15 @@ Channels: one per stage pair and direction, so four kinds of message end on two 
 The k-th send and the k-th receive of a channel carry the same message (FIFO, as NCCL matches them
 per process group). Text form, used in docstrings and tests: ``>A3`` send activation of chunk 3,
 ``<A3`` receive it, ``>G3`` send gradient, ``<G3`` receive it (peer and size implied by the stage and
-the chunk); compute actions print as ``F3``, ``F3(drop)``, ``R3``, ``B3``.
+the chunk); compute actions print as ``F3``, ``F3(drop)``, ``R3``, ``B3``, and with split backward
+(``parallel.split_backward``) ``B3(in)`` and ``W3``.
+
+Split backward (zero-bubble schedules, Qi et al. 2023): ``BACKWARD(c, split=True)`` computes what the
+critical path needs, the gradient of the stage input (sent by ``>G c``) and of the chunk's key/value
+prefix state (into the state store), but no parameter gradient; ``WEIGHT(c)``, later on the same
+stage and before the step ends, adds chunk ``c``'s parameter gradients. A chunk holds its activation
+slot (``PipelinePlan.caps``) from its kept forward or recompute until its ``WEIGHT``: what the weight
+gradient reads stays alive until then. ``WEIGHT`` sends and receives nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ class Op(str, Enum):
     FORWARD = "forward"  # run the chunk forward; store its keys/values in the state store
     RECOMPUTE = "recompute"  # re-run a forward whose activations were dropped, right before its backward
     BACKWARD = "backward"  # backward of the chunk's loss plus the gradient of its keys/values
+    WEIGHT = "weight"  # the parameter-gradient half of a split backward (``Action.split``), after its BACKWARD
 
 
 @dataclass(frozen=True)
@@ -41,9 +50,19 @@ class Action:
     op: Op
     chunk: int
     keep: bool = True  # FORWARD only: keep activations for backward (False: recompute later)
+    split: bool = False  # BACKWARD only: input and state gradients only; a WEIGHT action adds the rest
+
+    def __post_init__(self) -> None:
+        if self.split and self.op is not Op.BACKWARD:
+            raise ValueError(f"split=True on a {self.op.value} action: only a backward splits")
 
     def __str__(self) -> str:
-        suffix = "" if self.op is not Op.FORWARD or self.keep else "(drop)"
+        if self.op is Op.FORWARD and not self.keep:
+            suffix = "(drop)"
+        elif self.op is Op.BACKWARD and self.split:
+            suffix = "(in)"
+        else:
+            suffix = ""
         return f"{self.op.value[0].upper()}{self.chunk}{suffix}"
 
 
@@ -114,10 +133,29 @@ class PipelinePlan:
     stages: tuple[tuple[PipeAction, ...], ...]
     caps: tuple[int, ...]
     chunk_tokens: tuple[int, ...]
+    # Virtual stages (``parallel.virtual_stages``, interleaved 1F1B): ``stages`` and ``caps`` are per *block*,
+    # ``ranks x virtual`` of them, block ``b`` (``split_stages(num_layers, len(stages))[b]``) on rank
+    # ``b % ranks``; every per-stage rule holds per block, and a ``Comm.peer`` names a block (each block pair
+    # and direction is its own channel, a 2-rank process group at run time). ``order[r]``: rank ``r``'s
+    # execution order, ``(block, index into stages[block])`` pairs, each block's list in its own order.
+    # ``virtual == 1``: ``order`` is None and rank ``r`` runs ``stages[r]``.
+    virtual: int = 1
+    order: tuple[tuple[tuple[int, int], ...], ...] | None = None
 
     @property
     def pp(self) -> int:
+        """Blocks (stages of layers): ``ranks * virtual``."""
         return len(self.stages)
+
+    @property
+    def ranks(self) -> int:
+        return len(self.stages) // self.virtual
+
+    def rank_actions(self, rank: int) -> list[tuple[int, PipeAction]]:
+        """``(block, action)`` in the order rank ``rank`` executes them."""
+        if self.order is None:
+            return [(rank, a) for a in self.stages[rank]]
+        return [(b, self.stages[b][i]) for b, i in self.order[rank]]
 
     def compute(self, stage: int) -> list[Action]:
         """Compute actions of ``stage`` in order (what the stage's executor runs between messages)."""
@@ -130,6 +168,8 @@ class PipelinePlan:
     def fingerprint(self) -> str:
         """Short hash of everything a rank acts on; ranks compare it to catch diverging plans."""
         detail = [repr(self.caps), repr(self.chunk_tokens)]
+        if self.virtual != 1:
+            detail.append(f"virtual={self.virtual} order={self.order!r}")
         for acts in self.stages:
             detail.append(" ".join(_detail(a) for a in acts))
         return hashlib.sha256("\n".join(detail).encode()).hexdigest()[:16]
