@@ -9,6 +9,16 @@ A stage executor owns the stage's state store and runs actions for the chunks of
     recv_grad(c)   d loss / d output from the next stage                        (not on the last stage)
     backward(c)    autograd through c, fed the stored gradient of c's keys/values from later chunks
     send_grad(c)   d loss / d input to the previous stage                       (not on the first stage)
+    weight(c)      after a split backward(c) (``Action.split``): add c's stashed linear-weight gradients
+
+Split backward (``parallel.split_backward``; ``model/split_linear.py``): ``backward(c, split=True)`` runs the
+same autograd call inside ``capture(stash)``, so the decoder's ``SplitLinear`` layers stash
+``(W, x, d out)`` instead of computing ``dW``; the input gradient, the key/value state gradients and the cheap
+parameter gradients (norms, biases, embedding, LM head) are produced exactly as unsplit. ``weight(c)``, later
+(other chunks' actions in between, in any order the plan gives), adds ``d out^T @ x`` to each ``.grad`` and
+frees the stash. The chunk counts as live (``max_live_activations``, checked against the plan's cap) until its
+weight action, and ``after_backward`` runs after the weight action instead of the backward (the chunk's
+gradient is complete only then).
 
 With one stage (pp = 1) only forward / recompute / backward occur and the transport is never used.
 
@@ -39,6 +49,7 @@ import torch
 
 from chunkflow_pl.data.types import ChunkBatch, Segment, StepBatch
 from chunkflow_pl.model.attention import VarlenMeta
+from chunkflow_pl.model.split_linear import WeightGradStash, capture, has_split_linear
 from chunkflow_pl.schedule.evaluation import EvalSums
 from chunkflow_pl.schedule.offload import CopyEngine, PrefixMover, copy_engine_for
 from chunkflow_pl.schedule.state import StateStore
@@ -77,7 +88,8 @@ class ChunkExecutor:
     ``clock`` (off by default): when given, ``run`` records ``(op, chunk, start, end)`` of every action
     it runs in ``events``, timed with it (the timeline of a step).
     ``after_backward`` (when given) runs after every backward action, a padding chunk's too, so every
-    data-parallel rank of a stage calls it equally often (a sharded stage reduces its gradients there).
+    data-parallel rank of a stage calls it equally often (a sharded stage reduces its gradients there); after
+    a split backward it runs after the chunk's weight action instead.
     """
 
     def __init__(self, model: torch.nn.Module, batch: StepBatch, device: torch.device,
@@ -106,6 +118,7 @@ class ChunkExecutor:
         self._outbox: dict[int, torch.Tensor] = {}  # outputs, until sent
         self._grad_in: dict[int, torch.Tensor] = {}  # received output gradients, until backward
         self._grad_out: dict[int, torch.Tensor] = {}  # input gradients, until sent
+        self._awaiting_w: dict[int, WeightGradStash] = {}  # split backwards' stashes, until their weight action
         self.stats = StepStats()
         self.clock = clock
         self.events: list[tuple[str, int, float, float]] = []  # (op, chunk, start, end), when clock is given
@@ -263,7 +276,11 @@ class ChunkExecutor:
         live = self._run_forward(c, grad=keep, recompute=False)
         if keep:
             self._live[c] = live
-        self.stats.max_live_activations = max(self.stats.max_live_activations, len(self._live))
+        self._count_live()
+
+    def _count_live(self) -> None:
+        # A split chunk holds its slot until its weight action (PipelinePlan.caps): its stash lives until then.
+        self.stats.max_live_activations = max(self.stats.max_live_activations, len(self._live) + len(self._awaiting_w))
 
     def send_act(self, c: int) -> None:
         self.transport.send(ACT, c, self._outbox.pop(c))
@@ -273,12 +290,12 @@ class ChunkExecutor:
             return
         self._live[c] = self._run_forward(c, grad=True, recompute=True)
         self.stats.recomputed_chunks += 1
-        self.stats.max_live_activations = max(self.stats.max_live_activations, len(self._live))
+        self._count_live()
 
     def recv_grad(self, c: int) -> None:
         self._grad_in[c] = self.transport.recv(GRAD, c, self._hidden_shape(c), self.act_dtype, self.device)
 
-    def backward(self, c: int) -> None:
+    def backward(self, c: int, split: bool = False) -> None:
         if self._empty(c):
             return
         live = self._live.pop(c)
@@ -303,8 +320,15 @@ class ChunkExecutor:
         # Frozen paths (LoRA: layer 0's keys when k_proj is not adapted) carry no graph: no parameter they depend
         # on trains, so their gradients are dropped, not an error.
         pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+        stash = WeightGradStash() if split else None
         if pairs:  # prefix gradients reach the store through hooks (or a mover)
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            if stash is not None:
+                with capture(stash):
+                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            else:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        if stash is not None:
+            self._awaiting_w[c] = stash  # the chunk keeps its slot until weight(c)
         if not self.stage.takes_ids:
             g_in = live.inp.grad
             self._grad_out[c] = g_in if g_in is not None else torch.zeros_like(live.inp)
@@ -318,13 +342,29 @@ class ChunkExecutor:
         self.stats.chunks += 1
         self._on_device.pop(c, None)
 
+    def weight(self, c: int) -> None:
+        """The parameter-gradient half of chunk ``c``'s split backward: add its stashed weight gradients."""
+        if self._empty(c):
+            return
+        stash = self._awaiting_w.pop(c, None)
+        if stash is None:
+            raise RuntimeError(f"stage {self.stage}: weight action of chunk {c} without a pending split backward "
+                               f"of it (none ran, or its weight action already did): the plan is out of order")
+        stash.flush()
+
     def send_grad(self, c: int) -> None:
         self.transport.send(GRAD, c, self._grad_out.pop(c))
 
     # ---- plans -------------------------------------------------------------------------------
     def run(self, actions: Sequence) -> StepStats:
         """Run actions in order. Each has ``op`` (an enum whose value names a method above, e.g.
-        ``"forward"``), ``chunk`` and, for forwards, ``keep``."""
+        ``"forward"``), ``chunk``, for forwards ``keep`` and for backwards ``split``."""
+        actions = list(actions)
+        if (any(getattr(a, "split", False) for a in actions) and self.evaluation is None
+                and not has_split_linear(self.model)):
+            raise ValueError("the step plan splits backward (parallel.split_backward=true) but the model has no "
+                             "SplitLinear layers: apply chunkflow_pl.model.split_linear.apply_split_linear to it "
+                             "first (the strategy does when parallel.split_backward=true)")
         for a in actions:
             if self.should_stop is not None and self.should_stop():
                 # the caller names the step (its optimizer-step count; batch.step_index counts global batches from 0)
@@ -335,10 +375,17 @@ class ChunkExecutor:
             start = self.clock() if self.clock is not None else 0.0
             if op == "forward":
                 self.forward(a.chunk, a.keep)
+            elif op == "backward":
+                split = bool(getattr(a, "split", False))
+                self.backward(a.chunk, split)
+                if not split and self.after_backward is not None:
+                    self.after_backward()
+            elif op == "weight":  # the gradient of a split chunk is complete only now
+                self.weight(a.chunk)
+                if self.after_backward is not None:
+                    self.after_backward()
             elif op in _ACTIONS:
                 getattr(self, op)(a.chunk)
-                if op == "backward" and self.after_backward is not None:
-                    self.after_backward()
             else:
                 raise ValueError(f"unknown action {a}")
             if self.clock is not None:
@@ -346,14 +393,15 @@ class ChunkExecutor:
             self.stats.peak_state_bytes = max(self.stats.peak_state_bytes, self.store.peak_bytes)
         self.transport.flush()
         self.store.drain()
-        if len(self.store) or self._live or self._outbox or self._grad_out:
+        if len(self.store) or self._live or self._outbox or self._grad_out or self._awaiting_w:
             raise RuntimeError(f"step plan left state for {len(self.store)} sequences, live chunks "
-                               f"{sorted(self._live)} or unsent messages: the plan is incomplete")
+                               f"{sorted(self._live)}, chunks awaiting their weight action {sorted(self._awaiting_w)} "
+                               f"or unsent messages: the plan is incomplete")
         return self.stats
 
 
 _EVAL_ACTIONS = {"forward", "recv_act", "send_act"}
-_ACTIONS = {"recompute", "backward", "recv_act", "send_act", "recv_grad", "send_grad"}
+_ACTIONS = {"recompute", "recv_act", "send_act", "recv_grad", "send_grad"}
 
 
 class StepInterrupted(RuntimeError):
