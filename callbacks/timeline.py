@@ -4,7 +4,7 @@ On a recorded step every rank times each action it runs (``ChunkExecutor``'s clo
 the ranks of a replica share, see ``schedule/runner.py``); rank 0 gathers the stages of
 replica 0 (data-parallel rank 0) and writes, under ``<run dir>/<dirname>/``::
 
-    step_000009.png        executed: forward / recompute / backward / idle per stage
+    step_000009.png        executed: forward / recompute / backward / weight (split backward) / idle per stage
     step_000009_sim.png    (pp > 1) the simulator running the same plan on the durations just measured,
                            on the same time axis: what the plan's order alone costs in bubbles; the
                            gap to the executed chart is message and runtime overhead

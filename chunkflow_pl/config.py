@@ -64,7 +64,9 @@ class ParallelConfig:
     (parameters stay unsharded for the whole step, see ``strategy/sharding.py`` for why).
     collective_timeout: how long a rank waits in a collective or point-to-point call for the others
     (``600``, ``90s``, ``10m``, ``1h``) before it stops with an error: a hung peer is reported within it.
-    Seconds after construction."""
+    Seconds after construction. split_backward: split each chunk's backward into B (input and key/value state
+    gradients) and a later W (linear weight gradients), the zero-bubble split (``model/split_linear.py``);
+    not with data parallelism, LoRA or ``chunk.layer_checkpoint=full`` yet (the strategy refuses them at start)."""
 
     dp: int = 1
     dp_replicate: int = 1
@@ -77,6 +79,9 @@ class ParallelConfig:
     # Debug: size headers on every message and plan fingerprints compared across ranks each step.
     check_messages: bool = False
     collective_timeout: int | float | str = "10m"
+    # Split backward (zero-bubble pipelines): a chunk's backward computes input and key/value state gradients
+    # only, a later weight action its linear layers' weight gradients (chunkflow_pl/model/split_linear.py).
+    split_backward: bool = False
     # parallel=auto: the layout planner (chunkflow_pl.plan.layout) picks pp, dp_replicate, dp_shard, grad_reduce and
     # chunk.layer_checkpoint (and chunk.size / chunk.k when those are auto) for the launch's world size at start.
     auto: bool = False

@@ -97,7 +97,8 @@ def _cfg(tmp_path, *overrides):
     ("+model.foo=1", r"unknown key model\.foo; accepted keys: .*preset"),
     ("+model.overrides.foo=1", r"unknown key model\.overrides\.foo; accepted keys: .*num_layers"),
     ("+parallel.tp=2", r"unknown key parallel\.tp; accepted keys: auto, check_messages, check_plan, "
-                       r"collective_timeout, dp, dp_replicate, dp_shard, grad_reduce, pp, reshard_after_forward"),
+                       r"collective_timeout, dp, dp_replicate, dp_shard, grad_reduce, pp, reshard_after_forward, "
+                       r"split_backward"),
     ("+trainer.foo=1", r"unknown key trainer\.foo; accepted keys: .*max_steps"),
     ("trainer.max_steps=many", r"trainer\.max_steps='many' must be an integer"),
     ("+trainer.strategy=ddp", r"trainer\.strategy is set by train\.py"),

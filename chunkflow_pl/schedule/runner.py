@@ -8,7 +8,8 @@ A step of one rank (one pipeline stage of one data-parallel replica; one device 
              check_plan=False. With one stage it has no messages: Algorithm 2's single-device order.
     begin    transport.begin_step: P2PTransport learns the step's messages and posts its first
              receives; a one-stage plan runs on a LocalTransport that nothing goes through
-    run      one ChunkExecutor runs plan.stages[stage]; gradients accumulate in the model's .grad
+    run      one ChunkExecutor runs plan.stages[stage]; gradients accumulate in the model's .grad (with
+             split_backward, a chunk's linear weight gradients at its W action, after its B)
     caps     the executor's measured peak of live activations must not pass plan.caps[stage]
     record   (record=True) every action timed from the replica's common origin: one StageTimeline
 
@@ -46,8 +47,10 @@ def pipeline_cost(cfg: ModelConfig, pp: int) -> CostModel:
     return CostModel.from_model(cfg, pp, stage_layers=[len(s.layer_ids) for s in split_stages(cfg.num_layers, pp)])
 
 
-def plan_step(batch: StepBatch, cost: CostModel, k: int, check: bool = True) -> PipelinePlan:
-    """The replica's plan for ``batch`` (``cost.pp`` stages, ``k`` kept chunks per chain), checked if ``check``.
+def plan_step(batch: StepBatch, cost: CostModel, k: int, check: bool = True,
+              split_backward: bool = False) -> PipelinePlan:
+    """The replica's plan for ``batch`` (``cost.pp`` stages, ``k`` kept chunks per chain), checked if ``check``;
+    ``split_backward``: backwards split into B and W actions (``parallel.split_backward``).
 
     The check (``check_pipeline_plan``: dependencies, channel order, caps, progress under NCCL's
     matching rules) costs 0.4-1.3x the planning time: 7-50 ms per step for a 7B pipeline on a global
@@ -55,7 +58,7 @@ def plan_step(batch: StepBatch, cost: CostModel, k: int, check: bool = True) -> 
     step on GPUs; ``parallel.check_plan=false`` skips it.
     """
     chunks = [c.segments for c in batch.chunks]
-    plan = plan_pipeline(chunks, batch.seq_lens, cost.pp, k, cost=cost)
+    plan = plan_pipeline(chunks, batch.seq_lens, cost.pp, k, cost=cost, split_backward=split_backward)
     if check:
         check_pipeline_plan(plan, chunks, batch.seq_lens, sends="async")
     return plan
@@ -96,12 +99,14 @@ class StepRunner:
 
     ``k``: chunks per chain whose activations are kept (``chunk.k``). ``transport``: the link to the
     neighbouring stages (required when ``pp > 1``; one stage gets a ``LocalTransport``).
-    ``rank``/``dp_rank`` only label the timelines. The cost model is built once, here.
+    ``rank``/``dp_rank`` only label the timelines. The cost model is built once, here. ``split_backward``
+    (``parallel.split_backward``): plans split each backward into B and W; the model's decoder layers must have
+    ``SplitLinear`` layers (``model/split_linear.apply_split_linear``; the executor refuses the plan otherwise).
     """
 
     def __init__(self, cfg: ModelConfig, k: int, device: torch.device | str, *, stage: int = 0, pp: int = 1,
                  offload_state: bool = False, transport: Transport | None = None, check_plan: bool = True,
-                 rank: int = 0, dp_rank: int = 0) -> None:
+                 rank: int = 0, dp_rank: int = 0, split_backward: bool = False) -> None:
         if k < 1:
             raise ValueError(f"chunk.k={k} must be >= 1 (chunks whose activations are kept)")
         if not 0 <= stage < pp:
@@ -112,13 +117,14 @@ class StepRunner:
         self.device = torch.device(device)
         self.offload_state = bool(offload_state)
         self.check_plan = bool(check_plan)
+        self.split_backward = bool(split_backward)
         self.transport: Transport = transport if transport is not None else LocalTransport()
         self.rank, self.dp_rank = int(rank), int(dp_rank)
         self.cost = pipeline_cost(cfg, self.pp)
 
     def plan(self, batch: StepBatch) -> PipelinePlan:
         """The replica's plan for ``batch`` (what ``run`` executes; deterministic, so it may be derived again)."""
-        return plan_step(batch, self.cost, self.k, check=self.check_plan)
+        return plan_step(batch, self.cost, self.k, check=self.check_plan, split_backward=self.split_backward)
 
     def run(self, model: torch.nn.Module, batch: StepBatch, *, should_stop: Callable[[], bool] | None = None,
             record: bool = False, on_plan: Callable[[PipelinePlan], None] | None = None,

@@ -117,6 +117,7 @@ def plan_pipeline(
     cost: ActionCost | None = None,
     caps: Sequence[int] | None = None,
     max_open_chains: int | None = 1,
+    split_backward: bool = False,
 ) -> PipelinePlan:
     """Per-stage action lists for one step of one pipeline replica (see the module docstring).
 
@@ -127,6 +128,9 @@ def plan_pipeline(
     at once (``None``: no limit beyond the caps). With ``pp = 1`` the compute actions are exactly
     the single-device order of Algorithm 2 (``tests/single_device_oracle.py``) minus those on empty
     chunks.
+
+    ``split_backward`` (``parallel.split_backward``): every backward is split (``Action.split``) and followed
+    by its chunk's ``WEIGHT`` (see the placeholder at the end).
 
     Raises ``ValueError`` on bad arguments or chunks that do not tile their sequences.
     """
@@ -154,7 +158,22 @@ def plan_pipeline(
 
     orders = _ListScheduler(units, chunks, pp, caps_t, cost, max_open_chains).run()
     stages = tuple(tuple(_with_messages(order, s, pp, tokens)) for s, order in enumerate(orders))
+    if split_backward:
+        # PLACEHOLDER (split backward at run time, until the scheduler places W actions itself): each
+        # BACKWARD(c) becomes BACKWARD(c, split=True) immediately followed by WEIGHT(c), so the compute and the
+        # caps are those of the unsplit plan. Replace with real W scheduling (zero-bubble) in _ListScheduler.
+        stages = tuple(tuple(_split_now(acts)) for acts in stages)
     return PipelinePlan(stages=stages, caps=caps_t, chunk_tokens=tokens)
+
+
+def _split_now(acts):
+    """PLACEHOLDER (see plan_pipeline): ``B c`` -> ``B c(in) W c``, everything else unchanged."""
+    for a in acts:
+        if isinstance(a, Action) and a.op is Op.BACKWARD:
+            yield Action(Op.BACKWARD, a.chunk, split=True)
+            yield Action(Op.WEIGHT, a.chunk)
+        else:
+            yield a
 
 
 @dataclass(frozen=True)

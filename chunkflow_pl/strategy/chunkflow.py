@@ -9,6 +9,7 @@ pipeline stage of one data-parallel replica, see ``dims.py``)::
     setup_environment   process groups (Lightning's launcher, torchrun or SLURM): ("pp", "dp") mesh,
                         tie groups, p2p channels                                          groups.py
     configure_model     the LightningModule builds only ``stage_spec``'s layers (names unchanged)
+    setup               parallel.split_backward: linear layers split into B and W halves  split_backward.py
     run_chunk_step      this rank's stage of its replica's step plan (every rank of a replica derives
                         the same plan from the same StepBatch), through the schedule's StepRunner, one
                         path for every layout; gradients accumulate in ``.grad``          step.py
@@ -57,6 +58,7 @@ from chunkflow_pl.strategy.health import peer_failures
 from chunkflow_pl.strategy.layer_checkpoint import apply_layer_checkpoint, check_policy
 from chunkflow_pl.strategy.preemption import Preemption
 from chunkflow_pl.strategy.sharding import ShardedStage, ShardingSettings, shard_model
+from chunkflow_pl.strategy.split_backward import apply_split_backward, check_split_backward
 from chunkflow_pl.strategy.step import RankStep, StepSettings, comm_device
 from chunkflow_pl.utils.held_signals import hold_signals
 from chunkflow_pl.utils.sizes import format_duration
@@ -71,7 +73,8 @@ class ChunkFlowStrategy(ParallelStrategy):
                  offload_state: bool = False, num_layers: int | None = None,
                  timeout: timedelta | float | None = None, process_group_backend: str | None = None,
                  check_plan: bool | None = None, check_messages: bool | None = None, check_memory: bool = True,
-                 preemption: bool = True, layer_checkpoint: str = "none", **kwargs: Any) -> None:
+                 preemption: bool = True, layer_checkpoint: str = "none", split_backward: bool | None = None,
+                 **kwargs: Any) -> None:
         """``parallel``: dp x pp (``ParallelConfig``; its world size is checked against the Trainer's devices x
         num_nodes), or a ``ParallelDims`` already sized. ``check_plan`` (default: the config's, True): prove each
         step's plan valid before running it (every layout; ``runner.plan_step``). ``check_messages`` (debug,
@@ -81,8 +84,10 @@ class ChunkFlowStrategy(ParallelStrategy):
         SIGTERM/SIGUSR1 callback (``preemption.py``). ``timeout`` (a timedelta or seconds; default the config's
         ``parallel.collective_timeout``, 10 minutes): how long any collective or point-to-point call of any of the
         run's process groups waits for the other ranks. ``layer_checkpoint`` (``chunk.layer_checkpoint``, ``none`` or
-        ``full``): per-layer activation checkpointing inside kept chunks (``layer_checkpoint.py``). What the strategy
-        does with the Trainer: ``fit_setup.py``."""
+        ``full``): per-layer activation checkpointing inside kept chunks (``layer_checkpoint.py``). ``split_backward``
+        (default: the config's ``parallel.split_backward``): split each chunk's backward into B and W actions
+        (``split_backward.py``; what it does not run with is refused here). What the strategy does with the Trainer:
+        ``fit_setup.py``."""
         super().__init__(**kwargs)
         if chunk_k < 1:
             raise ValueError(f"chunk.k={chunk_k} must be >= 1 (chunks whose activations are kept)")
@@ -107,6 +112,9 @@ class ChunkFlowStrategy(ParallelStrategy):
         self.should_stop = None  # optional callable polled between chunk actions (signals)
         self.check_plan = bool(flags.check_plan if check_plan is None else check_plan)
         self.check_messages = bool(flags.check_messages if check_messages is None else check_messages)
+        self.split_backward = bool(flags.split_backward if split_backward is None else split_backward)
+        if self.split_backward:  # before anything is built
+            check_split_backward(self.layer_checkpoint, self.dims.dp if self.dims is not None else flags.data_parallel)
         self.grad_reduce = flags.grad_reduce  # "auto": settled when sharding (_settle_grad_reduce)
         self.grad_reduce_pick: str | None = None  # auto: this rank's pick from the memory check (fit_setup.py)
         self._sharded: ShardedStage | None = None  # dp > 1: this stage's FSDP2 units (setup)
@@ -199,6 +207,9 @@ class ChunkFlowStrategy(ParallelStrategy):
         # Per-layer activation checkpointing, then sharding: from outside the model, before the optimizer is built
         # (torchtitan's order).
         apply_layer_checkpoint(self.lightning_module.model, self.layer_checkpoint)
+        if self.split_backward:
+            check_split_backward(self.layer_checkpoint, self.dims.dp)
+            apply_split_backward(self.lightning_module.model)
         if self.dims.sharded:
             self._settle_grad_reduce()
             self._sharded = shard_model(self.lightning_module.model, self._groups.dp_mesh,
@@ -283,7 +294,8 @@ class ChunkFlowStrategy(ParallelStrategy):
     def _rank_step(self) -> RankStep:
         if self._step is None:
             self._step = RankStep(self.dims, self.global_rank, self.root_device,
-                                  StepSettings(self.chunk_k, self.offload_state, self.check_plan, self.check_messages))
+                                  StepSettings(self.chunk_k, self.offload_state, self.check_plan, self.check_messages,
+                                               self.split_backward))
         return self._step
 
     def run_eval_step(self, model: torch.nn.Module, batch: StepBatch, sums: EvalSums) -> StepStats:

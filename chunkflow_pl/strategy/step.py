@@ -41,6 +41,7 @@ class StepSettings:
     offload_state: bool = False
     check_plan: bool = True  # prove each step's plan valid before running it
     check_messages: bool = False  # pp > 1: compare plans across the replica every step (debug)
+    split_backward: bool = False  # parallel.split_backward: B and W actions (the model has SplitLinear layers)
 
 
 class RankStep:
@@ -59,7 +60,8 @@ class RankStep:
                 raise RuntimeError("setup_environment creates the pipeline's channels")
             self._runner = StepRunner(model.cfg, self.settings.k, self.device, stage=self.stage, pp=self.dims.pp,
                                       offload_state=self.settings.offload_state, transport=transport,
-                                      check_plan=self.settings.check_plan, rank=self.rank, dp_rank=self.dp_rank)
+                                      check_plan=self.settings.check_plan, rank=self.rank, dp_rank=self.dp_rank,
+                                      split_backward=self.settings.split_backward)
         return self._runner
 
     def run(self, model: torch.nn.Module, batch: StepBatch, groups: ProcessGroups | None,
