@@ -3,6 +3,8 @@ W the linear weights' gradients, and the step's gradient is the unsplit one (flo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,26 +36,33 @@ def setup(tmp_path_factory):
     split = Qwen2Decoder(cfg, loss_chunk=8).double()
     load_pretrained(split, d, cfg)
     assert apply_split_linear(split) == 7 * cfg.num_layers
+    seqs, targets, batch = make_batch(cfg)
+    n_label = batch.num_label_tokens
+    hf.zero_grad()
+    total = sum(F.cross_entropy(hf(s[None]).logits[0], t, ignore_index=-100, reduction="sum")
+                for s, t in zip(seqs, targets))
+    (total / n_label).backward()
+    ref = {name: hf.get_parameter(to_hf_name(name)).grad.clone() for name, _ in plain.named_parameters()}
+    return plain, split, batch, ref, d
+
+
+def make_batch(cfg: ModelConfig):
+    """The test's sequences, their targets and their StepBatch (the same in every process)."""
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in LENS]
     labels = [s.clone() for s in seqs]
     labels[1][:10] = -100
     targets = [targets_from_labels(s, y) for s, y in zip(seqs, labels)]
     n_label = sum(int((t != -100).sum()) for t in targets)
-    hf.zero_grad()
-    total = sum(F.cross_entropy(hf(s[None]).logits[0], t, ignore_index=-100, reduction="sum")
-                for s, t in zip(seqs, targets))
-    (total / n_label).backward()
-    ref = {name: hf.get_parameter(to_hf_name(name)).grad.clone() for name, _ in plain.named_parameters()}
     plan = build_chunk_plan(LENS, CHUNK)
     batch = assemble_step(plan.chunks, seqs, targets, LENS, list(range(len(seqs))), n_label, 0, len(plan.chunks))
-    return plain, split, batch, ref
+    return seqs, targets, batch
 
 
 def grads(model, batch, actions):
     model.zero_grad(set_to_none=True)
     stats = ChunkExecutor(model, batch, torch.device("cpu")).run(actions)
-    return {n: p.grad.clone() for n, p in model.named_parameters()}, stats
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}, stats
 
 
 def unsplit(batch, k):
@@ -77,12 +86,14 @@ def split_plan(batch, k, where: str):
 
 
 def rel_err(got, ref):
-    return max(float((got[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-300)) for n in ref)
+    """Largest relative error over ``ref``'s parameters (a missing gradient counts as zero)."""
+    return max(float(((got[n] if got[n] is not None else 0) - ref[n]).norm() / ref[n].norm().clamp_min(1e-300))
+               for n in ref)
 
 
 @pytest.mark.parametrize("k", [1, 64])  # 64: every chunk kept
 def test_deferred_weight_gradients_equal_unsplit_and_transformers(setup, k):
-    plain, split, batch, ref = setup
+    plain, split, batch, ref, _ = setup
     base, _ = grads(plain, batch, unsplit(batch, k))
     same_model, base_stats = grads(split, batch, unsplit(batch, k))
     assert (base_stats.recomputed_chunks > 0) == (k == 1)  # k=1: chains are recomputed
@@ -99,7 +110,7 @@ def test_deferred_weight_gradients_equal_unsplit_and_transformers(setup, k):
 
 
 def test_split_backward_defers_exactly_the_linear_weights(setup):
-    _, split, batch, _ = setup
+    _, split, batch, _, _ = setup
     acts = [a for a in split_plan(batch, 1, "end") if a.op is not Op.WEIGHT]
     split.zero_grad(set_to_none=True)
     ex = ChunkExecutor(split, batch, torch.device("cpu"))
@@ -112,7 +123,7 @@ def test_split_backward_defers_exactly_the_linear_weights(setup):
 
 
 def test_weight_without_its_split_backward_is_refused(setup):
-    plain, split, batch, _ = setup
+    plain, split, batch, _, _ = setup
     acts = unsplit(batch, 1)
     i = next(i for i, a in enumerate(acts) if a.op is Op.BACKWARD)
     with pytest.raises(RuntimeError, match="without a pending split backward"):
@@ -124,7 +135,7 @@ def test_weight_without_its_split_backward_is_refused(setup):
 @pytest.mark.parametrize("mutation", ["skipped", "twice"])
 def test_a_lost_or_doubled_weight_gradient_fails_the_comparison(setup, monkeypatch, mutation):
     """The comparison above catches a W that adds nothing or adds twice (the mutation the runtime cannot see)."""
-    _, split, batch, ref = setup
+    _, split, batch, ref, _ = setup
     flush, calls = WeightGradStash.flush, []
 
     def mutated(self):  # the step's first W: lost, or run twice
@@ -139,3 +150,96 @@ def test_a_lost_or_doubled_weight_gradient_fails_the_comparison(setup, monkeypat
     monkeypatch.setattr(WeightGradStash, "flush", mutated)
     got, _ = grads(split, batch, split_plan(batch, 1, "lag"))
     assert len(calls) == len(batch.chunks) and rel_err(got, ref) > 1e-3
+
+
+# ---- pp=2 over gloo: W deferred to the end of each stage's list, in reverse order ----------------------------
+
+def _pp2_worker(rank: int, port: int, hf_dir: str, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from chunkflow_pl.model.stages import split_stages
+    from chunkflow_pl.schedule.pipeline_actions import PipelinePlan
+    from chunkflow_pl.schedule.runner import StepRunner
+    from chunkflow_pl.strategy.dims import ParallelDims
+    from chunkflow_pl.strategy.p2p import P2PTransport
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        cfg = ModelConfig.from_hf_dir(hf_dir)
+        model = Qwen2Decoder(cfg, loss_chunk=8, stage=split_stages(cfg.num_layers, 2)[rank]).double()
+        load_pretrained(model, hf_dir, cfg)
+        apply_split_linear(model)
+
+        class DeferredW(StepRunner):
+            def plan(self, batch):  # every W after the stage's last message, latest B first; caps: all chunks
+                p = super().plan(batch)
+                stages = tuple(tuple(a for a in acts if getattr(a, "op", None) is not Op.WEIGHT)
+                               + tuple(reversed([a for a in acts if getattr(a, "op", None) is Op.WEIGHT]))
+                               for acts in p.stages)
+                return PipelinePlan(stages, (len(batch.chunks),) * 2, p.chunk_tokens)
+
+        runner = DeferredW(cfg, 1, "cpu", stage=rank, pp=2, split_backward=True,
+                           transport=P2PTransport(ParallelDims(dp=1, pp=2, world_size=2), rank, torch.device("cpu")))
+        run = runner.run(model, make_batch(cfg)[2])
+        acts = run.plan.compute(rank)
+        assert acts[-1].op is Op.WEIGHT and any(a.split for a in acts if a.op is Op.BACKWARD)
+        torch.save({"grads": {n: p.grad for n, p in model.named_parameters()},
+                    "peak_live": run.stats.max_live_activations, "recomputed": run.stats.recomputed_chunks},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_pp2_split_backward_with_deferred_weights_matches_one_process(setup, tmp_path, monkeypatch):
+    from multiproc import free_port, spawn_ranks
+
+    plain, _, batch, ref, d = setup
+    base, _ = grads(plain, batch, unsplit(batch, 1))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spawn_ranks(_pp2_worker, (free_port(), str(d), str(tmp_path)), timeout=90, hang="the pp=2 split step hangs")
+    got = {}
+    for rank in (0, 1):
+        out = torch.load(tmp_path / f"rank{rank}.pt")
+        got.update(out["grads"])
+        assert out["peak_live"] == len(batch.chunks) and out["recomputed"] > 0  # W last: every slot held
+    assert set(got) == set(base)
+    assert rel_err(got, base) < 1e-12 and rel_err(got, ref) < 1e-10
+
+
+# ---- the command line: parallel.split_backward=true on pp=2 (torchrun, gloo) trains like one process ----------
+
+@pytest.mark.slow
+def test_cli_pp2_split_backward_trains_like_one_process_with_adamw(tmp_path):
+    import json
+
+    from conftest import make_hf_model
+    from multiproc import run_train, write_token_records
+    from safetensors.torch import load_file
+
+    make_hf_model(tie=True, dtype=torch.float32, seed=7, std=0.1, layers=3).save_pretrained(tmp_path / "tied")
+    write_token_records(tmp_path / "data.jsonl")
+    common = [f"model.pretrained={tmp_path / 'tied'}", f"data.path={tmp_path / 'data.jsonl'}",
+              f"data.cache_dir={tmp_path / 'cache'}", "data=jsonl", "data.global_batch_size=7", "data.shuffle=false",
+              "chunk.size=32", "trainer.precision=64-true", "model.loss_chunk=16", "optim=adamw", "optim.lr=1e-3",
+              "optim.warmup_steps=0", "callbacks.checkpoint=null", "trainer.max_steps=2"]
+    one, pp2 = tmp_path / "one", tmp_path / "pp2"
+    run_train(1, one, *common, "chunk.k=1", f"export.hf_dir={one / 'export'}")
+    run_train(2, pp2, *common, "chunk.k=2", f"export.hf_dir={pp2 / 'export'}", "parallel=pp2",
+              "parallel.split_backward=true", "callbacks.timeline.every_n_train_steps=1", timeout=120)
+    w1 = load_file(str(one / "export" / "model.safetensors"))
+    w2 = {k: v for f in sorted((pp2 / "export").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    assert set(w1) == set(w2)
+    for k in w1:
+        err = float((w2[k] - w1[k]).abs().max() / w1[k].abs().max())
+        assert err < 1e-8, f"{k}: relative difference {err:.2e}"
+    # every split backward's W ran, and the timeline recorded it as its own op
+    for path in sorted((pp2 / "timeline").glob("step_*.json")):
+        rec = json.loads(path.read_text())
+        assert "(in)" in rec["plan"] and "replayed" in rec
+        for st in rec["stages"]:
+            ops = [(op, c) for op, c, _, _ in st["events"]]
+            assert sorted(c for op, c in ops if op == "weight") == sorted(c for op, c in ops if op == "backward")
