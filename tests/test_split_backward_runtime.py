@@ -243,3 +243,26 @@ def test_cli_pp2_split_backward_trains_like_one_process_with_adamw(tmp_path):
         for st in rec["stages"]:
             ops = [(op, c) for op, c, _, _ in st["events"]]
             assert sorted(c for op, c in ops if op == "weight") == sorted(c for op, c in ops if op == "backward")
+
+
+def test_a_pending_weight_action_keeps_less_than_the_chunks_activations(setup):
+    """What a deferred W keeps (stashed linear inputs and output gradients, distinct storages) per token and layer
+    is below what the memory estimate counts for a kept chunk, so the slot it holds until W covers it."""
+    from chunkflow_pl.model.memory import activation_bytes_per_token_layer
+
+    _, split, batch, _, _ = setup
+    acts = [a for a in split_plan(batch, 64, "end") if a.op is not Op.WEIGHT]
+    ex = ChunkExecutor(split, batch, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="awaiting"):
+        ex.run(acts)
+    storages = {}
+    for stash in ex._awaiting_w.values():
+        for _, x, dy in stash.entries:
+            for t in (x, dy):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    per_token_layer = sum(storages.values()) / (sum(LENS) * split.cfg.num_layers)
+    c = split.cfg
+    d, f, q, kv = c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    # inputs: attn norm out (q, k, v share it), o_proj in, mlp norm out (gate, up), down in; then output gradients
+    assert per_token_layer == 8 * ((d + q + d + f) + (q + 2 * kv + d + 2 * f + d))  # model/split_linear.py
+    assert per_token_layer <= activation_bytes_per_token_layer(c, "64-true")

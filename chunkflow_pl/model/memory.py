@@ -115,14 +115,16 @@ def estimate_stage_memory(cfg: ModelConfig, stage: StageSpec, chunk_size: int, l
                           lora: LoraSettings | None = None, sharding: Sharding | None = None) -> MemoryEstimate:
     """Peak training memory of one pipeline stage (the whole model when ``stage`` is whole).
 
-    ``live_chunks``: chunks holding activations at once (``k`` on one device; the stage's cap in a
-    pipeline). ``state_tokens``: tokens of the split sequences whose key/value state is alive at once
-    (the store allocates a whole sequence at its first write). ``boundary_tokens``: ``[T, D]`` inputs kept
-    by dropped forwards for their recompute (stages after the first). ``layer_checkpoint``: ``chunk.
-    layer_checkpoint`` (``full``: live chunks keep per layer its input and K/V; the chunk in backward also
-    holds one recomputed layer's activations). ``lora``: adapters on the stage's layers; then only they have
-    gradients and optimizer state (the frozen weights only their weights). ``sharding``: the stage's data
-    parallelism (``sharded_state``); None or one rank: plain tensors, no FSDP2.
+    ``live_chunks``: chunks holding activations at once (``k`` on one device; the stage's cap in a pipeline). With
+    ``parallel.split_backward`` a chunk holds its slot until its weight action, and what it keeps from its backward
+    until then (``model/split_linear.py``: 6D + 2Dkv + 3F per token and layer) is less than its activations (8D +
+    2Dkv + 4F), so the same count covers it. ``state_tokens``: tokens of the split sequences whose key/value state
+    is alive at once (the store allocates a whole sequence at its first write). ``boundary_tokens``: ``[T, D]``
+    inputs kept by dropped forwards for their recompute (stages after the first). ``layer_checkpoint``: ``chunk.
+    layer_checkpoint`` (``full``: live chunks keep per layer its input and K/V; the chunk in backward also holds one
+    recomputed layer's activations). ``lora``: adapters on the stage's layers; then only they have gradients and
+    optimizer state (the frozen weights only their weights). ``sharding``: the stage's data parallelism
+    (``sharded_state``); None or one rank: plain tensors, no FSDP2.
     """
     wb, ab = precision_bytes(precision)
     n = stage_params(cfg, stage)

@@ -18,9 +18,10 @@ not thread-local: on CUDA autograd runs the backward on a device thread); outsid
 What a pending W keeps alive, per decoder layer and token: the inputs of q/k/v (one tensor, the attention
 norm's output, D), o_proj (D), gate/up (the MLP norm's output, D) and down_proj (F), which the forward's
 autograd graph kept anyway; and the output gradients of q (Hq*hd), k and v (Dkv each), o_proj (D), gate and
-up (F each), down_proj (D). That is 3D + F + 3D + 2Dkv + 2F per token and layer, less than the
-8D + Dkv + 4F a kept chunk's activations hold (``model/memory.py``): the chunk's activation slot, held until
-its W (``PipelinePlan.caps``), covers it.
+up (F each), down_proj (D). That is (3D + F) + (3D + 2Dkv + 2F) = 6D + 2Dkv + 3F per token and layer (with
+Hq*hd = D, as in Qwen2 and Llama), less than the 8D + 2Dkv + 4F a kept chunk's activations are counted at
+(``model/memory.py``, ``activation_bytes_per_token_layer``): the chunk's activation slot, held until its W
+(``PipelinePlan.caps``), covers it (``tests/test_split_backward_runtime.py`` measures the stash).
 
 Not split (computed in B): the LM head (its output gradient is the chunk's logits gradient, T x vocab, which
 the chunked loss never materialises; ``model/loss.py``), the embedding, RMSNorm weights and biases (cheap).
