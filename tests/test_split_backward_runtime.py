@@ -266,3 +266,62 @@ def test_a_pending_weight_action_keeps_less_than_the_chunks_activations(setup):
     # inputs: attn norm out (q, k, v share it), o_proj in, mlp norm out (gate, up), down in; then output gradients
     assert per_token_layer == 8 * ((d + q + d + f) + (q + 2 * kv + d + 2 * f + d))  # model/split_linear.py
     assert per_token_layer <= activation_bytes_per_token_layer(c, "64-true")
+
+
+def test_after_backward_runs_after_the_weight_action_when_split(setup):
+    """A sharded stage reduces in ``after_backward``: after a split chunk's W (its gradient is complete only then),
+    after an unsplit chunk's B."""
+    _, split, batch, _, _ = setup
+    acts = split_plan(batch, 1, "lag")
+    ex = ChunkExecutor(split, batch, torch.device("cpu"), clock=lambda: 0.0)
+    ex.after_backward = lambda: ex.events.append(("after_backward", -1, 0.0, 0.0))
+    split.zero_grad(set_to_none=True)
+    ex.run(acts)
+    ops = [op for op, *_ in ex.events]
+    assert ops.count("after_backward") == ops.count("weight") == len(batch.chunks)
+    # the hook runs inside its action, whose event is recorded when the action ends: right after the hook's
+    assert all(ops[i + 1] == "weight" for i, op in enumerate(ops) if op == "after_backward")
+    ex = ChunkExecutor(split, batch, torch.device("cpu"), clock=lambda: 0.0)
+    ex.after_backward = lambda: ex.events.append(("after_backward", -1, 0.0, 0.0))
+    ex.run(unsplit(batch, 1))
+    ops = [op for op, *_ in ex.events]
+    assert all(ops[i + 1] == "backward" for i, op in enumerate(ops) if op == "after_backward")
+    assert ops.count("after_backward") == len(batch.chunks)
+
+
+def test_what_split_backward_does_not_run_with_is_refused_at_start(setup):
+    from chunkflow_pl.config import ParallelConfig
+    from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
+    from chunkflow_pl.strategy.split_backward import apply_split_backward
+
+    with pytest.raises(ValueError, match=r"parallel.split_backward=true with chunk.layer_checkpoint=full"):
+        ChunkFlowStrategy(ParallelConfig(pp=2, split_backward=True), layer_checkpoint="full", preemption=False)
+    with pytest.raises(ValueError, match=r"parallel.split_backward=true with 2 data-parallel ranks"):
+        ChunkFlowStrategy(ParallelConfig(dp_shard=2, split_backward=True), preemption=False)
+    assert ChunkFlowStrategy(ParallelConfig(pp=2, split_backward=True), preemption=False).split_backward
+    plain = setup[0]
+    from chunkflow_pl.model.config import LoraSettings
+
+    lora = Qwen2Decoder(plain.cfg).double()
+    lora.lora = LoraSettings(rank=2)
+    with pytest.raises(ValueError, match=r"parallel.split_backward=true with model.lora"):
+        apply_split_backward(lora)
+
+
+def test_timeline_draws_weight_actions_in_their_own_colour(tmp_path):
+    from PIL import Image
+
+    from chunkflow_pl.schedule.timeline import COLORS, TimedEvent, ascii_timeline, draw_timeline
+
+    def count(pixels, hex_color):
+        rgb = tuple(int(hex_color[i:i + 2], 16) for i in (1, 3, 5))
+        return sum(1 for p in pixels if p[:3] == rgb)
+
+    events = [TimedEvent(0, "forward", 0, 0.0, 2.0), TimedEvent(0, "backward", 0, 2.0, 4.0),
+              TimedEvent(0, "weight", 0, 4.0, 6.0)]
+    assert ascii_timeline(events, 1).splitlines()[1].split()[2:] == ["F0", "F0", "B0", "B0", "W0", "W0"]
+    path = draw_timeline(events, tmp_path / "w.png", 1, labels=False, legend=False, dpi=50)
+    with Image.open(path) as img:
+        pixels = list(img.convert("RGB").getdata())
+    w, b = count(pixels, COLORS["weight"]), count(pixels, COLORS["backward"])
+    assert w > 0 and w == pytest.approx(b, rel=0.05) and COLORS["weight"] not in (COLORS["backward"], COLORS["idle"])
