@@ -325,3 +325,24 @@ def test_timeline_draws_weight_actions_in_their_own_colour(tmp_path):
         pixels = list(img.convert("RGB").getdata())
     w, b = count(pixels, COLORS["weight"]), count(pixels, COLORS["backward"])
     assert w > 0 and w == pytest.approx(b, rel=0.05) and COLORS["weight"] not in (COLORS["backward"], COLORS["idle"])
+
+
+def test_under_bf16_autocast_split_linear_is_nn_linear_bit_for_bit():
+    """bf16-mixed: SplitLinear multiplies what F.linear under autocast would (casted input and weight), so an
+    unsplit step gives nn.Linear's bits, and a split one (W at the end, B order) the same bits again."""
+    cfg = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
+    torch.manual_seed(0)
+    plain = Qwen2Decoder(cfg, loss_chunk=8)
+    plain.reset_parameters()
+    split = Qwen2Decoder(cfg, loss_chunk=8)
+    split.load_state_dict(plain.state_dict())
+    apply_split_linear(split)
+    batch = make_batch(cfg)[2]
+
+    def autocast_grads(model, actions):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return grads(model, batch, actions)[0]
+
+    ref = autocast_grads(plain, unsplit(batch, 1))
+    for got in (autocast_grads(split, unsplit(batch, 1)), autocast_grads(split, split_plan(batch, 1, "end"))):
+        assert all(got[n].dtype == torch.float32 and torch.equal(got[n], ref[n]) for n in ref)
