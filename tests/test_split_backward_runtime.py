@@ -97,13 +97,14 @@ def test_deferred_weight_gradients_equal_unsplit_and_transformers(setup, k):
     base, _ = grads(plain, batch, unsplit(batch, k))
     same_model, base_stats = grads(split, batch, unsplit(batch, k))
     assert (base_stats.recomputed_chunks > 0) == (k == 1)  # k=1: chains are recomputed
-    assert rel_err(base, ref) < 1e-10 and rel_err(same_model, base) < 1e-12
+    assert rel_err(base, ref) < 1e-10
+    assert all(torch.equal(same_model[n], base[n]) for n in base)  # SplitLinear unsplit: nn.Linear's bits
     for where in ("end", "lag", "reversed"):
         got, stats = grads(split, batch, split_plan(batch, k, where))
         assert rel_err(got, ref) < 1e-10, where
         assert rel_err(got, base) < 1e-12, where
         if where != "reversed":  # every weight's chunk gradients summed in the unsplit order: the same bits
-            assert all(torch.equal(got[n], same_model[n]) for n in got), where
+            assert all(torch.equal(got[n], base[n]) for n in got), where
         assert stats.recomputed_chunks == base_stats.recomputed_chunks
     # W at the end: every chunk holds its slot until then
     assert grads(split, batch, split_plan(batch, k, "end"))[1].max_live_activations == len(batch.chunks)
