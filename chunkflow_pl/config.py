@@ -66,7 +66,8 @@ class ParallelConfig:
     (``600``, ``90s``, ``10m``, ``1h``) before it stops with an error: a hung peer is reported within it.
     Seconds after construction. split_backward: split each chunk's backward into B (input and key/value state
     gradients) and a later W (linear weight gradients), the zero-bubble split (``model/split_linear.py``);
-    not with data parallelism, LoRA or ``chunk.layer_checkpoint=full`` yet (the strategy refuses them at start)."""
+    not with LoRA, ``chunk.layer_checkpoint=full`` or data parallelism under bf16-mixed yet (the strategy refuses
+    them at start)."""
 
     dp: int = 1
     dp_replicate: int = 1

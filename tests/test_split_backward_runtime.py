@@ -211,34 +211,50 @@ def test_pp2_split_backward_with_deferred_weights_matches_one_process(setup, tmp
     assert rel_err(got, base) < 1e-12 and rel_err(got, ref) < 1e-10
 
 
-# ---- the command line: parallel.split_backward=true on pp=2 (torchrun, gloo) trains like one process ----------
+# ---- the command line: parallel.split_backward=true (torchrun, gloo) trains like one process ------------------
 
-@pytest.mark.slow
-def test_cli_pp2_split_backward_trains_like_one_process_with_adamw(tmp_path):
-    import json
-
+@pytest.fixture(scope="module")
+def cli_one(tmp_path_factory):
+    """Data, model, the common arguments, and the exported weights of one process after 2 AdamW steps (float64)."""
     from conftest import make_hf_model
     from multiproc import run_train, write_token_records
+
+    d = tmp_path_factory.mktemp("cli")
+    make_hf_model(tie=True, dtype=torch.float32, seed=7, std=0.1, layers=3).save_pretrained(d / "tied")
+    write_token_records(d / "data.jsonl")
+    common = [f"model.pretrained={d / 'tied'}", f"data.path={d / 'data.jsonl'}", f"data.cache_dir={d / 'cache'}",
+              "data=jsonl", "data.global_batch_size=7", "data.shuffle=false", "chunk.size=32",
+              "trainer.precision=64-true", "model.loss_chunk=16", "optim=adamw", "optim.lr=1e-3",
+              "optim.warmup_steps=0", "callbacks.checkpoint=null", "trainer.max_steps=2"]
+    run_train(1, d / "one", *common, "chunk.k=1", f"export.hf_dir={d / 'one' / 'export'}")
+    return common, exported_weights(d / "one")
+
+
+def exported_weights(run: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    make_hf_model(tie=True, dtype=torch.float32, seed=7, std=0.1, layers=3).save_pretrained(tmp_path / "tied")
-    write_token_records(tmp_path / "data.jsonl")
-    common = [f"model.pretrained={tmp_path / 'tied'}", f"data.path={tmp_path / 'data.jsonl'}",
-              f"data.cache_dir={tmp_path / 'cache'}", "data=jsonl", "data.global_batch_size=7", "data.shuffle=false",
-              "chunk.size=32", "trainer.precision=64-true", "model.loss_chunk=16", "optim=adamw", "optim.lr=1e-3",
-              "optim.warmup_steps=0", "callbacks.checkpoint=null", "trainer.max_steps=2"]
-    one, pp2 = tmp_path / "one", tmp_path / "pp2"
-    run_train(1, one, *common, "chunk.k=1", f"export.hf_dir={one / 'export'}")
-    run_train(2, pp2, *common, "chunk.k=2", f"export.hf_dir={pp2 / 'export'}", "parallel=pp2",
+    return {k: v for f in sorted((run / "export").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def assert_same_weights(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], rtol: float = 1e-8) -> None:
+    assert set(got) == set(ref)
+    for k in ref:
+        err = float((got[k] - ref[k]).abs().max() / ref[k].abs().max())
+        assert err < rtol, f"{k}: relative difference {err:.2e}"
+
+
+@pytest.mark.slow
+def test_cli_pp2_split_backward_trains_like_one_process_with_adamw(cli_one, tmp_path):
+    import json
+
+    from multiproc import run_train
+
+    common, w1 = cli_one
+    run_train(2, tmp_path, *common, "chunk.k=2", f"export.hf_dir={tmp_path / 'export'}", "parallel=pp2",
               "parallel.split_backward=true", "callbacks.timeline.every_n_train_steps=1", timeout=120)
-    w1 = load_file(str(one / "export" / "model.safetensors"))
-    w2 = {k: v for f in sorted((pp2 / "export").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-    assert set(w1) == set(w2)
-    for k in w1:
-        err = float((w2[k] - w1[k]).abs().max() / w1[k].abs().max())
-        assert err < 1e-8, f"{k}: relative difference {err:.2e}"
+    assert_same_weights(exported_weights(tmp_path), w1)
     # every split backward's W ran, and the timeline recorded it as its own op
-    for path in sorted((pp2 / "timeline").glob("step_*.json")):
+    for path in sorted((tmp_path / "timeline").glob("step_*.json")):
         rec = json.loads(path.read_text())
         assert "(in)" in rec["plan"] and "replayed" in rec
         for st in rec["stages"]:
@@ -246,27 +262,15 @@ def test_cli_pp2_split_backward_trains_like_one_process_with_adamw(tmp_path):
             assert sorted(c for op, c in ops if op == "weight") == sorted(c for op, c in ops if op == "backward")
 
 
-def test_a_pending_weight_action_keeps_less_than_the_chunks_activations(setup):
-    """What a deferred W keeps (stashed linear inputs and output gradients, distinct storages) per token and layer
-    is below what the memory estimate counts for a kept chunk, so the slot it holds until W covers it."""
-    from chunkflow_pl.model.memory import activation_bytes_per_token_layer
+@pytest.mark.slow
+def test_cli_fsdp2_every_backward_split_backward_trains_like_one_process(cli_one, tmp_path):
+    """dp_shard=2 reducing after every chunk: each reduce follows the chunk's W (its gradient complete only then)."""
+    from multiproc import run_train
 
-    _, split, batch, _, _ = setup
-    acts = [a for a in split_plan(batch, 64, "end") if a.op is not Op.WEIGHT]
-    ex = ChunkExecutor(split, batch, torch.device("cpu"))
-    with pytest.raises(RuntimeError, match="awaiting"):
-        ex.run(acts)
-    storages = {}
-    for stash in ex._awaiting_w.values():
-        for _, x, dy in stash.entries:
-            for t in (x, dy):
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    per_token_layer = sum(storages.values()) / (sum(LENS) * split.cfg.num_layers)
-    c = split.cfg
-    d, f, q, kv = c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    # inputs: attn norm out (q, k, v share it), o_proj in, mlp norm out (gate, up), down in; then output gradients
-    assert per_token_layer == 8 * ((d + q + d + f) + (q + 2 * kv + d + 2 * f + d))  # model/split_linear.py
-    assert per_token_layer <= activation_bytes_per_token_layer(c, "64-true")
+    common, w1 = cli_one
+    run_train(2, tmp_path, *common, "chunk.k=1", f"export.hf_dir={tmp_path / 'export'}", "parallel.dp_shard=2",
+              "parallel.grad_reduce=every_backward", "parallel.split_backward=true", timeout=120)
+    assert_same_weights(exported_weights(tmp_path), w1)
 
 
 def test_after_backward_runs_after_the_weight_action_when_split(setup):
@@ -297,8 +301,6 @@ def test_what_split_backward_does_not_run_with_is_refused_at_start(setup):
 
     with pytest.raises(ValueError, match=r"parallel.split_backward=true with chunk.layer_checkpoint=full"):
         ChunkFlowStrategy(ParallelConfig(pp=2, split_backward=True), layer_checkpoint="full", preemption=False)
-    with pytest.raises(ValueError, match=r"parallel.split_backward=true with 2 data-parallel ranks"):
-        ChunkFlowStrategy(ParallelConfig(dp_shard=2, split_backward=True), preemption=False)
     assert ChunkFlowStrategy(ParallelConfig(pp=2, split_backward=True), preemption=False).split_backward
     plain = setup[0]
     from chunkflow_pl.model.config import LoraSettings
@@ -307,6 +309,8 @@ def test_what_split_backward_does_not_run_with_is_refused_at_start(setup):
     lora.lora = LoraSettings(rank=2)
     with pytest.raises(ValueError, match=r"parallel.split_backward=true with model.lora"):
         apply_split_backward(lora)
+    with pytest.raises(ValueError, match=r"parallel.split_backward=true with data parallelism in torch.bfloat16"):
+        apply_split_backward(Qwen2Decoder(plain.cfg), sharded_param_dtype=torch.bfloat16)
 
 
 def test_timeline_draws_weight_actions_in_their_own_colour(tmp_path):

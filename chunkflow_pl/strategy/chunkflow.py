@@ -114,7 +114,7 @@ class ChunkFlowStrategy(ParallelStrategy):
         self.check_messages = bool(flags.check_messages if check_messages is None else check_messages)
         self.split_backward = bool(flags.split_backward if split_backward is None else split_backward)
         if self.split_backward:  # before anything is built
-            check_split_backward(self.layer_checkpoint, self.dims.dp if self.dims is not None else flags.data_parallel)
+            check_split_backward(self.layer_checkpoint)
         self.grad_reduce = flags.grad_reduce  # "auto": settled when sharding (_settle_grad_reduce)
         self.grad_reduce_pick: str | None = None  # auto: this rank's pick from the memory check (fit_setup.py)
         self._sharded: ShardedStage | None = None  # dp > 1: this stage's FSDP2 units (setup)
@@ -208,8 +208,7 @@ class ChunkFlowStrategy(ParallelStrategy):
         # (torchtitan's order).
         apply_layer_checkpoint(self.lightning_module.model, self.layer_checkpoint)
         if self.split_backward:
-            check_split_backward(self.layer_checkpoint, self.dims.dp)
-            apply_split_backward(self.lightning_module.model)
+            apply_split_backward(self.lightning_module.model, self._sharded_dtypes()[0] if self.dims.sharded else None)
         if self.dims.sharded:
             self._settle_grad_reduce()
             self._sharded = shard_model(self.lightning_module.model, self._groups.dp_mesh,
