@@ -106,6 +106,10 @@ def test_deferred_weight_gradients_equal_unsplit_and_transformers(setup, k):
         if where != "reversed":  # every weight's chunk gradients summed in the unsplit order: the same bits
             assert all(torch.equal(got[n], base[n]) for n in got), where
         assert stats.recomputed_chunks == base_stats.recomputed_chunks
+    # key/value state offloaded to host memory: the same bits
+    split.zero_grad(set_to_none=True)
+    ChunkExecutor(split, batch, torch.device("cpu"), offload_state=True).run(split_plan(batch, k, "lag"))
+    assert all(torch.equal(p.grad, base[n]) for n, p in split.named_parameters())
     # W at the end: every chunk holds its slot until then
     assert grads(split, batch, split_plan(batch, k, "end"))[1].max_live_activations == len(batch.chunks)
 
