@@ -1,5 +1,11 @@
 """Split backward at run time (``parallel.split_backward``): B computes input and key/value state gradients, a later
-W the linear weights' gradients, and the step's gradient is the unsplit one (float64), whatever W's place."""
+W the linear weights' gradients, and the step's gradient is the unsplit one (float64), whatever W's place.
+
+One process, the whole model (chains of 3-5 chunks, k=1 recomputes and k=64 nothing): hand-written split plans
+(W all at the end in B order, reversed, or one B late) against the unsplit plan (the same bits when W keeps B's
+order) and transformers. Two gloo processes (pp=2) with every W deferred to its stage's end. train.py under
+torchrun: pp=2 and FSDP2 dp_shard=2 against one process after 2 AdamW steps. A W lost or run twice fails them.
+"""
 
 from __future__ import annotations
 
