@@ -41,7 +41,8 @@ def layout_dims(parallel: ParallelConfig | ParallelDims, world_size: int) -> Par
     naming both numbers."""
     if isinstance(parallel, ParallelDims):
         return parallel
-    return ParallelDims(dp=parallel.data_parallel, pp=parallel.pp, world_size=world_size, dp_shard=parallel.dp_shard)
+    return ParallelDims(dp=parallel.data_parallel, pp=parallel.pp, world_size=world_size, dp_shard=parallel.dp_shard,
+                        virtual=parallel.virtual_stages)
 
 
 class EndProcessGroups(L.Callback):
@@ -69,7 +70,7 @@ def prepare_fit(strategy: ChunkFlowStrategy) -> None:
         strategy.num_layers = cfg.num_layers
     if strategy.num_layers is not None:  # each stage needs a layer: fail here, not in configure_model
         ParallelDims(strategy.dims.dp, strategy.dims.pp, strategy.dims.world_size, strategy.num_layers,
-                     strategy.dims.dp_shard)
+                     strategy.dims.dp_shard, strategy.dims.virtual)
     if trainer is None:
         return
     _attach_callbacks(strategy, trainer.callbacks)

@@ -1,0 +1,189 @@
+"""Virtual stages at run time (``parallel.virtual_stages``): a rank holds blocks ``r, r + pp, ...``, one executor and
+one transport per block, and runs ``PipelinePlan.rank_actions``. Plans come from ``tests/virtual_plans.py`` until the
+interleaved scheduler exists."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from multiproc import free_port, gloo_strategy, spawn_ranks
+from virtual_plans import interleave_blocks, virtual_plan
+
+from chunkflow_pl.config import ParallelConfig
+from chunkflow_pl.data.assemble import assemble_step
+from chunkflow_pl.data.labels import targets_from_labels
+from chunkflow_pl.data.packing import build_chunk_plan
+from chunkflow_pl.model.config import ModelConfig
+from chunkflow_pl.model.decoder import Qwen2Decoder
+from chunkflow_pl.model.stages import rank_blocks, split_blocks
+from chunkflow_pl.schedule.pipeline_checker import check_pipeline_plan
+from chunkflow_pl.schedule.runner import forward_plan, pipeline_cost
+from chunkflow_pl.strategy.dims import ParallelDims
+
+CHUNK = 16
+LENS = [5, 40, 13, 1, 70, 33, 16, 17]  # chains of 2-5 chunks and packed short sequences
+PP, V, LAYERS = 2, 2, 5  # blocks of 2, 1, 1, 1 layers: rank 0 holds layers 0 1 3 (+ embed), rank 1 layers 2 4 + head
+
+
+def case(tie: bool = True):
+    """The model config and the one global batch every process builds identically (float64)."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_layers=LAYERS, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=512, tie_word_embeddings=tie)
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in LENS]
+    targets = [targets_from_labels(s) for s in seqs]
+    n_label = sum(int((t != -100).sum()) for t in targets)
+    plan = build_chunk_plan(LENS, CHUNK)
+    batch = assemble_step(plan.chunks, seqs, targets, LENS, list(range(len(seqs))), n_label, 0, len(plan.chunks))
+    return cfg, batch
+
+
+def build(cfg, stage=None) -> Qwen2Decoder:
+    model = Qwen2Decoder(cfg, loss_chunk=8, stage=stage).double()
+    model.reset_parameters(0.2, generator=torch.Generator().manual_seed(3))  # same values by name on any split
+    return model
+
+
+# ---- model: a rank's blocks under whole-model names ------------------------------------------------------------
+
+def test_a_rank_holds_its_blocks_under_whole_model_names():
+    cfg, _ = case()
+    whole = build(cfg)
+    parts = [build(cfg, rank_blocks(LAYERS, PP, V, r)) for r in range(PP)]
+    assert [b.layer_ids for b in split_blocks(LAYERS, PP, V)] == [range(0, 2), range(2, 3), range(3, 4), range(4, 5)]
+    assert parts[0].stage.ids == (0, 2) and parts[1].stage.ids == (1, 3)
+    names = [dict(p.named_parameters()) for p in parts]
+    assert {n.split(".")[1] for n in names[0] if n.startswith("layers.")} == {"0", "1", "3"}
+    assert {n.split(".")[1] for n in names[1] if n.startswith("layers.")} == {"2", "4"}
+    # every whole-model name on some rank with the whole model's value; the tied head (embed.weight) on both ends
+    ref = dict(whole.named_parameters())
+    assert set(names[0]) | set(names[1]) == set(ref)
+    assert set(names[0]) & set(names[1]) == {"embed.weight"}
+    for part in names:
+        for n, p in part.items():
+            assert torch.equal(p, ref[n]), n
+    # block views run exactly their layers: blocks 0 and 2 of rank 0 chained with rank 1's equal the whole model
+    _, batch = case()
+    cb = batch.chunks[0]
+    from chunkflow_pl.model.attention import VarlenMeta
+
+    meta = VarlenMeta.from_lengths([s.length for s in cb.segments], [0] * len(cb.segments))
+    x = cb.input_ids_T
+    for b in range(PP * V):
+        x, _ = parts[b % PP].block(b)(x, cb.position_ids_T, meta)
+    want, _ = whole(cb.input_ids_T, cb.position_ids_T, meta)
+    assert torch.equal(x, want)
+    with pytest.raises(ValueError, match="pass block="):
+        parts[0](cb.input_ids_T, cb.position_ids_T, meta)
+
+
+def test_virtual_stage_settings_fail_early_naming_the_key_and_the_fix():
+    with pytest.raises(ValueError, match=r"parallel.virtual_stages=2 with parallel.pp=1: .*nothing to interleave"):
+        ParallelConfig(virtual_stages=2)
+    with pytest.raises(ValueError, match=r"virtual_stages=2 with 2 data-parallel ranks.*parallel.virtual_stages=1"):
+        ParallelConfig(pp=2, dp=2, virtual_stages=2)
+    with pytest.raises(ValueError, match=r"parallel=auto"):
+        ParallelConfig(pp=2, virtual_stages=2, auto=True)
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        ParallelConfig(pp=2, virtual_stages=0)
+    with pytest.raises(ValueError, match=r"2 x 3 blocks, but the model has 5 layers.*virtual_stages <= 2"):
+        ParallelDims(dp=1, pp=2, world_size=2, num_layers=5, virtual=3)
+    assert ParallelConfig(pp=2, virtual_stages=2).virtual_stages == 2
+
+
+# ---- plans the runtime takes -------------------------------------------------------------------------------------
+
+def test_test_plans_are_valid_per_block_and_order_every_action_once():
+    cfg, batch = case()
+    chunks = [c.segments for c in batch.chunks]
+    plan = virtual_plan(chunks, batch.seq_lens, PP, 1, cost=pipeline_cost(cfg, PP, V), virtual=V)
+    check_pipeline_plan(plan, chunks, batch.seq_lens)  # every per-block rule
+    for r in range(PP):
+        mine = plan.order[r]
+        for b in range(r, PP * V, PP):  # each block's list, whole and in its order
+            assert [i for blk, i in mine if blk == b] == list(range(len(plan.stages[b])))
+        assert {blk for blk, _ in mine} == set(range(r, PP * V, PP))
+    fwd = forward_plan(chunks, PP, V)
+    assert interleave_blocks(fwd.stages, PP)  # the forward-only plan's lists finish interleaved too
+    assert [blk for blk, _ in fwd.order[0][:6]] == [0, 0, 2, 2, 2, 0]  # chunk 0 through blocks 0 and 2, then chunk 1
+
+
+# ---- exactness over gloo: pp=2 x v=2 equals one process ----------------------------------------------------------
+
+def _patch_planner() -> None:
+    import chunkflow_pl.schedule.runner as runner
+
+    runner.plan_pipeline = virtual_plan  # the interleaved scheduler's stand-in (tests/virtual_plans.py)
+
+
+def train_steps(model, batch, run_step, finish, steps: int = 2):
+    """Two AdamW steps (clipped at a norm the gradients exceed); the first step's gradients and the final weights."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    first = None
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        run_step(model, batch)
+        finish(model)
+        if first is None:
+            first = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+    return first, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _virtual_worker(rank: int, port: int, out_dir: str) -> None:
+    _patch_planner()
+    strategy = gloo_strategy(rank, port, ParallelDims(dp=1, pp=PP, world_size=2, num_layers=LAYERS, virtual=V))
+    try:
+        cfg, batch = case()
+        model = build(cfg, strategy.stage_spec)
+        strategy.record_timeline = True
+        first, last = train_steps(model, batch, strategy.run_chunk_step,
+                                  lambda m: strategy.finish_gradients(m, max_norm=0.5))
+        torch.save({"grads": first, "weights": last, "loss": strategy.last_run.stats.global_loss_sum,
+                    "events": strategy.last_timeline.events}, Path(out_dir, f"rank{rank}.pt"))
+    finally:
+        strategy.destroy_process_groups()
+
+
+def reference():
+    from chunkflow_pl.schedule.runner import StepRunner
+    from chunkflow_pl.strategy.gradients import GradGroups, finish_gradients
+
+    cfg, batch = case()
+    model = build(cfg)
+    runner = StepRunner(cfg, 1, "cpu")
+    stats = {}
+
+    def run(m, b):
+        stats["loss"] = runner.run(m, b).stats.loss_sum
+
+    first, last = train_steps(model, batch, run, lambda m: finish_gradients(m, 0.5, GradGroups(None, None, None),
+                                                                            1, None))
+    return first, last, stats["loss"]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def test_pp2_v2_over_gloo_equals_one_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spawn_ranks(_virtual_worker, (free_port(), str(tmp_path)), timeout=60, hang="the virtual pipeline hangs")
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(PP)]
+    ref_grads, ref_weights, ref_loss = reference()
+    for r, part in enumerate(parts):
+        for n, g in part["grads"].items():
+            assert rel(g, ref_grads[n]) < 1e-10, (r, n, rel(g, ref_grads[n]))
+        for n, w in part["weights"].items():
+            assert rel(w, ref_weights[n]) < 1e-10, (r, n, rel(w, ref_weights[n]))
+    assert set(parts[0]["weights"]) | set(parts[1]["weights"]) == set(ref_weights)
+    # the loss of the last step reached every rank (from the block with the head)
+    assert parts[0]["loss"] == parts[1]["loss"] and abs(parts[0]["loss"] / ref_loss - 1) < 1e-12
+    # the recorded step labels each action with its block: rank 0 ran blocks 0 and 2, rank 1 blocks 1 and 3
+    for r, part in enumerate(parts):
+        blocks = {e[4] for e in part["events"]}
+        assert blocks == set(range(r, PP * V, PP)), (r, blocks)
+    json.dumps([list(e) for e in parts[0]["events"]])  # the timeline callback writes them as JSON
