@@ -187,3 +187,26 @@ def test_pp2_v2_over_gloo_equals_one_process(tmp_path, monkeypatch):
         blocks = {e[4] for e in part["events"]}
         assert blocks == set(range(r, PP * V, PP)), (r, blocks)
     json.dumps([list(e) for e in parts[0]["events"]])  # the timeline callback writes them as JSON
+
+
+# ---- timeline: a rank's blocks told apart ------------------------------------------------------------------------
+
+def test_timeline_tells_a_ranks_blocks_apart(tmp_path):
+    from PIL import Image
+
+    from chunkflow_pl.schedule.timeline import COLORS, TimedEvent, ascii_timeline, draw_timeline
+
+    # rank 0 runs chunk 0 forward on block 0, then (after rank 1's block 1) on block 2: same op, same chunk
+    events = [TimedEvent(0, "forward", 0, 0.0, 1.0, 0), TimedEvent(1, "forward", 0, 1.0, 2.0, 1),
+              TimedEvent(0, "forward", 0, 2.0, 3.0, 2), TimedEvent(1, "forward", 0, 3.0, 4.0, 3)]
+    assert ascii_timeline(events, 2).splitlines()[1:] == ["stage 0  F0@0 .    F0@2 .", "stage 1  .    F0@1 .    F0@3"]
+
+    def forward_pixels(evs) -> int:
+        path = draw_timeline(evs, tmp_path / "t.png", 2, labels=False, legend=False, dpi=50)
+        with Image.open(path) as img:
+            rgb = tuple(int(COLORS["forward"][i:i + 2], 16) for i in (1, 3, 5))
+            return sum(1 for p in img.convert("RGB").getdata() if p == rgb)
+
+    plain = forward_pixels([e._replace(block=None) for e in events])
+    # a rank's second block is hatched: fewer pixels of the forward colour, by about half of its two bars' share
+    assert forward_pixels(events) < 0.85 * plain
