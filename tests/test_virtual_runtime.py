@@ -119,31 +119,54 @@ def _patch_planner() -> None:
     runner.plan_pipeline = virtual_plan  # the interleaved scheduler's stand-in (tests/virtual_plans.py)
 
 
-def train_steps(model, batch, run_step, finish, steps: int = 2):
-    """Two AdamW steps (clipped at a norm the gradients exceed); the first step's gradients and the final weights."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    first = None
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        run_step(model, batch)
-        finish(model)
-        if first is None:
-            first = {n: p.grad.clone() for n, p in model.named_parameters()}
-        opt.step()
-    return first, {n: p.detach().clone() for n, p in model.named_parameters()}
+class Trainer:
+    """AdamW (decay and no-decay groups, as training builds them) steps clipped at a norm the gradients exceed."""
+
+    def __init__(self, model, run_step, finish) -> None:
+        from chunkflow_pl.training.optim import param_groups
+
+        self.model, self.run_step, self.finish = model, run_step, finish
+        self.opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
+
+    def step(self, batch) -> dict[str, torch.Tensor]:
+        """One step; its (clipped) gradients by name."""
+        self.opt.zero_grad(set_to_none=True)
+        self.run_step(self.model, batch)
+        self.finish(self.model)
+        grads = {n: p.grad.clone() for n, p in self.model.named_parameters()}
+        self.opt.step()
+        return grads
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
 
 
 def _virtual_worker(rank: int, port: int, out_dir: str) -> None:
+    from chunkflow_pl.strategy import checkpoint as ckpt
+
     _patch_planner()
     strategy = gloo_strategy(rank, port, ParallelDims(dp=1, pp=PP, world_size=2, num_layers=LAYERS, virtual=V))
     try:
         cfg, batch = case()
-        model = build(cfg, strategy.stage_spec)
+
+        def trainer() -> Trainer:
+            return Trainer(build(cfg, strategy.stage_spec), strategy.run_chunk_step,
+                           lambda m: strategy.finish_gradients(m, max_norm=0.5))
+
+        run = trainer()
+        grads = run.step(batch)
+        path = Path(out_dir, "v2.ckpt")
+        ckpt.save_checkpoint({"global_step": 1}, path, run.model, [run.opt], rank == 0, barrier=strategy.barrier)
         strategy.record_timeline = True
-        first, last = train_steps(model, batch, strategy.run_chunk_step,
-                                  lambda m: strategy.finish_gradients(m, max_norm=0.5))
-        torch.save({"grads": first, "weights": last, "loss": strategy.last_run.stats.global_loss_sum,
-                    "events": strategy.last_timeline.events}, Path(out_dir, f"rank{rank}.pt"))
+        run.step(batch)
+        resumed = trainer()  # a new process's model and optimizer, resumed from the step-1 checkpoint
+        ckpt.load_checkpoint(path, resumed.model, [resumed.opt])
+        strategy.record_timeline = False
+        events = strategy.last_timeline.events
+        resumed.step(batch)
+        same = all(torch.equal(a, b) for a, b in zip(run.weights().values(), resumed.weights().values()))
+        torch.save({"grads": grads, "weights": run.weights(), "loss": strategy.last_run.stats.global_loss_sum,
+                    "events": events, "resumed_equal": same}, Path(out_dir, f"rank{rank}.pt"))
     finally:
         strategy.destroy_process_groups()
 
@@ -153,16 +176,20 @@ def reference():
     from chunkflow_pl.strategy.gradients import GradGroups, finish_gradients
 
     cfg, batch = case()
-    model = build(cfg)
     runner = StepRunner(cfg, 1, "cpu")
     stats = {}
 
-    def run(m, b):
+    def run_step(m, b):
         stats["loss"] = runner.run(m, b).stats.loss_sum
 
-    first, last = train_steps(model, batch, run, lambda m: finish_gradients(m, 0.5, GradGroups(None, None, None),
-                                                                            1, None))
-    return first, last, stats["loss"]
+    def trainer() -> Trainer:
+        return Trainer(build(cfg), run_step, lambda m: finish_gradients(m, 0.5, GradGroups(None, None, None), 1, None))
+
+    run = trainer()
+    grads = run.step(batch)
+    after_one = run.weights()
+    run.step(batch)
+    return grads, after_one, run.weights(), stats["loss"], trainer
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -170,18 +197,30 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_pp2_v2_over_gloo_equals_one_process(tmp_path, monkeypatch):
+    """2 gloo processes x 2 blocks each, float64, chains over up to 5 chunks, k=1 (recompute), tied embeddings (the
+    head on rank 1's block 3), clipping active: gradients and weights after 2 AdamW steps equal one process's; a
+    DCP checkpoint of the v=2 ranks resumes bit-identically and loads, by name, into the whole model."""
+    from chunkflow_pl.strategy import checkpoint as ckpt
+
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     spawn_ranks(_virtual_worker, (free_port(), str(tmp_path)), timeout=60, hang="the virtual pipeline hangs")
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(PP)]
-    ref_grads, ref_weights, ref_loss = reference()
+    ref_grads, ref_one, ref_weights, ref_loss, trainer = reference()
     for r, part in enumerate(parts):
         for n, g in part["grads"].items():
             assert rel(g, ref_grads[n]) < 1e-10, (r, n, rel(g, ref_grads[n]))
         for n, w in part["weights"].items():
             assert rel(w, ref_weights[n]) < 1e-10, (r, n, rel(w, ref_weights[n]))
+        assert part["resumed_equal"], r
     assert set(parts[0]["weights"]) | set(parts[1]["weights"]) == set(ref_weights)
     # the loss of the last step reached every rank (from the block with the head)
     assert parts[0]["loss"] == parts[1]["loss"] and abs(parts[0]["loss"] / ref_loss - 1) < 1e-12
+    # the ranks' checkpoint holds whole-model names: one process loads it into the whole model and its optimizer
+    whole = trainer()
+    ckpt.load_checkpoint(tmp_path / "v2.ckpt", whole.model, [whole.opt])
+    for n, w in whole.weights().items():
+        assert rel(w, ref_one[n]) < 1e-10, n
+    assert len(whole.opt.state) == len(ref_weights)  # every parameter's AdamW moments came back
     # the recorded step labels each action with its block: rank 0 ran blocks 0 and 2, rank 1 blocks 1 and 3
     for r, part in enumerate(parts):
         blocks = {e[4] for e in part["events"]}
