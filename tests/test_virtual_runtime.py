@@ -80,6 +80,24 @@ def test_a_rank_holds_its_blocks_under_whole_model_names():
         parts[0](cb.input_ids_T, cb.position_ids_T, meta)
 
 
+def test_hf_export_of_the_ranks_loads_into_the_whole_model(tmp_path):
+    """Each rank writes its shard as a pipeline stage does (``strategy/export.py``; the tied head only from the rank
+    holding block 0); the merged directory loads by name into the whole model."""
+    from chunkflow_pl.model.hf_io import load_pretrained, save_hf_shard, write_hf_config
+
+    cfg, _ = case()
+    weight_map = {}
+    for r in range(PP):
+        part = build(cfg, rank_blocks(LAYERS, PP, V, r))
+        skip = {"embed.weight"} if not part.stage.takes_ids else None
+        weight_map |= save_hf_shard(part, tmp_path, f"model-{r + 1:05d}-of-{PP:05d}.safetensors", skip=skip)
+    write_hf_config(tmp_path, cfg, weight_map, "float64", index=True)
+    loaded = Qwen2Decoder(cfg).double()
+    load_pretrained(loaded, tmp_path, cfg)
+    for (n, a), (_, b) in zip(build(cfg).named_parameters(), loaded.named_parameters()):
+        assert torch.equal(a, b), n
+
+
 def test_virtual_stage_settings_fail_early_naming_the_key_and_the_fix():
     with pytest.raises(ValueError, match=r"parallel.virtual_stages=2 with parallel.pp=1: .*nothing to interleave"):
         ParallelConfig(virtual_stages=2)
@@ -142,6 +160,7 @@ class Trainer:
 
 
 def _virtual_worker(rank: int, port: int, out_dir: str) -> None:
+    from chunkflow_pl.schedule.evaluation import EvalSums
     from chunkflow_pl.strategy import checkpoint as ckpt
 
     _patch_planner()
@@ -154,6 +173,8 @@ def _virtual_worker(rank: int, port: int, out_dir: str) -> None:
                            lambda m: strategy.finish_gradients(m, max_norm=0.5))
 
         run = trainer()
+        sums = EvalSums((8, 32))  # validation first, on the initial weights (equal to the reference's by name)
+        strategy.run_eval_step(run.model, batch, sums)
         grads = run.step(batch)
         path = Path(out_dir, "v2.ckpt")
         ckpt.save_checkpoint({"global_step": 1}, path, run.model, [run.opt], rank == 0, barrier=strategy.barrier)
@@ -166,12 +187,13 @@ def _virtual_worker(rank: int, port: int, out_dir: str) -> None:
         resumed.step(batch)
         same = all(torch.equal(a, b) for a, b in zip(run.weights().values(), resumed.weights().values()))
         torch.save({"grads": grads, "weights": run.weights(), "loss": strategy.last_run.stats.global_loss_sum,
-                    "events": events, "resumed_equal": same}, Path(out_dir, f"rank{rank}.pt"))
+                    "events": events, "resumed_equal": same, "eval": sums.values()}, Path(out_dir, f"rank{rank}.pt"))
     finally:
         strategy.destroy_process_groups()
 
 
 def reference():
+    from chunkflow_pl.schedule.evaluation import EvalSums
     from chunkflow_pl.schedule.runner import StepRunner
     from chunkflow_pl.strategy.gradients import GradGroups, finish_gradients
 
@@ -186,10 +208,12 @@ def reference():
         return Trainer(build(cfg), run_step, lambda m: finish_gradients(m, 0.5, GradGroups(None, None, None), 1, None))
 
     run = trainer()
+    sums = EvalSums((8, 32))
+    runner.evaluate(run.model, batch, sums)
     grads = run.step(batch)
     after_one = run.weights()
     run.step(batch)
-    return grads, after_one, run.weights(), stats["loss"], trainer
+    return grads, after_one, run.weights(), stats["loss"], trainer, sums.values()
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -205,7 +229,10 @@ def test_pp2_v2_over_gloo_equals_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     spawn_ranks(_virtual_worker, (free_port(), str(tmp_path)), timeout=60, hang="the virtual pipeline hangs")
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(PP)]
-    ref_grads, ref_one, ref_weights, ref_loss, trainer = reference()
+    ref_grads, ref_one, ref_weights, ref_loss, trainer, ref_eval = reference()
+    # validation (forward-only, chunk by chunk through each rank's blocks): the block with the head sums the losses
+    assert parts[0]["eval"] == [0.0] * len(ref_eval)
+    assert max(abs(a - b) for a, b in zip(parts[1]["eval"], ref_eval)) < 1e-12 * max(ref_eval)
     for r, part in enumerate(parts):
         for n, g in part["grads"].items():
             assert rel(g, ref_grads[n]) < 1e-10, (r, n, rel(g, ref_grads[n]))

@@ -301,9 +301,10 @@ class P2PTransport:
         step, chunk, tokens, code = (int(x) for x in posted.buf.tolist())
         got_kind = _KIND_NAME.get(code, f"unknown kind {code}")
         if (step, chunk, tokens, got_kind) != (self._step, posted.chunk, posted.tokens, kind):
+            peer = f"{'stage' if self.num_stages else 'block'} {link.peer_stage}"
             raise MessageMismatch(
                 f"{self._where()}: expected the {kind} of chunk {posted.chunk} ({posted.tokens} tokens) of step "
-                f"{self._step} from rank {link.peer} ({'stage' if self.num_stages else 'block'} {link.peer_stage}), but rank {link.peer} sent the "
+                f"{self._step} from rank {link.peer} ({peer}), but rank {link.peer} sent the "
                 f"{got_kind} of chunk {chunk} ({tokens} tokens) of step {step}: the two ranks' plans or "
                 f"executors diverge")
 
