@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from multiproc import free_port, gloo_strategy, spawn_ranks
+from multiproc import free_port, spawn_ranks
 from virtual_plans import interleave_blocks, virtual_plan
 
 from chunkflow_pl.config import ParallelConfig
@@ -159,12 +159,33 @@ class Trainer:
         return {n: p.detach().clone() for n, p in self.model.named_parameters()}
 
 
+def strategy_with_headers(rank: int, port: int, dims):
+    """``multiproc.gloo_strategy`` with ``check_messages``: the ranks compare plan fingerprints every step and every
+    message carries a header its receiver checks against its own block's plan (step, chunk, tokens, kind), so a
+    message delivered on another block pair's channel fails naming it instead of passing unnoticed."""
+    import os
+
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    from chunkflow_pl.strategy.chunkflow import ChunkFlowStrategy
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                      LOCAL_RANK=str(rank), RANK=str(rank))
+    strategy = ChunkFlowStrategy(dims, accelerator=CPUAccelerator(), parallel_devices=[torch.device("cpu")] * 2,
+                                 cluster_environment=LightningEnvironment(), check_messages=True)
+    strategy.setup_environment()
+    return strategy
+
+
 def _virtual_worker(rank: int, port: int, out_dir: str) -> None:
     from chunkflow_pl.schedule.evaluation import EvalSums
     from chunkflow_pl.strategy import checkpoint as ckpt
 
     _patch_planner()
-    strategy = gloo_strategy(rank, port, ParallelDims(dp=1, pp=PP, world_size=2, num_layers=LAYERS, virtual=V))
+    strategy = strategy_with_headers(rank, port, ParallelDims(dp=1, pp=PP, world_size=2, num_layers=LAYERS,
+                                                             virtual=V))
     try:
         cfg, batch = case()
 
