@@ -129,6 +129,33 @@ def test_test_plans_are_valid_per_block_and_order_every_action_once():
     assert [blk for blk, _ in fwd.order[0][:6]] == [0, 0, 2, 2, 2, 0]  # chunk 0 through blocks 0 and 2, then chunk 1
 
 
+def test_runner_refuses_what_it_cannot_run_before_any_message():
+    from dataclasses import replace
+
+    from chunkflow_pl.schedule.runner import StepRunner
+    from chunkflow_pl.schedule.scheduler import plan_pipeline
+    from chunkflow_pl.schedule.transport import LocalTransport
+
+    cfg, batch = case()
+    chunks = [c.segments for c in batch.chunks]
+    with pytest.raises(NotImplementedError, match="virtual_stages=1"):
+        plan_pipeline(chunks, batch.seq_lens, PP, 1, virtual=V)
+    with pytest.raises(ValueError, match=r"transport must map each block of rank 0 \(0, 2\)"):
+        StepRunner(cfg, 1, "cpu", stage=0, pp=PP, virtual=V, transport=LocalTransport())
+    runner = StepRunner(cfg, 1, "cpu", stage=0, pp=PP, virtual=V, transport={0: LocalTransport(), 2: LocalTransport()})
+    plan = virtual_plan(chunks, batch.seq_lens, PP, 1, cost=runner.cost, virtual=V)
+    runner._check_virtual(plan)
+    mine = list(plan.order[0])
+    j = next(j for j in range(len(mine) - 1) if mine[j][0] == mine[j + 1][0])  # two actions of one block in a row
+    mine[j], mine[j + 1] = mine[j + 1], mine[j]
+    with pytest.raises(ValueError, match=r"runs action \d+ of block \d where action \d+ is next"):
+        runner._check_virtual(replace(plan, order=(tuple(mine), plan.order[1])))
+    with pytest.raises(ValueError, match="leaves actions of its blocks unrun"):
+        runner._check_virtual(replace(plan, order=(plan.order[0][:-1], plan.order[1])))
+    with pytest.raises(ValueError, match="the plan has 4 ranks x 1 virtual stages, the runner 2 x 2"):
+        runner._check_virtual(plan_pipeline(chunks, batch.seq_lens, PP * V, 1))
+
+
 # ---- exactness over gloo: pp=2 x v=2 equals one process ----------------------------------------------------------
 
 def _patch_planner() -> None:
