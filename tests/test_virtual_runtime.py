@@ -109,6 +109,10 @@ def test_virtual_stage_settings_fail_early_naming_the_key_and_the_fix():
         ParallelConfig(pp=2, virtual_stages=0)
     with pytest.raises(ValueError, match=r"2 x 3 blocks, but the model has 5 layers.*virtual_stages <= 2"):
         ParallelDims(dp=1, pp=2, world_size=2, num_layers=5, virtual=3)
+    from chunkflow_pl.strategy.fit_setup import check_virtual_scheduler
+
+    with pytest.raises(ValueError, match=r"parallel.virtual_stages=2: plan_pipeline\(virtual=2\).*not written yet"):
+        check_virtual_scheduler(2, 2)  # at start (setup_environment), while the planner cannot schedule them
     assert ParallelConfig(pp=2, virtual_stages=2).virtual_stages == 2
 
 
@@ -159,9 +163,12 @@ def test_runner_refuses_what_it_cannot_run_before_any_message():
 # ---- exactness over gloo: pp=2 x v=2 equals one process ----------------------------------------------------------
 
 def _patch_planner() -> None:
+    """In a spawned rank: the interleaved scheduler's stand-in (``tests/virtual_plans.py``) where the runner plans and
+    where the strategy asks at start whether virtual stages can be scheduled."""
     import chunkflow_pl.schedule.runner as runner
+    import chunkflow_pl.schedule.scheduler as scheduler
 
-    runner.plan_pipeline = virtual_plan  # the interleaved scheduler's stand-in (tests/virtual_plans.py)
+    runner.plan_pipeline = scheduler.plan_pipeline = virtual_plan
 
 
 class Trainer:
