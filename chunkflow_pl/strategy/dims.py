@@ -12,6 +12,9 @@ so the ranks of a data-parallel group are adjacent (one node when dp fits on a n
 crosses nodes only between stages. Everything else asks this object: the datamodule its data-parallel
 coordinate, the strategy its stage and groups. Validation happens at construction, before anything is
 allocated.
+
+With virtual stages (``virtual = parallel.virtual_stages``) the ranks are the same; pipeline rank ``r`` holds
+blocks ``r, r + pp, ...`` of the ``pp x virtual`` blocks (``model/stages.rank_blocks``).
 """
 
 from __future__ import annotations
