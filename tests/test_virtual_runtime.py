@@ -331,3 +331,18 @@ def test_timeline_tells_a_ranks_blocks_apart(tmp_path):
     plain = forward_pixels([e._replace(block=None) for e in events])
     # a rank's second block is hatched: fewer pixels of the forward colour, by about half of its two bars' share
     assert forward_pixels(events) < 0.85 * plain
+
+
+def test_memory_estimate_of_a_rank_counts_its_blocks_at_their_largest_cap():
+    """Rank 0 of pp=2 x v=2 holds blocks 0 and 2 (caps 4 and 2 of a 4-block 1F1B at k=1): its layers counted with 4
+    live chunks, more than the 2 of the rank's plain pp=2 stage with the same layers."""
+    from dataclasses import replace
+
+    from chunkflow_pl.strategy.memory_check import MemoryRequest, stage_estimates
+
+    cfg = replace(case()[0], num_layers=8)
+    plain = MemoryRequest(cfg, 1024, 1, "32-true", "adamw", 256, 8192, pp=PP)
+    virtual = stage_estimates(replace(plain, virtual=V))
+    as_cap = [stage_estimates(replace(plain, chunk_k=cap))[r] for r, cap in ((0, 4), (1, 3))]
+    for r in range(PP):  # the same layers (4 per rank); the rank's largest block cap as its live chunks
+        assert virtual[r].total == as_cap[r].total > stage_estimates(plain)[r].total, r

@@ -116,5 +116,5 @@ def memory_request(strategy: ChunkFlowStrategy, module: Any, datamodule: Any, pr
     dims = strategy.dims
     return MemoryRequest(cfg, int(chunk_size), strategy.chunk_k, precision, optim.name, int(module.loss_chunk),
                          int(longest()), dims.pp, lora=getattr(module, "lora", None),
-                         layer_checkpoint=strategy.layer_checkpoint,
+                         layer_checkpoint=strategy.layer_checkpoint, virtual=dims.virtual,
                          sharding=Sharding(dims.dp_shard, dims.dp_replicate, settled_or_last(strategy.grad_reduce)))
