@@ -11,6 +11,10 @@ replica 0 (data-parallel rank 0) and writes, under ``<run dir>/<dirname>/``::
     step_000009.json       every action with its times (messages included), per-stage peak live
                            activations and caps, the plan, the chunks, both bubble fractions
 
+With virtual stages (``parallel.virtual_stages``) a row is a rank and its blocks are told apart (hatched, named
+``chunk@block`` on the bars and on the row's label); there is no ``_sim.png`` (the simulator replays one action
+list per stage, not a rank's interleaved blocks).
+
 The executed chart goes to every logger that takes images (W&B ``log_image``); loggers without
 images get the files only. The bubble fractions are logged as metrics ``pipeline/bubble`` and
 ``pipeline/bubble_replayed``. Recording costs a barrier and a clock reading per action (on CUDA a
@@ -69,7 +73,9 @@ class PipelineTimeline(L.Callback):
         pp = len(records)
         step = records[0].step
         out = Path(trainer.default_root_dir) / self.dirname
-        events = [TimedEvent(r.stage, op, c, t0, t1) for r in records for op, c, t0, t1 in r.events if op in COMPUTE]
+        # virtual stages: events carry their block as a fifth field, and each chart row is a rank
+        events = [TimedEvent(r.stage, op, c, t0, t1, *blk) for r in records for op, c, t0, t1, *blk in r.events
+                  if op in COMPUTE]
         measured = timeline_stats(events, pp)
         png = draw_timeline(events, out / f"step_{step:06d}.png", pp,
                             title=f"step {step}: executed on {pp} stage(s), bubble {measured.bubble_total:.1%}")
@@ -85,7 +91,8 @@ class PipelineTimeline(L.Callback):
         }
         metrics = {"pipeline/bubble": measured.bubble_total}
         plan = records[0].extra.get("plan")
-        if self.simulate and plan is not None and pp > 1:  # one stage: the replay would be the chart itself
+        # one stage: the replay would be the chart itself; virtual stages: the simulator replays one list per stage
+        if self.simulate and plan is not None and pp > 1 and plan.virtual == 1:
             durations = {(e.stage, Op(e.op), e.chunk): e.end - e.start for e in events}
             sim = simulate(plan, [c.segments for c in batch.chunks], batch.seq_lens, MeasuredCost(durations, pp))
             draw_timeline(sim.events, out / f"step_{step:06d}_sim.png", pp, time_axis=measured.step_time,

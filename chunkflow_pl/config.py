@@ -62,6 +62,8 @@ class ParallelConfig:
     its per-rank estimate fits the device, else ``every_backward``; what the layout planner picks for a given
     layout, decided when the run starts: ``strategy/memory_check.py``). reshard_after_forward: only ``false``
     (parameters stay unsharded for the whole step, see ``strategy/sharding.py`` for why).
+    virtual_stages: blocks per pipeline rank (interleaved pipeline): the model is cut into ``pp x virtual_stages``
+    blocks, rank ``r`` holds blocks ``r, r + pp, ...``; 1 (the default) is the plain pipeline.
     collective_timeout: how long a rank waits in a collective or point-to-point call for the others
     (``600``, ``90s``, ``10m``, ``1h``) before it stops with an error: a hung peer is reported within it.
     Seconds after construction. split_backward: split each chunk's backward into B (input and key/value state
@@ -73,6 +75,7 @@ class ParallelConfig:
     dp_replicate: int = 1
     dp_shard: int = 1
     pp: int = 1
+    virtual_stages: int = 1
     grad_reduce: str = "auto"
     reshard_after_forward: bool = False
     # pp > 1: prove each step's plan valid before running it (cheap; see conf/parallel/single.yaml).
@@ -89,7 +92,8 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         for key, value in (("parallel.dp", self.dp), ("parallel.dp_replicate", self.dp_replicate),
-                           ("parallel.dp_shard", self.dp_shard), ("parallel.pp", self.pp)):
+                           ("parallel.dp_shard", self.dp_shard), ("parallel.pp", self.pp),
+                           ("parallel.virtual_stages", self.virtual_stages)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key}={value!r} must be a positive integer")
         if self.dp > 1 and (self.dp_replicate > 1 or self.dp_shard > 1):
@@ -108,6 +112,7 @@ class ParallelConfig:
                              "(data-parallel ranks run different chunk schedules, so per-forward all-gathers would "
                              "not pair up across ranks); parameters stay unsharded for a step and are resharded "
                              "after it")
+        check_virtual_stages(self.virtual_stages, self.pp, self.data_parallel, self.auto)
         object.__setattr__(self, "collective_timeout",
                            parse_duration(self.collective_timeout, key="parallel.collective_timeout"))
 
@@ -128,3 +133,22 @@ class ParallelConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ParallelConfig:
         return from_dict(cls, d, "parallel")
+
+
+def check_virtual_stages(virtual: int, pp: int, dp: int = 1, auto: bool = False) -> None:
+    """``parallel.virtual_stages`` against the rest of the layout (what the runtime supports today); the layer
+    count is checked where it is known (``ParallelDims``, ``model/stages.split_blocks``)."""
+    if virtual == 1:
+        return
+    if pp == 1:
+        raise ValueError(f"parallel.virtual_stages={virtual} with parallel.pp=1: virtual stages interleave the blocks "
+                         "of a pipeline across its ranks, one process has nothing to interleave (it would only add "
+                         "work); set parallel.virtual_stages=1 or parallel.pp > 1")
+    if auto:
+        raise ValueError(f"parallel.virtual_stages={virtual} with parallel=auto: the layout planner does not pick or "
+                         "price virtual stages yet; set the layout by hand (parallel.pp, parallel.dp) or "
+                         "parallel.virtual_stages=1")
+    if dp > 1:
+        raise ValueError(f"parallel.virtual_stages={virtual} with {dp} data-parallel ranks: sharding (FSDP2) a rank "
+                         "holding several blocks is not supported yet; use parallel.virtual_stages=1 with data "
+                         "parallelism, or data parallelism 1 (parallel.dp=1, dp_replicate=1, dp_shard=1)")

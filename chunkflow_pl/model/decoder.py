@@ -11,6 +11,11 @@ the same decoder without q/k/v biases and with llama3 RoPE scaling (``ModelConfi
 The model knows nothing of chunks beyond "attend to this prefix state": chunking, state passing
 and parallelism are applied from outside. Layers live in a ModuleDict keyed "0".."N-1" so parameter
 names never change when the model is split into pipeline stages.
+
+Virtual stages: built with ``stage=RankBlocks`` (``model/stages.py``), one module holds the layers of all the
+rank's blocks (plus the embedding with block 0, the norm and head with the last block), under the same names;
+``forward(..., block=b)`` runs block ``b`` alone, and ``model.block(b)`` is a view of it shaped like a
+one-stage model (``stage``, ``layer_names``, call, loss), which is what a block's executor runs.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from chunkflow_pl.model.attention import VarlenMeta, attention
 from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.loss import chunked_cross_entropy, token_cross_entropy
 from chunkflow_pl.model.rope import Llama3Scaling, RotaryTable
-from chunkflow_pl.model.stages import StageSpec
+from chunkflow_pl.model.stages import RankBlocks, StageSpec
 
 KV = tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor | tuple[torch.Tensor, ...]]
 
@@ -125,16 +130,18 @@ class Qwen2Decoder(nn.Module):
 
     Built whole, or as one pipeline stage (``stage``): only that stage's modules exist, under the names
     they have in the whole model (``layers.17.attn.q_proj.weight`` stays that on whatever stage holds
-    layer 17), so checkpoints and Hugging Face exports of the stages merge by name.
+    layer 17), so checkpoints and Hugging Face exports of the stages merge by name. With virtual stages
+    ``stage`` is the rank's ``RankBlocks``: its blocks' modules, same names, one block per ``forward``.
     """
 
     def __init__(self, cfg: ModelConfig, attention_backend: str = "sdpa", loss_chunk: int = 4096,
-                 stage: StageSpec | None = None) -> None:
+                 stage: StageSpec | RankBlocks | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.stage = stage or StageSpec.whole(cfg.num_layers)
-        if not 0 <= self.stage.first_layer <= self.stage.end_layer <= cfg.num_layers:
-            raise ValueError(f"stage {self.stage} does not fit a model of {cfg.num_layers} layers")
+        for spec in self.stage.blocks if isinstance(self.stage, RankBlocks) else (self.stage,):
+            if not 0 <= spec.first_layer <= spec.end_layer <= cfg.num_layers:
+                raise ValueError(f"stage {spec} does not fit a model of {cfg.num_layers} layers")
         self.attention_backend = attention_backend
         self.loss_chunk = loss_chunk
         tied_head = self.stage.has_head and cfg.tie_word_embeddings
@@ -149,8 +156,16 @@ class Qwen2Decoder(nn.Module):
 
     @property
     def layer_names(self) -> list[str]:
-        """Keys of this stage's layers (global layer indices as strings), in order."""
+        """Keys of this stage's layers (global layer indices as strings), in order (every block's, with virtual
+        stages)."""
         return list(self.layers.keys())
+
+    def block(self, block: int) -> DecoderBlock:
+        """Global block ``block`` of a rank holding virtual stages (``stage`` is a ``RankBlocks``), as a model."""
+        if not isinstance(self.stage, RankBlocks):
+            raise ValueError(f"block {block} of a model built as one stage ({self.stage}): only a model built with "
+                             "stage=RankBlocks (parallel.virtual_stages > 1) has blocks")
+        return DecoderBlock(self, block)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -185,8 +200,10 @@ class Qwen2Decoder(nn.Module):
         prefix_kv: list[KV] | None = None,
         return_kv: bool = False,
         kv_only: bool = False,
+        block: int | None = None,
     ) -> tuple[torch.Tensor | None, list[KV] | None]:
-        """This stage's layers on one chunk.
+        """This stage's layers on one chunk (with virtual stages: block ``block``'s layers, and "stage" below
+        means that block).
 
         ``x``: token ids ``input_ids_T`` [T] on the first stage, else the residual stream ``x_TD`` [T, D].
         ``prefix_kv[i]``: prefix keys/values of this stage's ``i``-th layer (``layer_names[i]``).
@@ -198,16 +215,17 @@ class Qwen2Decoder(nn.Module):
         projections (no attention, o_proj, MLP or final norm) and the hidden state returned is None.
         The keys/values are bit-identical to a full forward's.
         """
-        if kv_only and not (return_kv and self.stage.has_head):
+        spec, layers = self._block_layers(block)
+        if kv_only and not (return_kv and spec.has_head):
             raise ValueError("kv_only needs return_kv=True on the last stage (a middle stage must send its output)")
-        x_TD = self.embed(x) if self.stage.takes_ids else x
+        x_TD = self.embed(x) if spec.takes_ids else x
         # Positions of segment b are prefix_b .. prefix_b + len_b - 1: the table size is known without a sync.
         num_positions = max((p + q for p, q in zip(meta.prefix_lens, meta.seqlens_q)), default=0)
         cos_TD, sin_TD = self.rope.cos_sin(position_ids_T, num_positions, x_TD.dtype)
         sin_TD = signed_sin(sin_TD)  # the layers take the signed form (apply_rope)
         new_kv: list[KV] = []
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers.values()):
+        last = len(layers) - 1
+        for i, layer in enumerate(layers):
             if kv_only and i == last:
                 new_kv.append(layer.kv(x_TD, cos_TD, sin_TD))
                 return None, new_kv
@@ -215,8 +233,21 @@ class Qwen2Decoder(nn.Module):
             x_TD, kv = layer(x_TD, cos_TD, sin_TD, meta, prefix, self.attention_backend)
             if return_kv:
                 new_kv.append(kv)
-        out = self.norm(x_TD) if self.stage.has_head else x_TD
+        out = self.norm(x_TD) if spec.has_head else x_TD
         return out, (new_kv if return_kv else None)
+
+    def _block_layers(self, block: int | None) -> tuple[StageSpec, list[nn.Module]]:
+        """The spec and layers ``forward`` runs: the stage's, or block ``block``'s (looked up by name at each call,
+        so a layer wrapped later, by checkpointing or sharding, is the one that runs)."""
+        if block is None:
+            if isinstance(self.stage, RankBlocks):
+                raise ValueError(f"a rank holding blocks {self.stage.ids} (virtual stages) runs one block per call: "
+                                 "pass block=")
+            return self.stage, list(self.layers.values())
+        if not isinstance(self.stage, RankBlocks):
+            raise ValueError(f"block={block} on a model built as one stage ({self.stage})")
+        spec = self.stage.spec(block)
+        return spec, [self.layers[str(i)] for i in spec.layer_ids]
 
     def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden_TD, self.head_weight)
@@ -228,6 +259,33 @@ class Qwen2Decoder(nn.Module):
     def token_losses(self, hidden_TD: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of every token [T] (0 where not supervised), no autograd: what validation sums by position."""
         return token_cross_entropy(hidden_TD, self.head_weight, labels_T, self.loss_chunk)
+
+
+class DecoderBlock:
+    """Block ``index`` of a rank's ``Qwen2Decoder`` holding virtual stages, seen as a one-stage model: what a block's
+    ``ChunkExecutor`` runs. Owns nothing: calls go to the rank's module (through its hooks, so a sharded root
+    gathers its parameters as for a one-stage model), with ``block=index``."""
+
+    def __init__(self, model: Qwen2Decoder, index: int) -> None:
+        self.model, self.index = model, int(index)
+        self.stage: StageSpec = model.stage.spec(self.index)
+        self.cfg = model.cfg
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [str(i) for i in self.stage.layer_ids]
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, block=self.index, **kwargs)
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def loss_sum(self, hidden_TD: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
+        return self.model.loss_sum(hidden_TD, labels_T)
+
+    def token_losses(self, hidden_TD: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
+        return self.model.token_losses(hidden_TD, labels_T)
 
 
 def name_seed(seed: int, name: str) -> int:

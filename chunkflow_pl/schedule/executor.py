@@ -366,31 +366,45 @@ class ChunkExecutor:
                              "SplitLinear layers: apply chunkflow_pl.model.split_linear.apply_split_linear to it "
                              "first (the strategy does when parallel.split_backward=true)")
         for a in actions:
-            if self.should_stop is not None and self.should_stop():
-                # the caller names the step (its optimizer-step count; batch.step_index counts global batches from 0)
-                raise StepInterrupted(f"stopped before action {a}")
-            op = a.op.value
-            if self.evaluation is not None and op not in _EVAL_ACTIONS:
-                raise ValueError(f"action {a} in a forward-only (evaluation) step")
-            start = self.clock() if self.clock is not None else 0.0
-            if op == "forward":
-                self.forward(a.chunk, a.keep)
-            elif op == "backward":
-                split = bool(getattr(a, "split", False))
-                self.backward(a.chunk, split)
-                if not split and self.after_backward is not None:
-                    self.after_backward()
-            elif op == "weight":  # the gradient of a split chunk is complete only now
-                self.weight(a.chunk)
-                if self.after_backward is not None:
-                    self.after_backward()
-            elif op in _ACTIONS:
-                getattr(self, op)(a.chunk)
-            else:
-                raise ValueError(f"unknown action {a}")
-            if self.clock is not None:
-                self.events.append((op, a.chunk, start, self.clock()))
-            self.stats.peak_state_bytes = max(self.stats.peak_state_bytes, self.store.peak_bytes)
+            self.act(a)
+        return self.finish()
+
+    def act(self, a) -> None:
+        """Run one action (``run`` is ``act`` over a list, then ``finish``; with virtual stages the runner
+        interleaves the actions of a rank's block executors this way)."""
+        if self.should_stop is not None and self.should_stop():
+            # the caller names the step (its optimizer-step count; batch.step_index counts global batches from 0)
+            raise StepInterrupted(f"stopped before action {a}")
+        op = a.op.value
+        if self.evaluation is not None and op not in _EVAL_ACTIONS:
+            raise ValueError(f"action {a} in a forward-only (evaluation) step")
+        start = self.clock() if self.clock is not None else 0.0
+        if op == "forward":
+            self.forward(a.chunk, a.keep)
+        elif op == "backward":
+            split = bool(getattr(a, "split", False))
+            self.backward(a.chunk, split)
+            if not split and self.after_backward is not None:
+                self.after_backward()
+        elif op == "weight":  # the gradient of a split chunk is complete only now
+            self.weight(a.chunk)
+            if self.after_backward is not None:
+                self.after_backward()
+        elif op in _ACTIONS:
+            getattr(self, op)(a.chunk)
+        else:
+            raise ValueError(f"unknown action {a}")
+        if self.clock is not None:
+            self.events.append((op, a.chunk, start, self.clock()))
+        self.stats.peak_state_bytes = max(self.stats.peak_state_bytes, self.store.peak_bytes)
+
+    @property
+    def live_chunks(self) -> int:
+        """Chunks holding activations now (kept forwards and recomputes not yet through backward)."""
+        return len(self._live)
+
+    def finish(self) -> StepStats:
+        """End of the step: wait for the sends, check the plan left nothing behind; the step's stats."""
         self.transport.flush()
         self.store.drain()
         if len(self.store) or self._live or self._outbox or self._grad_out or self._awaiting_w:

@@ -118,6 +118,7 @@ def plan_pipeline(
     caps: Sequence[int] | None = None,
     max_open_chains: int | None = 1,
     split_backward: bool = False,
+    virtual: int = 1,
 ) -> PipelinePlan:
     """Per-stage action lists for one step of one pipeline replica (see the module docstring).
 
@@ -131,9 +132,15 @@ def plan_pipeline(
 
     ``split_backward`` (``parallel.split_backward``): every backward is split (``Action.split``) and followed
     by its chunk's ``WEIGHT`` (see the placeholder at the end).
+    ``virtual`` (``parallel.virtual_stages``): blocks per pipeline rank; ``pp`` ranks then run ``pp x virtual``
+    blocks (``PipelinePlan.virtual``/``order``). Not scheduled here yet: values above 1 raise
+    ``NotImplementedError``.
 
     Raises ``ValueError`` on bad arguments or chunks that do not tile their sequences.
     """
+    if virtual != 1:
+        raise NotImplementedError(f"plan_pipeline(virtual={virtual}): the interleaved (virtual-stage) scheduler is "
+                                  "not written yet; use parallel.virtual_stages=1")
     if pp < 1:
         raise ValueError(f"pp must be >= 1 (pipeline stages), got {pp}")
     if k < 1:

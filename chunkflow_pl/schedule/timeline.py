@@ -10,6 +10,10 @@ them; a callback that times a real run can produce the same tuples and reuse ``t
     stage 0   [F0 ][F1 ]......[B0      ][B1      ]
     stage 1   .....[F0 ][B0      ][F1 ][B1      ]       "." = idle (bubble)
 
+With virtual stages a row is a rank running several blocks: an event then carries its ``block``; the text
+chart writes ``F3@2`` (chunk 3 on block 2) and the Gantt chart hatches each of a rank's blocks differently
+(its first block plain, the next ``//``, then ``\\``, ...) and names the blocks on the row's label.
+
 ``draw_timeline`` imports matplotlib only when called (planning never needs it) and draws on an
 Agg canvas without pyplot, so it leaves no global state behind.
 """
@@ -27,12 +31,30 @@ COLORS = {"forward": "#1f77b4", "backward": "#2ca02c", "recompute": "#ff7f0e", "
 OPS = ("forward", "recompute", "backward", "weight")  # drawing order
 
 
+# Hatches of a rank's 1st, 2nd, ... block (virtual stages); the first is plain, so one-block charts are unchanged.
+HATCHES = ("", "//", "\\\\", "xx", "..", "--", "++", "oo")
+
+
 class TimedEvent(NamedTuple):
-    stage: int
+    stage: int  # the row: a pipeline stage, or a rank with virtual stages
     op: str  # "forward" | "recompute" | "backward" | "weight"
     chunk: int
     start: float
     end: float
+    block: int | None = None  # virtual stages: the block (of the row's rank) the action ran on
+
+
+def _label(e: TimedEvent) -> str:
+    return f"{e.op[0].upper()}{e.chunk}" + (f"@{e.block}" if e.block is not None else "")
+
+
+def _row_blocks(events: Sequence[TimedEvent], n: int) -> list[list[int]]:
+    """Per row, the blocks its events ran on, ascending (empty without virtual stages)."""
+    rows: list[set[int]] = [set() for _ in range(n)]
+    for e in events:
+        if e.block is not None:
+            rows[e.stage].add(e.block)
+    return [sorted(r) for r in rows]
 
 
 @dataclass(frozen=True)
@@ -59,11 +81,11 @@ def ascii_timeline(events: Sequence[TimedEvent], num_stages: int, unit: float = 
     """Text Gantt chart, one column per ``unit`` of time: ``F3``/``R3``/``B3``/``W3`` per column, ``.`` idle."""
     step = max((e.end for e in events), default=0.0)
     cols = round(step / unit)
-    width = max([2] + [len(f"F{e.chunk}") for e in events])
+    width = max([2] + [len(_label(e)) for e in events])
     rows = [["."] * cols for _ in range(num_stages)]
     for e in events:
         for col in range(round(e.start / unit), round(e.end / unit)):
-            rows[e.stage][col] = f"{e.op[0].upper()}{e.chunk}"
+            rows[e.stage][col] = _label(e)
     head = "time     " + " ".join(f"{c:<{width}}" for c in range(cols))
     lines = [head] + [f"stage {s:<2} " + " ".join(f"{x:<{width}}" for x in r) for s, r in enumerate(rows)]
     return "\n".join(line.rstrip() for line in lines)
@@ -102,27 +124,35 @@ def draw_timeline(
         ax.broken_barh([(0.0, step)], (s - 0.4, 0.8), facecolors=COLORS["idle"], antialiased=False, linewidth=0)
     # Thin white separators between bars when labelled (for reading); none otherwise (exact pixel colours).
     edge = dict(edgecolor="white", linewidth=0.5) if labels else dict(linewidth=0)
+    row_blocks = _row_blocks(events, n)
+    slots = max((len(r) for r in row_blocks), default=0)  # blocks per rank (0: no virtual stages)
     for op in OPS:
         for s in range(n):
-            bars = [(e.start, e.end - e.start) for e in events if e.op == op and e.stage == s]
-            if bars:
-                ax.broken_barh(bars, (s - 0.4, 0.8), facecolors=COLORS[op], antialiased=False, **edge)
+            for j, blk in enumerate(row_blocks[s] or [None]):
+                bars = [(e.start, e.end - e.start) for e in events if e.op == op and e.stage == s and e.block == blk]
+                if not bars:
+                    continue
+                hatch = dict(hatch=HATCHES[j % len(HATCHES)], edgecolor="white") if j else {}
+                ax.broken_barh(bars, (s - 0.4, 0.8), facecolors=COLORS[op], antialiased=False, **{**edge, **hatch})
     if labels:
         min_width = step / 60  # about two characters at the default size
         for e in events:
-            if e.end - e.start >= min_width:
-                ax.text((e.start + e.end) / 2, e.stage, str(e.chunk), ha="center", va="center", fontsize=7,
-                        color="white")
+            if e.end - e.start >= min_width * (2 if e.block is not None else 1):
+                text = str(e.chunk) if e.block is None else f"{e.chunk}@{e.block}"
+                ax.text((e.start + e.end) / 2, e.stage, text, ha="center", va="center", fontsize=7, color="white")
     ax.set_xlim(0, max(step, time_axis or 0.0))
     ax.set_ylim(n - 0.5, -0.5)
-    ax.set_yticks(range(n), [f"stage {s}" for s in range(n)])
+    ax.set_yticks(range(n), [f"rank {s}: blocks {' '.join(map(str, row_blocks[s]))}" if row_blocks[s]
+                             else f"stage {s}" for s in range(n)])
     ax.set_xlabel("time")
     if title:
         ax.set_title(title)
     if legend:
         keys = [op for op in OPS if op != "weight" or any(e.op == "weight" for e in events)] + ["idle"]
-        ax.legend(handles=[Patch(color=COLORS[k], label=k) for k in keys],
-                  loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        handles = [Patch(color=COLORS[k], label=k) for k in keys]
+        handles += [Patch(facecolor="grey", edgecolor="white", hatch=HATCHES[j % len(HATCHES)],
+                          label=f"a rank's block {j + 1}") for j in range(slots if slots > 1 else 0)]
+        ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,8 @@ pipeline stage of one data-parallel replica, see ``dims.py``)::
 
     setup_environment   process groups (Lightning's launcher, torchrun or SLURM): ("pp", "dp") mesh,
                         tie groups, p2p channels                                          groups.py
-    configure_model     the LightningModule builds only ``stage_spec``'s layers (names unchanged)
+    configure_model     the LightningModule builds only ``stage_spec``'s layers (names unchanged; with
+                        parallel.virtual_stages the rank's blocks, RankBlocks)
     setup               parallel.split_backward: linear layers split into B and W halves  split_backward.py
     run_chunk_step      this rank's stage of its replica's step plan (every rank of a replica derives
                         the same plan from the same StepBatch), through the schedule's StepRunner, one
@@ -43,7 +44,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from chunkflow_pl.config import ParallelConfig
 from chunkflow_pl.data.balance import ChunkCost
 from chunkflow_pl.data.types import StepBatch
-from chunkflow_pl.model.stages import StageSpec, split_stages
+from chunkflow_pl.model.stages import RankBlocks, StageSpec, rank_blocks, split_stages
 from chunkflow_pl.schedule.evaluation import EvalSums
 from chunkflow_pl.schedule.executor import StepStats
 from chunkflow_pl.schedule.runner import StageTimeline, StepRun, pipeline_cost
@@ -142,15 +143,18 @@ class ChunkFlowStrategy(ParallelStrategy):
         return self.dims.coords(self.global_rank)[1]
 
     @property
-    def stage_spec(self) -> StageSpec:
+    def stage_spec(self) -> StageSpec | RankBlocks:
+        """What this rank builds: its pipeline stage, or with virtual stages its blocks (``RankBlocks``)."""
         if self.num_layers is None:
             raise RuntimeError("ChunkFlowStrategy needs num_layers to split the model into stages")
+        if self.dims.virtual > 1:
+            return rank_blocks(self.num_layers, self.dims.pp, self.dims.virtual, self.pp_rank)
         return split_stages(self.num_layers, self.dims.pp)[self.pp_rank]
 
     def balance_cost(self) -> ChunkCost:
         """What a chunk costs a replica under this layout, for the datamodule's data-parallel balance: the trained
         model's cost model (the one the planner and simulator use), per pipeline stage."""
-        return pipeline_cost(self.lightning_module.model_cfg, self.dims.pp).balance_cost()
+        return pipeline_cost(self.lightning_module.model_cfg, self.dims.pp, self.dims.virtual).balance_cost()
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:

@@ -12,11 +12,16 @@ so the ranks of a data-parallel group are adjacent (one node when dp fits on a n
 crosses nodes only between stages. Everything else asks this object: the datamodule its data-parallel
 coordinate, the strategy its stage and groups. Validation happens at construction, before anything is
 allocated.
+
+With virtual stages (``virtual = parallel.virtual_stages``) the ranks are the same; pipeline rank ``r`` holds
+blocks ``r, r + pp, ...`` of the ``pp x virtual`` blocks (``model/stages.rank_blocks``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from chunkflow_pl.config import check_virtual_stages
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ class ParallelDims:
     world_size: int
     num_layers: int | None = None  # checked against pp when given
     dp_shard: int = 1  # of dp: ranks a stage's parameters, gradients and optimizer state are sharded over
+    virtual: int = 1  # parallel.virtual_stages: blocks per pipeline rank (block b on pipeline rank b % pp)
 
     def __post_init__(self) -> None:
         for key, v in (("parallel.dp", self.dp), ("parallel.pp", self.pp)):
@@ -50,6 +56,13 @@ class ParallelDims:
         if self.num_layers is not None and self.pp > self.num_layers:
             raise ValueError(f"parallel.pp={self.pp} is larger than the model's {self.num_layers} layers: each "
                              f"pipeline stage needs at least one layer; use parallel.pp <= {self.num_layers}")
+        if isinstance(self.virtual, bool) or not isinstance(self.virtual, int) or self.virtual < 1:
+            raise ValueError(f"parallel.virtual_stages={self.virtual!r} must be a positive integer")
+        check_virtual_stages(self.virtual, self.pp, self.dp)
+        if self.num_layers is not None and self.pp * self.virtual > self.num_layers:
+            raise ValueError(f"parallel.pp x parallel.virtual_stages = {self.pp} x {self.virtual} blocks, but the "
+                             f"model has {self.num_layers} layers: each block needs at least one layer; use "
+                             f"parallel.virtual_stages <= {self.num_layers // self.pp}")
 
     @property
     def dp_replicate(self) -> int:

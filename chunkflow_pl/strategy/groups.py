@@ -9,7 +9,8 @@ process (Lightning's launcher, torchrun or SLURM have started them)::
     dp_mesh         dp > 1: the ("dp_replicate", "dp_shard") sub-mesh FSDP2 shards over (sharding.py)
     shard           the "dp_shard" group (a gradient norm sums its squares over it)
     tie             pp > 1: one 2-rank group (first stage, last stage) per replica, for a tied embedding
-    p2p             pp > 1: P2PTransport, one 2-rank group per channel (stage pair x direction)
+    p2p             pp > 1: P2PTransport, one 2-rank group per channel (stage pair x direction); with virtual
+                    stages a dict block -> P2PTransport (channels per block pair x direction)
 
 With one process there are no groups (the strategy holds ``None``) and nothing is communicated.
 """
@@ -26,7 +27,7 @@ from lightning.fabric.utilities.distributed import _init_dist_connection, _set_n
 
 from chunkflow_pl.strategy.dims import ParallelDims
 from chunkflow_pl.strategy.health import register_process
-from chunkflow_pl.strategy.p2p import P2PTransport
+from chunkflow_pl.strategy.p2p import P2PTransport, open_block_transports
 
 
 @dataclass
@@ -37,7 +38,7 @@ class ProcessGroups:
     dp_mesh: Any
     shard: Any
     tie: Any | None  # this rank's tie group (first or last stage with pp > 1), else None
-    p2p: P2PTransport | None
+    p2p: P2PTransport | dict[int, P2PTransport] | None
     owns_default: bool  # create() made the default group (destroy() ends it)
     backend: str
 
@@ -63,7 +64,10 @@ class ProcessGroups:
                     tie = g
             # Point-to-point channels of every replica (collective: creates and warms up every group).
             comm_device = device if device.type == "cuda" else torch.device("cpu")
-            p2p = P2PTransport(dims, rank, comm_device, check_messages, timeout=timeout)
+            if dims.virtual > 1:
+                p2p = open_block_transports(dims, rank, comm_device, dims.virtual, check_messages, timeout=timeout)
+            else:
+                p2p = P2PTransport(dims, rank, comm_device, check_messages, timeout=timeout)
         register_process(rank, dims.world_size)
         dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp > 1 else None
         dp = None

@@ -20,7 +20,7 @@ from chunkflow_pl.model.memory import (
     available_memory,
     estimate_training_memory,
 )
-from chunkflow_pl.model.stages import split_stages
+from chunkflow_pl.model.stages import rank_blocks, split_stages
 from chunkflow_pl.schedule.scheduler import default_caps
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class MemoryRequest:
     lora: LoraSettings | None = None  # adapters: only they hold gradients and optimizer state
     layer_checkpoint: str = "none"  # chunk.layer_checkpoint
     sharding: Sharding = Sharding()  # the data parallelism of each stage (FSDP2 when dp > 1)
+    virtual: int = 1  # parallel.virtual_stages: blocks per pipeline rank
 
 
 def sharding_of(parallel: ParallelConfig) -> Sharding:
@@ -84,7 +85,20 @@ def settle_grad_reduce(req: MemoryRequest, grad_reduce: str, device_type: str) -
 
 def stage_estimates(req: MemoryRequest) -> list[MemoryEstimate]:
     """One estimate per pipeline stage (every rank of a stage holds the same): its layers, its plan's cap on
-    live chunks, its shard of the model state."""
+    live chunks, its shard of the model state.
+
+    Virtual stages: one per pipeline rank, over all its blocks' layers, each layer counted with the largest cap of
+    the rank's blocks (``default_caps`` over the blocks; conservative, until the interleaved scheduler's own caps
+    are known); a rank holding block 0 is counted without boundary checkpoints (its other blocks keep some: one
+    ``[T, D]`` input per dropped chunk, small beside a chunk's layer activations)."""
+    if req.virtual > 1:
+        blocks_caps = default_caps(req.pp * req.virtual, req.chunk_k)
+        ranks = [rank_blocks(req.model.num_layers, req.pp, req.virtual, r) for r in range(req.pp)]
+        return [estimate_training_memory(req.model, req.chunk_size, req.chunk_k, req.precision, req.optimizer,
+                                         req.loss_chunk, max_seq_len=req.longest_sequence, stage=spec,
+                                         live_chunks=max(blocks_caps[b] for b in spec.ids),
+                                         layer_checkpoint=req.layer_checkpoint, lora=req.lora, sharding=req.sharding)
+                for spec in ranks]
     return [estimate_training_memory(req.model, req.chunk_size, req.chunk_k, req.precision, req.optimizer,
                                      req.loss_chunk, max_seq_len=req.longest_sequence, stage=spec, live_chunks=cap,
                                      layer_checkpoint=req.layer_checkpoint, lora=req.lora, sharding=req.sharding)

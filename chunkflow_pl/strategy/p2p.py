@@ -16,6 +16,17 @@ under exactly that model). Each group carries one tiny message right after creat
 channel in the creation order (both ends of every channel meet it at the same place in that order,
 so the warm-up cannot deadlock): NCCL communicators are created there, not inside a step.
 
+Virtual stages (``parallel.virtual_stages=v``): channels are per *block* pair and direction, block ``b``
+on rank ``b % pp``, so the same two ranks share several channels that never mix::
+
+    pp = 2, v = 2          act 0->1, grad 1->0     rank 0 -> rank 1, rank 1 -> rank 0
+    blocks 0 2 on rank 0   act 1->2, grad 2->1     rank 1 -> rank 0 (block 3's successor wraps: 1 -> 2)
+    blocks 1 3 on rank 1   act 2->3, grad 3->2     rank 0 -> rank 1
+
+``open_block_transports`` creates every group once (the same creation order and warm-up, over blocks) and
+gives each of the rank's blocks its own ``P2PTransport``: a block's transport is a stage's transport with
+the block in the stage's place (its receives, its release points, in ``PipelinePlan.stages[block]``).
+
 Messages of a step
 ------------------
 - ``send``: ``isend``; the tensor stays referenced until the send is known to be complete, which
@@ -106,13 +117,60 @@ def release_points(stages: Sequence[Sequence[PipeAction]], stage: int) -> dict[t
     return out
 
 
-def channel_order(dims: ParallelDims) -> list[ChannelSpec]:
-    """Every channel of the run, in the order every rank creates (and warms up) their groups."""
+def channel_order(dims: ParallelDims, virtual: int = 1) -> list[ChannelSpec]:
+    """Every channel of the run, in the order every rank creates (and warms up) their groups; ``src``/``dst`` are
+    blocks (``pp x virtual`` of them, block ``b`` on pipeline rank ``b % pp``; stages when ``virtual`` is 1)."""
     out = []
     for d in range(dims.dp):
-        for s in range(dims.pp - 1):
+        for s in range(dims.pp * virtual - 1):
             out += [ChannelSpec(ACT, s, s + 1, d), ChannelSpec(GRAD, s + 1, s, d)]
     return out
+
+
+@dataclass
+class _BlockLinks:
+    out: dict  # kind -> _Link this block sends that kind on
+    inp: dict  # kind -> _Link it receives that kind on
+
+
+def _open_channels(dims: ParallelDims, rank: int, device: torch.device, timeout: timedelta | None,
+                   virtual: int) -> dict[int, _BlockLinks]:
+    """Create every channel's group (collective, in ``channel_order``), warm up this rank's; its links per block."""
+    links: dict[int, _BlockLinks] = {}
+    mine: list[tuple[ChannelSpec, _Link, bool]] = []
+    for ch in channel_order(dims, virtual):
+        src, dst = dims.rank(ch.src % dims.pp, ch.dp_rank), dims.rank(ch.dst % dims.pp, ch.dp_rank)
+        # every rank calls new_group for every channel, in order; timeout None: torch's default (30 min)
+        group = dist.new_group([src, dst], timeout=timeout)
+        if rank == src:
+            link = _Link(group, dst, ch.dst)
+            links.setdefault(ch.src, _BlockLinks({}, {})).out[ch.kind] = link
+        elif rank == dst:
+            link = _Link(group, src, ch.src)
+            links.setdefault(ch.dst, _BlockLinks({}, {})).inp[ch.kind] = link
+        else:
+            continue
+        mine.append((ch, link, rank == src))
+    for _, link, is_src in mine:  # warm-up: one tiny message per channel, in the creation order
+        t = torch.zeros(1, device=device)
+        if is_src:
+            dist.send(t, dst=link.peer, group=link.group)
+        else:
+            dist.recv(t, src=link.peer, group=link.group)
+    return links
+
+
+def open_block_transports(dims: ParallelDims, rank: int, device: torch.device, virtual: int,
+                          check_messages: bool = False, timeout: timedelta | None = None) -> dict[int, P2PTransport]:
+    """Virtual stages: one ``P2PTransport`` per block of ``rank`` (``rank % pp + j pp`` ...), over channels per block
+    pair and direction. Collective: every rank of the run calls it (it creates every channel's group)."""
+    if virtual < 2 or dims.pp < 2:
+        raise ValueError(f"open_block_transports is for parallel.virtual_stages > 1 with parallel.pp > 1 "
+                         f"(got virtual {virtual}, pp {dims.pp}); use P2PTransport")
+    links = _open_channels(dims, rank, torch.device(device), timeout, virtual)
+    stage = dims.coords(rank)[0]
+    return {b: P2PTransport(dims, rank, device, check_messages, timeout, block=b,
+                            links=links.get(b, _BlockLinks({}, {}))) for b in range(stage, dims.pp * virtual, dims.pp)}
 
 
 @dataclass
@@ -136,35 +194,25 @@ class P2PTransport:
     Collective at construction: every rank of the run must build it (it creates every channel's group).
     ``device``: where payloads live (the stage's device; NCCL needs CUDA tensors).
     ``timeout``: of every channel's group (``parallel.collective_timeout``; None: torch's default).
+    ``block``/``links``: made by ``open_block_transports`` only (virtual stages): the transport of one block,
+    over links already made; ``stage`` is then that block.
     """
 
     def __init__(self, dims: ParallelDims, rank: int, device: torch.device, check_messages: bool = False,
-                 timeout: timedelta | None = None) -> None:
+                 timeout: timedelta | None = None, *, block: int | None = None,
+                 links: _BlockLinks | None = None) -> None:
         self.dims = dims
         self.rank = rank
         self.stage, self.dp_rank = dims.coords(rank)
+        self.num_stages = dims.pp
         self.device = torch.device(device)
         self.check_messages = check_messages
-        self._out: dict[str, _Link] = {}  # kind -> the channel this stage sends that kind on
-        self._in: dict[str, _Link] = {}
-        mine: list[tuple[ChannelSpec, _Link]] = []
-        for ch in channel_order(dims):
-            src, dst = dims.rank(ch.src, ch.dp_rank), dims.rank(ch.dst, ch.dp_rank)
-            # every rank calls new_group for every channel, in order; timeout None: torch's default (30 min)
-            group = dist.new_group([src, dst], timeout=timeout)
-            if rank == src:
-                self._out[ch.kind] = link = _Link(group, dst, ch.dst)
-            elif rank == dst:
-                self._in[ch.kind] = link = _Link(group, src, ch.src)
-            else:
-                continue
-            mine.append((ch, link))
-        for ch, link in mine:  # warm-up: one tiny message per channel, in the creation order
-            t = torch.zeros(1, device=self.device)
-            if rank == dims.rank(ch.src, ch.dp_rank):
-                dist.send(t, dst=link.peer, group=link.group)
-            else:
-                dist.recv(t, src=link.peer, group=link.group)
+        if links is None:
+            links = _open_channels(dims, rank, self.device, timeout, virtual=1).get(self.stage, _BlockLinks({}, {}))
+        else:
+            self.stage, self.num_stages = int(block), None  # a block of a virtual pipeline
+        self._out: dict[str, _Link] = links.out  # kind -> the channel this stage sends that kind on
+        self._in: dict[str, _Link] = links.inp
         self._step = 0
         self._expect: dict[str, deque[tuple[int, int]]] = {ACT: deque(), GRAD: deque()}
         self._posted: dict[str, _Posted | None] = {ACT: None, GRAD: None}
@@ -174,7 +222,8 @@ class P2PTransport:
         self._dtype = torch.float32
 
     def _where(self) -> str:
-        return f"rank {self.rank} (stage {self.stage}, dp rank {self.dp_rank}), step {self._step}"
+        what = "stage" if self.num_stages is not None else "block"
+        return f"rank {self.rank} ({what} {self.stage}, dp rank {self.dp_rank}), step {self._step}"
 
     # ---- a step ------------------------------------------------------------------------------
     def begin_step(self, step: int, stages: Sequence[Sequence[PipeAction]], hidden_size: int,
@@ -209,7 +258,7 @@ class P2PTransport:
         link = links.get(kind)
         if link is None:
             raise RuntimeError(f"{self._where()}: no channel to {what} {kind} messages on (stage {self.stage} of "
-                               f"{self.dims.pp}): the plan is wrong for this stage")
+                               f"{self.num_stages or 'a virtual pipeline'}): the plan is wrong for this stage")
         return link
 
     def send(self, kind: str, chunk: int, tensor: torch.Tensor) -> None:
@@ -252,9 +301,10 @@ class P2PTransport:
         step, chunk, tokens, code = (int(x) for x in posted.buf.tolist())
         got_kind = _KIND_NAME.get(code, f"unknown kind {code}")
         if (step, chunk, tokens, got_kind) != (self._step, posted.chunk, posted.tokens, kind):
+            peer = f"{'stage' if self.num_stages else 'block'} {link.peer_stage}"
             raise MessageMismatch(
                 f"{self._where()}: expected the {kind} of chunk {posted.chunk} ({posted.tokens} tokens) of step "
-                f"{self._step} from rank {link.peer} (stage {link.peer_stage}), but rank {link.peer} sent the "
+                f"{self._step} from rank {link.peer} ({peer}), but rank {link.peer} sent the "
                 f"{got_kind} of chunk {chunk} ({tokens} tokens) of step {step}: the two ranks' plans or "
                 f"executors diverge")
 

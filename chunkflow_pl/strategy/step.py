@@ -4,6 +4,7 @@ Every layout takes the same path (``schedule/runner.py``): the replica's step pl
 of it on one executor, the caps check, the optional timeline. What is the strategy's own:
 
 - the runner's transport: ``P2PTransport`` over the pipeline's channels (pp > 1), none with one stage;
+  with virtual stages one per block of the rank (``open_block_transports``);
 - ``compare_plans`` (debug, ``parallel.check_messages``): before any message moves, the replica's ranks
   gather their plan fingerprints and chunk sizes and the first rank and chunk that differ are named,
   instead of letting mismatched lists hang;
@@ -61,7 +62,8 @@ class RankStep:
             self._runner = StepRunner(model.cfg, self.settings.k, self.device, stage=self.stage, pp=self.dims.pp,
                                       offload_state=self.settings.offload_state, transport=transport,
                                       check_plan=self.settings.check_plan, rank=self.rank, dp_rank=self.dp_rank,
-                                      split_backward=self.settings.split_backward)
+                                      split_backward=self.settings.split_backward,
+                                      virtual=self.dims.virtual)
         return self._runner
 
     def run(self, model: torch.nn.Module, batch: StepBatch, groups: ProcessGroups | None,
