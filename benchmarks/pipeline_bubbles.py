@@ -8,16 +8,20 @@ throughput, messages over a fixed link; ``--no-comm`` makes messages free):
 
 - **chunkflow**: chunk construction (Algorithm 1, ``--chunk-size``), data-parallel balance
   (``--dp``), ``plan_pipeline`` (state-aware 1F1B, ``--k``, ``--max-open-chains``); recomputes of
-  dropped chunks are real work in its step time.
+  dropped chunks are real work in its step time. Each configuration has two rows (``--split-backward
+  both``, the default): ``split`` "no" as above, "yes" with ``split_backward=True`` (every backward
+  split into B, input and state gradients, and W, the weight gradient, run where the stage would idle;
+  same caps, a chunk holds its slot until its W; ``CostModel`` prices the halves from FLOPs).
 - **1f1b**: one whole sequence per micro-batch, in data order, 1F1B (the same list scheduler on
   standalone chunks gives exactly the textbook 1F1B order; caps ``pp - s``), nothing recomputed,
   data-parallel ranks get sequences round-robin. This is the Megatron-style baseline, and a kind
   one: Megatron fixes micro-batch shapes, so it would pad or pack to the context length.
 
 Every plan is checked (``check_pipeline_plan``) before it is simulated. Reported per (model,
-context, pp), summed over ``--batches`` global batches: step time, bubble fraction (idle / (pp x
-step)), recompute share of chunkflow's compute, speed-up = 1f1b time / chunkflow time. A table,
-then one ``RESULT {json}`` line. ``--timeline DIR`` draws both plans of the first batch of one
+context, pp, split), summed over ``--batches`` global batches: step time, bubble fraction (idle / (pp x
+step)), recompute share of chunkflow's compute, speed-up = 1f1b time / chunkflow time (the baseline is
+never split). A table, a speed-up and worst-bubble summary per ``split``, then one ``RESULT {json}`` line
+(``speedup_*`` over the unsplit rows as before, ``split_speedup_*`` over the split ones). ``--timeline DIR`` draws both plans of the first batch of one
 configuration (``--timeline-config``) as PNG Gantt charts.
 
     python benchmarks/pipeline_bubbles.py                    # full grid, < 2 minutes on 2 CPU cores
@@ -79,13 +83,14 @@ class Totals:
 
 
 def run_replicas(replicas: list[tuple[list[list[Segment]], list[int]]], pp: int, k: int, cost: CostModel,
-                 max_open: int | None, caps: tuple[int, ...] | None) -> tuple[SimResult, float]:
+                 max_open: int | None, caps: tuple[int, ...] | None, split: bool = False) -> tuple[SimResult, float]:
     """Plan, check and simulate each data-parallel replica; the step waits for the slowest.
 
     Returns the slowest replica's result and the largest lower bound over replicas."""
     slowest, bound = None, 0.0
     for chunks, lens in replicas:
-        plan = plan_pipeline(chunks, lens, pp, k, cost=cost, caps=caps, max_open_chains=max_open)
+        plan = plan_pipeline(chunks, lens, pp, k, cost=cost, caps=caps, max_open_chains=max_open,
+                             split_backward=split)
         check_pipeline_plan(plan, chunks, lens)
         result = simulate(plan, chunks, lens, cost)
         bound = max(bound, *lower_bound(plan, chunks, lens, cost))
@@ -117,6 +122,8 @@ def main() -> None:
     ap.add_argument("--dp", type=int, default=1)
     ap.add_argument("--max-open-chains", type=int, default=1, help="0 = no limit")
     ap.add_argument("--no-comm", action="store_true", help="free messages (default: 50 GB/s, 20 us)")
+    ap.add_argument("--split-backward", choices=("off", "on", "both"), default="both",
+                    help="chunkflow rows without / with split backward (B and W), or both side by side")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeline", default=None, help="directory for PNG Gantt charts of one configuration")
     ap.add_argument("--timeline-config", default="7b,256k,4", help="model,context,pp drawn by --timeline")
@@ -131,6 +138,7 @@ def main() -> None:
     max_open = args.max_open_chains or None
     draw = args.timeline_config.split(",")
     draw_key = (draw[0].lower(), parse_size(draw[1]), int(draw[2]))
+    splits = {"off": [False], "on": [True], "both": [False, True]}[args.split_backward]
 
     t0 = time.perf_counter()
     rows = []
@@ -144,54 +152,69 @@ def main() -> None:
             cfg = get_preset(MODELS[m])
             for pp in pps:
                 cost = CostModel.from_model(cfg, pp, link_bytes_per_s=None if args.no_comm else 50e9)
-                cf, base = Totals(), Totals()
+                base = Totals()
+                base_results = []
                 for i in range(args.batches):
-                    r_cf, b_cf = run_replicas(cf_reps[i], pp, args.k, cost, max_open, None)
                     # 1F1B keeps every in-flight micro-batch whole: caps pp - s, k irrelevant (nothing split)
                     r_base, b_base = run_replicas(base_reps[i], pp, 1, cost, None, default_caps(pp, 1))
-                    cf.add(r_cf, pp)
                     base.add(r_base, pp)
-                    cf.bound += b_cf
                     base.bound += b_base
-                    if args.timeline and i == 0 and (m, ctx, pp) == draw_key:
-                        _draw(args.timeline, m, ctx, pp, r_cf, r_base)
-                cf.micro_steps = max(len(c) for rep in cf_reps for c, _ in rep)
+                    base_results.append(r_base)
                 base.micro_steps = max(len(c) for rep in base_reps for c, _ in rep)
-                rows.append(dict(
-                    model=MODELS[m], context=ctx, chunk_size=chunk_size, pp=pp,
-                    chunkflow_step_s=cf.time / args.batches, baseline_step_s=base.time / args.batches,
-                    speedup=base.time / cf.time,
-                    chunkflow_bubble=cf.bubble, baseline_bubble=base.bubble,
-                    chunkflow_recompute_share=cf.recompute / cf.busy,
-                    chunkflow_over_bound=cf.time / cf.bound, baseline_over_bound=base.time / base.bound,
-                    chunkflow_max_micro_steps=cf.micro_steps, baseline_max_micro_steps=base.micro_steps,
-                    chunkflow_peak_live=cf.peak_live, baseline_peak_live=base.peak_live,
-                ))
+                for split in splits:
+                    cf = Totals()
+                    for i in range(args.batches):
+                        r_cf, b_cf = run_replicas(cf_reps[i], pp, args.k, cost, max_open, None, split)
+                        cf.add(r_cf, pp)
+                        cf.bound += b_cf
+                        if args.timeline and i == 0 and (m, ctx, pp) == draw_key:
+                            _draw(args.timeline, m, ctx, pp, r_cf, base_results[0], split)
+                    cf.micro_steps = max(len(c) for rep in cf_reps for c, _ in rep)
+                    rows.append(dict(
+                        model=MODELS[m], context=ctx, chunk_size=chunk_size, pp=pp, split_backward=split,
+                        chunkflow_step_s=cf.time / args.batches, baseline_step_s=base.time / args.batches,
+                        speedup=base.time / cf.time,
+                        chunkflow_bubble=cf.bubble, baseline_bubble=base.bubble,
+                        chunkflow_recompute_share=cf.recompute / cf.busy,
+                        chunkflow_over_bound=cf.time / cf.bound, baseline_over_bound=base.time / base.bound,
+                        chunkflow_max_micro_steps=cf.micro_steps, baseline_max_micro_steps=base.micro_steps,
+                        chunkflow_peak_live=cf.peak_live, baseline_peak_live=base.peak_live,
+                    ))
     elapsed = time.perf_counter() - t0
 
-    print(f"{'model':<8} {'ctx':>5} {'C':>4} {'pp':>3} {'chunkflow s':>12} {'1f1b s':>9} {'speed-up':>9} "
-          f"{'bubble cf':>10} {'bubble 1f1b':>12} {'recompute':>10} {'cf/bound':>9} {'1f1b/bound':>11}")
+    print(f"{'model':<8} {'ctx':>5} {'C':>4} {'pp':>3} {'split':>5} {'chunkflow s':>12} {'1f1b s':>9} "
+          f"{'speed-up':>9} {'bubble cf':>10} {'bubble 1f1b':>12} {'recompute':>10} {'cf/bound':>9} {'1f1b/bound':>11}")
     for r in rows:
         print(f"{r['model']:<8} {r['context'] // 1024:>4}K {r['chunk_size'] // 1024:>3}K {r['pp']:>3} "
+              f"{'yes' if r['split_backward'] else 'no':>5} "
               f"{r['chunkflow_step_s']:>12.2f} {r['baseline_step_s']:>9.2f} {r['speedup']:>8.2f}x "
               f"{r['chunkflow_bubble']:>10.1%} {r['baseline_bubble']:>12.1%} {r['chunkflow_recompute_share']:>10.1%} "
               f"{r['chunkflow_over_bound']:>9.2f} {r['baseline_over_bound']:>11.2f}")
-    speedups = [r["speedup"] for r in rows]
-    geo = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
-    print(f"speed-up: min {min(speedups):.2f}x, geometric mean {geo:.2f}x, max {max(speedups):.2f}x "
-          f"({len(rows)} configurations x {args.batches} batches, {elapsed:.1f} s)")
+    summary: dict[str, float] = {}
+    for split in splits:
+        mine = [r for r in rows if r["split_backward"] == split]
+        speedups = [r["speedup"] for r in mine]
+        geo = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
+        prefix = "split_" if split else ""
+        summary.update({f"{prefix}speedup_min": min(speedups), f"{prefix}speedup_geomean": geo,
+                        f"{prefix}speedup_max": max(speedups)})
+        worst = {pp: max(r["chunkflow_bubble"] for r in mine if r["pp"] == pp) for pp in pps}
+        print(f"split backward {'yes' if split else 'no'}: speed-up min {min(speedups):.2f}x, geometric mean "
+              f"{geo:.2f}x, max {max(speedups):.2f}x; worst bubble "
+              + ", ".join(f"pp={pp} {b:.1%}" for pp, b in worst.items()))
+    print(f"({len(rows)} rows x {args.batches} batches, {elapsed:.1f} s)")
     settings = dict(models=[MODELS[m] for m in models], contexts=contexts, pps=pps, batches=args.batches,
                     global_batch=args.global_batch, k=args.k, dp=args.dp, max_open_chains=max_open,
-                    comm=not args.no_comm, seed=args.seed, chunk_size=args.chunk_size)
-    print("RESULT " + json.dumps(dict(settings=settings, rows=rows, elapsed_s=elapsed,
-                                      speedup_min=min(speedups), speedup_geomean=geo, speedup_max=max(speedups))))
+                    comm=not args.no_comm, seed=args.seed, chunk_size=args.chunk_size,
+                    split_backward=args.split_backward)
+    print("RESULT " + json.dumps(dict(settings=settings, rows=rows, elapsed_s=elapsed, **summary)))
 
 
-def _draw(directory: str, model: str, ctx: int, pp: int, cf: SimResult, base: SimResult) -> None:
+def _draw(directory: str, model: str, ctx: int, pp: int, cf: SimResult, base: SimResult, split: bool) -> None:
     from chunkflow_pl.schedule.timeline import draw_timeline
 
     axis = max(cf.step_time, base.step_time)  # one time scale for both pictures
-    for name, r in (("chunkflow", cf), ("1f1b", base)):
+    for name, r in ((f"chunkflow{'_split' if split else ''}", cf), ("1f1b", base)):
         path = Path(directory) / f"{model}_{ctx // 1024}k_pp{pp}_{name}.png"
         title = (f"{name}: Qwen2.5-{model.upper()}, {ctx // 1024}K context, pp={pp}: step {r.step_time:.2f} s, "
                  f"bubble {r.bubble_total:.1%}")

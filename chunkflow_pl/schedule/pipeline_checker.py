@@ -6,7 +6,8 @@ Any lists, not only the scheduler's. Checked in this order, each error naming st
    forward and one backward on every stage, chunks without tokens have no action; dependencies
    inside the stage (state: forward after the previous piece's forward, backward after the next
    piece's backward); recompute exactly for dropped forwards, before their backward; live
-   activations never above ``caps[s]``.
+   activations never above ``caps[s]``. Split backward: a split ``B c(in)`` has exactly one ``W c``
+   later on the same stage, an unsplit backward none; the chunk counts as live until its ``W``.
 2. **Messages, per stage**: stage ``s > 0`` receives each chunk's input (``<A``) from ``s - 1``
    before its forward and sends its input gradient (``>G``) to ``s - 1`` after its backward; stage
    ``s < pp - 1`` sends the output (``>A``) to ``s + 1`` after the forward and receives its gradient
@@ -92,6 +93,7 @@ def replay_compute(
     """
     kept: dict[int, bool] = {}  # chunk -> keep flag of its forward, once it ran
     backed: set[int] = set()
+    waiting: set[int] = set()  # split backward ran, WEIGHT not yet: still live
     recomputed: set[int] = set()
     live: set[int] = set()
     peak = 0
@@ -119,6 +121,11 @@ def replay_compute(
                 raise fail(f"second recompute of chunk {c}")
             recomputed.add(c)
             live.add(c)
+        elif a.op is Op.WEIGHT:
+            if c not in waiting:
+                raise fail(f"weight gradient of chunk {c} before its split backward")
+            waiting.discard(c)
+            live.discard(c)
         else:
             if c not in kept:
                 raise fail(f"backward of chunk {c} before its own forward")
@@ -128,21 +135,27 @@ def replay_compute(
             if not kept[c] and c not in recomputed:
                 raise fail(f"backward of chunk {c} without a recompute of its dropped forward")
             backed.add(c)
-            live.discard(c)
+            if a.split:
+                waiting.add(c)  # what the weight gradient reads stays until the WEIGHT
+            else:
+                live.discard(c)
         if len(live) > cap:
-            raise fail(f"live activations {len(live)} exceed {cap_name}={cap} (chunks {sorted(live)})")
+            held = f"; {sorted(waiting)} wait for their WEIGHT" if waiting else ""
+            raise fail(f"live activations {len(live)} exceed {cap_name}={cap} (chunks {sorted(live)}{held})")
         peak = max(peak, len(live))
     return peak
 
 
 def check_counts(indexed: Sequence[tuple[int, Action]], n: int, required: Iterable[int], *, where: str = "") -> None:
-    """Exactly one FORWARD and one BACKWARD of every chunk in ``required``, none of any other chunk.
+    """Exactly one FORWARD and one BACKWARD of every chunk in ``required``, none of any other chunk;
+    one WEIGHT of each chunk whose backward is split, none of any other.
 
     Counted before replaying the order, so a missing action reads as missing rather than as a
     dependency broken later by the chunk that needed it.
     """
     need = set(required)
-    seen: dict[Op, set[int]] = {Op.FORWARD: set(), Op.BACKWARD: set()}
+    seen: dict[Op, set[int]] = {Op.FORWARD: set(), Op.BACKWARD: set(), Op.WEIGHT: set()}
+    split = {a.chunk for _, a in indexed if a.op is Op.BACKWARD and a.split}
     for i, a in indexed:
         if not 0 <= a.chunk < n:
             raise PlanError(f"{where}action {i} ({a}): chunk index {a.chunk} out of range [0, {n})")
@@ -152,10 +165,18 @@ def check_counts(indexed: Sequence[tuple[int, Action]], n: int, required: Iterab
             if a.chunk in seen[a.op]:
                 raise PlanError(f"{where}action {i} ({a}): duplicate {a.op.name} of chunk {a.chunk}")
             seen[a.op].add(a.chunk)
-    for op, done in seen.items():
-        missing = sorted(need - done)
+    for op in (Op.FORWARD, Op.BACKWARD):
+        missing = sorted(need - seen[op])
         if missing:
             raise PlanError(f"{where}missing {op.name} of chunks {missing}")
+    for i, a in indexed:
+        if a.op is Op.WEIGHT and a.chunk not in split:
+            raise PlanError(f"{where}action {i} ({a}): WEIGHT of chunk {a.chunk}, whose backward is not split (an "
+                            "unsplit backward adds the parameter gradients itself)")
+    missing = sorted(split - seen[Op.WEIGHT])
+    if missing:
+        raise PlanError(f"{where}missing WEIGHT of chunks {missing}: their backward is split (B(in)), so their "
+                        "parameter gradients need a WEIGHT later on the same stage")
 
 
 def _expected(s: int, pp: int) -> dict[CommOp, int]:

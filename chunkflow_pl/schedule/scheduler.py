@@ -98,7 +98,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from chunkflow_pl.data.types import Segment
-from chunkflow_pl.schedule.cost import ActionCost, CostModel
+from chunkflow_pl.schedule.cost import ActionCost, CostModel, action_time
 from chunkflow_pl.schedule.graph import build_graph, forward_order
 from chunkflow_pl.schedule.pipeline_actions import Action, Comm, CommOp, Op, PipeAction, PipelinePlan
 
@@ -117,6 +117,7 @@ def plan_pipeline(
     cost: ActionCost | None = None,
     caps: Sequence[int] | None = None,
     max_open_chains: int | None = 1,
+    split_backward: bool = False,
 ) -> PipelinePlan:
     """Per-stage action lists for one step of one pipeline replica (see the module docstring).
 
@@ -124,9 +125,10 @@ def plan_pipeline(
     ``StepBatch``; ``seq_lens``: lengths of every sequence of the global batch. ``cost`` orders the
     interleaving (default ``CostModel.uniform(pp)``); every rank must pass the same. ``caps``
     default ``default_caps(pp, k)``. ``max_open_chains``: chains whose state may be alive on a stage
-    at once (``None``: no limit beyond the caps). With ``pp = 1`` the compute actions are exactly
-    the single-device order of Algorithm 2 (``tests/single_device_oracle.py``) minus those on empty
-    chunks.
+    at once (``None``: no limit beyond the caps). ``split_backward``: every backward is
+    ``BACKWARD(c, split=True)`` and a ``WEIGHT(c)`` follows later on the same stage (module docstring,
+    "Split backward"). Without it and with ``pp = 1`` the compute actions are exactly the single-device
+    order of Algorithm 2 (``tests/single_device_oracle.py``) minus those on empty chunks.
 
     Raises ``ValueError`` on bad arguments or chunks that do not tile their sequences.
     """
@@ -152,7 +154,7 @@ def plan_pipeline(
             first_kept = max(0, len(order) - k)  # the last k forwards are the first k backwards
             units.append(_Unit(len(units), tuple(order), frozenset(order[first_kept:]), len(order) > 1))
 
-    orders = _ListScheduler(units, chunks, pp, caps_t, cost, max_open_chains).run()
+    orders = _ListScheduler(units, chunks, pp, caps_t, cost, max_open_chains, split_backward).run()
     stages = tuple(tuple(_with_messages(order, s, pp, tokens)) for s, order in enumerate(orders))
     return PipelinePlan(stages=stages, caps=caps_t, chunk_tokens=tokens)
 
@@ -170,7 +172,8 @@ class _Stage:
     free_at: float = 0.0
     next_f: int = 0  # index into the forward order
     next_b: int = 0  # index into the backward order
-    live: set[int] = field(default_factory=set)
+    live: set[int] = field(default_factory=set)  # activations held: kept/recomputed, until backward (split: W)
+    weights: deque[int] = field(default_factory=deque)  # split backward: chunks whose W is pending, oldest first
     to_recompute: dict[int, int] = field(default_factory=dict)  # unit -> dropped chunks forwarded, not recomputed
     forwarded: set[int] = field(default_factory=set)
     recomputed: set[int] = field(default_factory=set)  # recomputed ahead of its backward, still waiting
@@ -185,8 +188,9 @@ class _ListScheduler:
     """The event simulation that fixes each stage's interleaving (module docstring)."""
 
     def __init__(self, units: list[_Unit], chunks: Sequence[Sequence[Segment]], pp: int, caps: tuple[int, ...],
-                 cost: ActionCost, max_open_chains: int | None) -> None:
+                 cost: ActionCost, max_open_chains: int | None, split: bool) -> None:
         self.units, self.chunks, self.pp, self.caps, self.cost = units, chunks, pp, caps, cost
+        self.split = split
         self.last = pp - 1
         self.max_open = math.inf if max_open_chains is None else max_open_chains
         self.unit_of = {c: u for u in units for c in u.order}
@@ -211,7 +215,7 @@ class _ListScheduler:
             for s in range(self.pp):
                 while self.stages[s].free_at <= now and self._start(s, now):
                     pass
-        if any(len(st.backwarded) < self.total for st in self.stages):
+        if any(len(st.backwarded) < self.total or st.weights for st in self.stages):
             raise RuntimeError("scheduler stalled (a bug: the admission rule should prevent this): "
                                + "; ".join(self._describe(s) for s in range(self.pp)))
         return [st.started for st in self.stages]
@@ -219,13 +223,14 @@ class _ListScheduler:
     def _describe(self, s: int) -> str:
         st = self.stages[s]
         return (f"stage {s}: {st.next_f} forwards and {len(st.backwarded)} backwards of {self.total} done, "
-                f"live {sorted(st.live)} (cap {self.caps[s]})")
+                f"live {sorted(st.live)} (cap {self.caps[s]}), weights pending {list(st.weights)}")
 
     # ---- one decision ----------------------------------------------------------------------------
     def _start(self, s: int, now: float) -> bool:
         if s == self.last:
-            return self._start_last(now)
-        return self._start_backward(s, now) or self._start_forward(s, now) or self._start_early_recompute(s, now)
+            return self._start_last(now) or self._start_weight(s, now)
+        return (self._start_backward(s, now) or self._start_forward(s, now) or self._start_early_recompute(s, now)
+                or self._start_weight(s, now))
 
     def _start_last(self, now: float) -> bool:
         """The last stage fixes the backward order: a standalone chunk's backward right after its
@@ -237,6 +242,8 @@ class _ListScheduler:
             return self._backward(s, c, now)
         chain_c = self._chain_candidate(s)
         if chain_c is not None and (self.pp == 1 or not st.chain_b_last or not self._forward_ready(s, now)):
+            if self._weight_for_room(s, chain_c, now):
+                return True
             if self._backward(s, chain_c, now):
                 st.chain_b_last = True
                 return True
@@ -252,7 +259,7 @@ class _ListScheduler:
         c = self.b_order[st.next_b]
         if self.grad_at[s].get(c, math.inf) > now:
             return False
-        return self._backward(s, c, now)
+        return self._weight_for_room(s, c, now) or self._backward(s, c, now)
 
     def _backward(self, s: int, c: int, now: float) -> bool:
         """Backward of ``c`` on stage ``s``, recomputing it first if needed (and a slot is free)."""
@@ -263,9 +270,13 @@ class _ListScheduler:
             if len(st.live) + 1 > self.caps[s]:
                 return False
             t += self._recompute(s, c)
-        st.started.append(Action(Op.BACKWARD, c))
-        t += self.cost.op_time(Op.BACKWARD, s, c, self.chunks[c])
-        st.live.discard(c)
+        action = Action(Op.BACKWARD, c, split=self.split)
+        st.started.append(action)
+        t += action_time(self.cost, action, s, self.chunks[c])
+        if self.split:
+            st.weights.append(c)  # its activations stay live until its WEIGHT
+        else:
+            st.live.discard(c)
         st.recomputed.discard(c)
         st.backwarded.add(c)
         if s == self.last:
@@ -286,6 +297,28 @@ class _ListScheduler:
         st.recomputed.add(c)
         st.to_recompute[self.unit_of[c].index] -= 1
         return self.cost.op_time(Op.RECOMPUTE, s, c, self.chunks[c])
+
+    def _weight_for_room(self, s: int, c: int, now: float) -> bool:
+        """Run the oldest pending W when backward ``c`` is due but its recompute finds no free slot: only a W
+        frees a slot before that backward, which is on the critical path."""
+        st = self.stages[s]
+        needs_slot = c not in self.unit_of[c].kept and c not in st.recomputed
+        if not (st.weights and needs_slot and len(st.live) + 1 > self.caps[s]):
+            return False
+        return self._start_weight(s, now)
+
+    def _start_weight(self, s: int, now: float) -> bool:
+        """The oldest pending W (split backward), when the stage would otherwise idle: it waits for
+        nothing but its own B, which ran earlier on this stage, and frees that chunk's slot."""
+        st = self.stages[s]
+        if not st.weights:
+            return False
+        c = st.weights.popleft()
+        action = Action(Op.WEIGHT, c)
+        st.started.append(action)
+        st.live.discard(c)
+        self._busy(s, now + action_time(self.cost, action, s, self.chunks[c]))
+        return True
 
     def _start_early_recompute(self, s: int, now: float) -> bool:
         """An idle stage recomputes the next dropped chunk of its oldest chain before the gradient
@@ -415,7 +448,7 @@ def _with_messages(order: Sequence[Action], s: int, pp: int, tokens: Sequence[in
             out.append(a)
             if s < pp - 1:
                 out.append(Comm(CommOp.SEND_ACT, c, s + 1, t))
-        elif a.op is Op.RECOMPUTE:
+        elif a.op in (Op.RECOMPUTE, Op.WEIGHT):  # no message: a recompute reads its stored input
             out.append(a)
         else:
             if s < pp - 1:

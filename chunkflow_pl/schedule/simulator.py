@@ -5,10 +5,12 @@ compute action at a time; a send posts its message and the stage goes on at once
 arrives ``cost.comm_time(T)`` later; a receive waits for the matching send's arrival (the k-th
 receive of a channel gets its k-th send). Link contention and compute/transfer overlap effects are
 not modelled. A plan that cannot finish (see ``pipeline_checker``) raises ``RuntimeError``.
+``WEIGHT`` actions (split backward) are compute like the others: timed, busy, never idle.
 
 Memory counted per stage, each as a running peak:
 
-- live activations: chunks from a kept forward or a recompute until their backward;
+- live activations: chunks from a kept forward or a recompute until their backward (a split
+  backward's chunk until its ``WEIGHT``: what the weight gradient reads stays until then);
 - boundary tokens: the ``[T, D]`` inputs kept by dropped forwards until their recompute (0 on
   stage 0, whose input is token ids);
 - state tokens: keys/values of continuing segments written by forwards, held until the backward
@@ -23,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from chunkflow_pl.data.types import Segment
-from chunkflow_pl.schedule.cost import ActionCost
+from chunkflow_pl.schedule.cost import ActionCost, action_time
 from chunkflow_pl.schedule.graph import build_graph
 from chunkflow_pl.schedule.pipeline_actions import Action, Channel, Comm, Op, PipelinePlan
 from chunkflow_pl.schedule.timeline import TimedEvent, timeline_stats
@@ -75,7 +77,7 @@ def simulate(
                                                "check the plan with check_pipeline")
                         clock[s] = max(clock[s], at)
                 else:
-                    d = cost.op_time(a.op, s, a.chunk, chunks[a.chunk], a.keep)
+                    d = action_time(cost, a, s, chunks[a.chunk])
                     events[s].append(TimedEvent(s, a.op.value, a.chunk, clock[s], clock[s] + d))
                     clock[s] += d
                     memory[s].apply(a, chunks[a.chunk])
@@ -121,9 +123,12 @@ class _StageMemory:
         elif a.op is Op.RECOMPUTE:
             self.live.add(a.chunk)
             self.boundary.pop(a.chunk, None)  # now held by the recompute's graph, counted as live
-        else:
+        elif a.op is Op.WEIGHT:
             self.live.discard(a.chunk)
-            for seg in segments:
+        else:
+            if not a.split:
+                self.live.discard(a.chunk)
+            for seg in segments:  # the state gradient is a split backward's too: state goes at B(in)
                 if seg.start == 0:  # the sequence's first piece runs backward last
                     self.state.pop(seg.seq, None)
         self.peak_live = max(self.peak_live, len(self.live))
@@ -138,17 +143,19 @@ def lower_bound(
 
     The busiest stage's compute time; and the longest dependency path (forward through the stages
     and along each sequence's pieces, the loss, backward back down and along the pieces in
-    reverse, messages included, recomputes anywhere after their forward), ignoring that a stage
-    runs one action at a time.
+    reverse, messages included, recomputes anywhere after their forward, a split backward's
+    ``WEIGHT`` anywhere after it), ignoring that a stage runs one action at a time.
     """
     graph = build_graph(chunks, seq_lens)
     pp = plan.pp
     busiest = 0.0
     dropped = [set() for _ in range(pp)]
+    backward: list[dict[int, Action]] = [{} for _ in range(pp)]  # the backward action of each chunk, by stage
     for s in range(pp):
         acts = plan.compute(s)
-        busiest = max(busiest, math.fsum(cost.op_time(a.op, s, a.chunk, chunks[a.chunk], a.keep) for a in acts))
+        busiest = max(busiest, math.fsum(action_time(cost, a, s, chunks[a.chunk]) for a in acts))
         dropped[s] = {a.chunk for a in acts if a.op is Op.RECOMPUTE}
+        backward[s] = {a.chunk: a for a in acts if a.op is Op.BACKWARD}
     order = [a.chunk for a in plan.compute(0) if a.op is Op.FORWARD]  # a valid forward order
     msg = {c: cost.comm_time(sum(seg.length for seg in chunks[c])) for c in order}
     f_end: dict[tuple[int, int], float] = {}
@@ -158,6 +165,7 @@ def lower_bound(
             start = max([start] + [f_end[(p, s)] for p in graph.fwd_deps[c] if (p, s) in f_end])
             f_end[(c, s)] = start + cost.op_time(Op.FORWARD, s, c, chunks[c], c not in dropped[s])
     b_end: dict[tuple[int, int], float] = {}
+    ends = [0.0]
     for c in reversed(order):  # reverse forward order is a valid backward order
         for s in reversed(range(pp)):
             ready = f_end[(c, s)]
@@ -165,5 +173,7 @@ def lower_bound(
                 ready += cost.op_time(Op.RECOMPUTE, s, c, chunks[c])
             start = max([ready] + ([b_end[(c, s + 1)] + msg[c]] if s < pp - 1 else []))
             start = max([start] + [b_end[(m, s)] for m in graph.bwd_deps[c] if (m, s) in b_end])
-            b_end[(c, s)] = start + cost.op_time(Op.BACKWARD, s, c, chunks[c])
-    return busiest, max(b_end.values(), default=0.0)
+            b = backward[s][c]
+            b_end[(c, s)] = start + action_time(cost, b, s, chunks[c])
+            ends.append(b_end[(c, s)] + (cost.op_time(Op.WEIGHT, s, c, chunks[c]) if b.split else 0.0))
+    return busiest, max(ends)
