@@ -24,21 +24,23 @@ A stage other than the last, whenever it is free, starts the first of
    dropped activations and it was not recomputed yet);
 2. the next forward in order, if its input has arrived and it is *admitted*;
 3. the recompute of its oldest chain's next dropped chunk, ahead of that chunk's gradient: the
-   stage would idle otherwise, and the recompute leaves the backward wave's critical path.
+   stage would idle otherwise, and the recompute leaves the backward wave's critical path;
+4. with split backward, the oldest pending ``W`` (below).
 
 The last stage runs a standalone chunk's backward right after its forward, and a chain's
 backwards one per turn, alternating with a forward when one is ready (1F1B), so upstream stages get
-work while the chain drains. With ``pp = 1`` it is plain backward-first, one unit after the other:
-each unit's forwards, then its backwards (with the recomputes just in time), whatever the cost
-model (``tests/single_device_oracle.py`` writes that order directly; ``test_pipeline_plan.py`` holds
-the two equal).
+work while the chain drains; then, with split backward, the oldest pending ``W``. With ``pp = 1``
+it is plain backward-first, one unit after the other: each unit's forwards, then its backwards
+(with the recomputes just in time), whatever the cost model (``tests/single_device_oracle.py``
+writes that order directly; ``test_pipeline_plan.py`` holds the two equal).
 
-Admission bounds live activations (kept forwards and recomputes until their backward) by
-``caps[s]``, default ``max(pp - s, k)``: the 1F1B depth, but room for a unit's ``k`` kept chunks.
-A kept forward needs a free slot, plus one spare while an earlier unit on the stage still has a
-dropped chunk to recompute: that unit's recompute comes before the newer chunk's backward frees
-anything, and once the unit's own kept chunks are gone only newer chunks hold slots. (On the last
-stage a standalone chunk needs no spare: its backward follows at once.) Stage 0 takes units in
+Admission bounds live activations (kept forwards and recomputes until their backward, with split
+backward until their ``W``) by ``caps[s]``, default ``max(pp - s, k)``: the 1F1B depth, but room
+for a unit's ``k`` kept chunks. A kept forward needs a free slot, plus one spare while an earlier
+unit on the stage still has a dropped chunk to recompute: that unit's recompute comes before the
+newer chunk's backward frees anything, and once the unit's own kept chunks are gone only newer
+chunks hold slots. (On the last stage a standalone chunk needs no spare: its backward follows at
+once, and its pending ``W`` runs before any recompute that needs its slot.) Stage 0 takes units in
 index order, but skips a chain while ``max_open_chains`` chains are open on it (forwarded, not yet
 fully backwarded: their key/value state is alive) or while its first forward is not admitted;
 standalone chunks then fill the gap the open chain's dependencies leave. Times are floats computed
@@ -48,7 +50,22 @@ Why no deadlock: the oldest unfinished unit always progresses. Its forwards come
 later unit's, so only its own kept chunks hold slots when they are admitted (``k <= caps[s]``);
 the backwards ahead of its own in the order are standalone chunks whose backward already ran on
 the last stage, so they wait for nothing but gradients; its recomputes find the spare slot that
-every later admission left.
+every later admission left. With split backward a ``W`` waits for nothing but its own ``B``, which
+ran earlier on the same stage, so a slot held by a pending ``W`` is never stuck: the stage runs that
+``W`` whenever nothing else can start, and the argument above holds once the pending ``W`` are done.
+
+Split backward (``split_backward=True``; zero-bubble schedules, Qi et al. 2023)
+-------------------------------------------------------------------------------
+Every backward becomes ``B c(in)`` (``Action(Op.BACKWARD, c, split=True)``): the gradients of the
+stage input (sent to stage s-1) and of the chunk's key/value prefix state (which the previous piece
+of its sequence waits for), the critical path. Each chunk also gets one ``W c`` (``Op.WEIGHT``), its
+parameter gradients, later on the same stage; nothing waits for it. ``B`` takes the backward's place
+in every rule above. A pending ``W`` runs, oldest first, when the stage would otherwise idle (no rule
+above can start), or earlier when the next backward is due but its recompute finds every slot taken:
+only a ``W`` frees a slot then (a chunk holds its slot until its ``W``, so admission counts it).
+Whatever is still pending when the stage has nothing else left runs at the end of its list.
+``CostModel`` prices ``B(in)`` and ``W`` from FLOPs (``cost.py``); an example follows the unsplit one
+below.
 
 Action-list contract (what the runtime executes)
 ------------------------------------------------
@@ -67,7 +84,9 @@ channel (``pipeline_actions.py``):
   autograd, not writing the state again.
 - ``B c``: backward of chunk c (output gradient from ``<G c``, or the loss on the last stage, plus
   the stored gradient of its keys/values). ``>G c``: asynchronous send of its input gradient to
-  stage s-1 (none on stage 0).
+  stage s-1 (none on stage 0). ``B c(in)``: the same without parameter gradients (split backward).
+- ``W c``: chunk c's parameter gradients, after its ``B c(in)``; no message. Its activations stay
+  until then.
 - At the end of the step, wait for every outstanding send.
 
 Example: 2 stages, a chain ``0 -> 1 -> 2`` plus standalone chunks 3 and 4, ``k = 1``, caps (2, 1);
@@ -87,6 +106,22 @@ backward one chunk per turn with F3 B3 and F4 B4 in between, so chunk 3's gradie
 early. Stage 0 recomputes chunk 1 at time 8 while waiting (early recompute). Chunk 4 is admitted
 at 11: B3 freed a slot, and R1's slot frees with B1 before R0 needs one. With blocking sends the lists
 hang (stage 0 in ``>A3`` while stage 1 is in ``>G2``); with ``isend`` they finish.
+
+The same chunks with ``k = 2`` (chunks 1 and 2 kept, caps (2, 2)) and ``split_backward=True``,
+``B(in)`` and ``W`` 1 unit each (the unsplit backward's 2, halved; ``test_split_backward_plan.py``
+keeps this text true; messages as above, none next to a ``W``), compute actions::
+
+    stage 0: F0(drop) F1 F2 B2(in) B1(in) W2 F3 W1 R0 B0(in) B3(in) W0 F4 W3 B4(in) W4
+    stage 1: F0(drop) F1 F2 B2(in) B1(in) W2 R0 B0(in) W1 F3 B3(in) W0 W3 F4 B4(in) W4
+
+    time     0  1  2  3  4  5  6  7  8  9  10 11 12 13 14 15 16 17 18
+    stage 0  F0 F1 F2 .  .  B2 B1 W2 F3 W1 R0 B0 B3 W0 F4 W3 .  B4 W4
+    stage 1  .  F0 F1 F2 B2 B1 W2 R0 B0 W1 F3 B3 W0 W3 .  F4 B4 W4 .
+
+The chain's input and state gradients ``B2 B1`` run back to back on both stages, ``W2`` deferred.
+On stage 1, ``R0`` needs a slot while chunks 1 and 2 hold both: ``W2`` runs first (the cap forces
+it), and ``W1`` fills the wait for chunk 3's input. On stage 0, ``F3`` waits for ``W2`` to free a
+slot, and ``W1`` fills the wait for chunk 0's gradient. 19 time units; unsplit, the same chunks take 22.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Timed compute events of a step (simulated or recorded), their busy/idle summary, and a Gantt chart.
 
 An event is ``(stage, op, chunk, start, end)`` with ``op`` one of ``"forward"``, ``"recompute"``,
-``"backward"`` (``Op.value``). The simulator produces them; a callback that times a real run can
-produce the same tuples and reuse ``timeline_stats`` and ``draw_timeline``. Idle is everything
-between 0 and the step's end that no event covers::
+``"backward"``, ``"weight"`` (``Op.value``; ``"weight"`` only with split backward). The simulator
+produces them; a callback that times a real run can produce the same tuples and reuse
+``timeline_stats`` and ``draw_timeline``. Idle is everything between 0 and the step's end that no
+event covers::
 
     time      0    1    2    3    4    5    6
     stage 0   [F0 ][F1 ]......[B0      ][B1      ]
@@ -21,12 +22,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 # One colour per op, and for idle time; hex so tests can look for exact pixels.
-COLORS = {"forward": "#1f77b4", "backward": "#2ca02c", "recompute": "#ff7f0e", "idle": "#e6e6e6"}
+COLORS = {"forward": "#1f77b4", "backward": "#2ca02c", "recompute": "#ff7f0e", "weight": "#9467bd",
+          "idle": "#e6e6e6"}
 
 
 class TimedEvent(NamedTuple):
     stage: int
-    op: str  # "forward" | "recompute" | "backward"
+    op: str  # "forward" | "recompute" | "backward" | "weight"
     chunk: int
     start: float
     end: float
@@ -53,7 +55,7 @@ def timeline_stats(events: Sequence[TimedEvent], num_stages: int) -> TimelineSta
 
 
 def ascii_timeline(events: Sequence[TimedEvent], num_stages: int, unit: float = 1.0) -> str:
-    """Text Gantt chart, one column per ``unit`` of time: ``F3``/``R3``/``B3`` per column, ``.`` idle."""
+    """Text Gantt chart, one column per ``unit`` of time: ``F3``/``R3``/``B3``/``W3`` per column, ``.`` idle."""
     step = max((e.end for e in events), default=0.0)
     cols = round(step / unit)
     width = max([2] + [len(f"F{e.chunk}") for e in events])
@@ -99,7 +101,8 @@ def draw_timeline(
         ax.broken_barh([(0.0, step)], (s - 0.4, 0.8), facecolors=COLORS["idle"], antialiased=False, linewidth=0)
     # Thin white separators between bars when labelled (for reading); none otherwise (exact pixel colours).
     edge = dict(edgecolor="white", linewidth=0.5) if labels else dict(linewidth=0)
-    for op in ("forward", "recompute", "backward"):
+    ops = ("forward", "recompute", "backward") + (("weight",) if any(e.op == "weight" for e in events) else ())
+    for op in ops:
         for s in range(n):
             bars = [(e.start, e.end - e.start) for e in events if e.op == op and e.stage == s]
             if bars:
@@ -117,7 +120,7 @@ def draw_timeline(
     if title:
         ax.set_title(title)
     if legend:
-        ax.legend(handles=[Patch(color=COLORS[k], label=k) for k in ("forward", "recompute", "backward", "idle")],
+        ax.legend(handles=[Patch(color=COLORS[k], label=k) for k in ops + ("idle",)],
                   loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
     out = Path(path)
