@@ -19,7 +19,7 @@ from test_pipeline_plan import EXAMPLE, EXAMPLE_LENS, replicas, unit_cost
 from chunkflow_pl.data.types import Segment
 from chunkflow_pl.model.config import get_preset
 from chunkflow_pl.schedule.cost import CostModel, MeasuredCost, action_time
-from chunkflow_pl.schedule.pipeline_actions import Action, Comm, CommOp, Op, PipeAction
+from chunkflow_pl.schedule.pipeline_actions import Action, Comm, CommOp, Op, PipeAction, PipelinePlan
 from chunkflow_pl.schedule.pipeline_checker import PlanError, check_pipeline, check_pipeline_plan
 from chunkflow_pl.schedule.scheduler import default_caps, plan_pipeline
 from chunkflow_pl.schedule.simulator import lower_bound, simulate
@@ -113,6 +113,16 @@ def test_split_plans_are_valid_and_do_the_same_work(case: tuple[Chunks, list[int
     assert sum(split.busy) == pytest.approx(sum(whole.busy), rel=1e-12)  # B(in) + W = B; same recomputes
 
 
+def test_a_due_backward_whose_recompute_finds_no_slot_runs_the_pending_w_first() -> None:
+    # One stage (cap 1), two chains 0 -> 1 and 2 -> 3, both open at once. After B1(in), chunk 1 holds the only
+    # slot until W1, and R0 (chunk 0's backward is due) needs it: W1 runs before the dropped forward F2 that
+    # could also start (it needs no slot), so the critical backward goes first; W0 then waits for F2.
+    chunks: Chunks = [[Segment(0, 0, 4)], [Segment(0, 4, 8)], [Segment(1, 0, 4)], [Segment(1, 4, 5)]]
+    plan = plan_pipeline(chunks, [8, 5], pp=1, k=1, cost=unit_cost(1), max_open_chains=None, split_backward=True)
+    check_pipeline_plan(plan, chunks, [8, 5])
+    assert compute_text(plan, 0) == "F0(drop) F1 B1(in) W1 R0 B0(in) F2(drop) W0 F3 B3(in) W3 R2 B2(in) W2"
+
+
 def test_split_off_is_the_default_and_emits_no_weight() -> None:
     plan = plan_pipeline(EXAMPLE, EXAMPLE_LENS, pp=3, k=1, cost=unit_cost(3))
     assert plan == plan_pipeline(EXAMPLE, EXAMPLE_LENS, pp=3, k=1, cost=unit_cost(3), split_backward=False)
@@ -204,7 +214,11 @@ def check(texts: list[str], caps=(2, 1)) -> None:
 
 def test_checker_accepts_the_split_plan_the_mutations_below_break() -> None:
     check(GOOD)
-    check([GOOD[0], "<A0 F0 B0(in) >G0 <A1 F1 B1(in) >G1 W1 W0"], caps=(2, 2))  # Ws deferred, cap 2 holds them
+    deferred = [GOOD[0], "<A0 F0 B0(in) >G0 <A1 F1 B1(in) >G1 W1 W0"]  # Ws deferred: cap 2 holds them
+    check(deferred, caps=(2, 2))
+    stages = tuple(tuple(parse_stage(t, s, TWO)) for s, t in enumerate(deferred))
+    plan = PipelinePlan(stages, (2, 2), (4, 2))
+    assert simulate(plan, TWO, TWO_LENS, unit_cost(2)).peak_live == (2, 2)  # chunk 0 stays live until W0
 
 
 @pytest.mark.parametrize(
