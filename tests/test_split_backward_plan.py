@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from single_device_oracle import plan_single_device
 from test_pipeline_plan import EXAMPLE, EXAMPLE_LENS, replicas, unit_cost
 
 from chunkflow_pl.data.types import Segment
@@ -114,13 +115,32 @@ def test_split_plans_are_valid_and_do_the_same_work(case: tuple[Chunks, list[int
 
 
 def test_a_due_backward_whose_recompute_finds_no_slot_runs_the_pending_w_first() -> None:
-    # One stage (cap 1), two chains 0 -> 1 and 2 -> 3, both open at once. After B1(in), chunk 1 holds the only
-    # slot until W1, and R0 (chunk 0's backward is due) needs it: W1 runs before the dropped forward F2 that
-    # could also start (it needs no slot), so the critical backward goes first; W0 then waits for F2.
-    chunks: Chunks = [[Segment(0, 0, 4)], [Segment(0, 4, 8)], [Segment(1, 0, 4)], [Segment(1, 4, 5)]]
-    plan = plan_pipeline(chunks, [8, 5], pp=1, k=1, cost=unit_cost(1), max_open_chains=None, split_backward=True)
-    check_pipeline_plan(plan, chunks, [8, 5])
-    assert compute_text(plan, 0) == "F0(drop) F1 B1(in) W1 R0 B0(in) F2(drop) W0 F3 B3(in) W3 R2 B2(in) W2"
+    # Chains 0 -> 1 and 3 -> 4 (both open at once), standalone chunk 2. On the last stage (cap 1), after B2(in)
+    # chunk 2 holds the only slot until W2, and chunk 0's backward is due (the chain's turn) but R0 needs that
+    # slot: W2 runs before the dropped forward F3 that could also start (it needs no slot), so the backward,
+    # which stage 0 waits for, goes first.
+    chunks: Chunks = [[Segment(2, 0, 4)], [Segment(0, 0, 3), Segment(2, 4, 5)], [Segment(1, 0, 3)],
+                      [Segment(3, 0, 4)], [Segment(3, 4, 7)]]
+    lens = [3, 3, 5, 7]
+    plan = plan_pipeline(chunks, lens, pp=2, k=1, cost=unit_cost(2), max_open_chains=None, split_backward=True)
+    check_pipeline_plan(plan, chunks, lens)
+    assert compute_text(plan, 1) == "F0(drop) F1 B1(in) W1 F2 B2(in) W2 R0 B0(in) F3(drop) W0 F4 B4(in) W4 R3 B3(in) W3"
+
+
+@settings(max_examples=30, deadline=None)
+@given(replicas(), st.integers(1, 4))
+def test_one_stage_split_plan_is_the_single_device_plan_with_each_backward_cut_in_two(
+        case: tuple[Chunks, list[int]], k: int) -> None:
+    chunks, lens = case
+    words = []
+    for a in plan_single_device(chunks, lens, k):
+        if chunks[a.chunk]:
+            words += [f"B{a.chunk}(in)", f"W{a.chunk}"] if a.op is Op.BACKWARD else [str(a)]
+    plan = plan_pipeline(chunks, lens, pp=1, k=k, split_backward=True)
+    assert compute_text(plan, 0) == " ".join(words)
+    unsplit = plan_pipeline(chunks, lens, pp=1, k=k)
+    cost = CostModel.uniform(1)
+    assert simulate(plan, chunks, lens, cost).peak_live == simulate(unsplit, chunks, lens, cost).peak_live
 
 
 def test_split_off_is_the_default_and_emits_no_weight() -> None:

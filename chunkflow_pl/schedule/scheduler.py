@@ -63,7 +63,9 @@ parameter gradients, later on the same stage; nothing waits for it. ``B`` takes 
 in every rule above. A pending ``W`` runs, oldest first, when the stage would otherwise idle (no rule
 above can start), or earlier when the next backward is due but its recompute finds every slot taken:
 only a ``W`` frees a slot then (a chunk holds its slot until its ``W``, so admission counts it).
-Whatever is still pending when the stage has nothing else left runs at the end of its list.
+Whatever is still pending when the stage has nothing else left runs at the end of its list. With
+``pp = 1`` there is nothing to fill (one device never waits): each ``W`` follows its ``B`` at once, the
+single-device order with every backward cut in two, and memory stays the unsplit plan's.
 ``CostModel`` prices ``B(in)`` and ``W`` from FLOPs (``cost.py``); an example follows the unsplit one
 below.
 
@@ -308,10 +310,12 @@ class _ListScheduler:
         action = Action(Op.BACKWARD, c, split=self.split)
         st.started.append(action)
         t += action_time(self.cost, action, s, self.chunks[c])
-        if self.split:
-            st.weights.append(c)  # its activations stay live until its WEIGHT
-        else:
+        if not self.split:
             st.live.discard(c)
+        elif self.pp == 1:  # one device never idles: W at once, so memory stays the unsplit plan's
+            t += self._weight(s, c)
+        else:
+            st.weights.append(c)  # its activations stay live until its WEIGHT
         st.recomputed.discard(c)
         st.backwarded.add(c)
         if s == self.last:
@@ -348,12 +352,14 @@ class _ListScheduler:
         st = self.stages[s]
         if not st.weights:
             return False
-        c = st.weights.popleft()
-        action = Action(Op.WEIGHT, c)
-        st.started.append(action)
-        st.live.discard(c)
-        self._busy(s, now + action_time(self.cost, action, s, self.chunks[c]))
+        self._busy(s, now + self._weight(s, st.weights.popleft()))
         return True
+
+    def _weight(self, s: int, c: int) -> float:
+        action = Action(Op.WEIGHT, c)
+        self.stages[s].started.append(action)
+        self.stages[s].live.discard(c)
+        return action_time(self.cost, action, s, self.chunks[c])
 
     def _start_early_recompute(self, s: int, now: float) -> bool:
         """An idle stage recomputes the next dropped chunk of its oldest chain before the gradient
