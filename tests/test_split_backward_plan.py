@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -294,3 +295,69 @@ def test_pipeline_bubbles_reports_rows_with_and_without_split() -> None:
         assert 0.0 <= yes["chunkflow_bubble_floor"] <= yes["chunkflow_bubble"]
     assert {"speedup_geomean", "split_speedup_geomean"} <= set(result)
     assert "split backward yes: speed-up" in out.stdout
+
+
+# -- planners: split backward as a candidate ----------------------------------------------------------
+
+
+def test_chunk_planner_considers_split_backward_and_says_when_it_picks_it() -> None:
+    from chunkflow_pl.plan.core import PlanSpec, format_table, plan_chunking
+
+    cfg = get_preset("qwen7b", num_layers=8)
+    lens = [[30000, 9000, 4000, 2000, 1500, 800, 600, 300] * 2]
+    spec = PlanSpec(memory_budget=2**50, precision="bf16-mixed", pp=4, chunk_sizes=(4096, 8192), ks=(1,),
+                    split_backward=(False, True))
+    result = plan_chunking(cfg, spec, lens)
+    rows = {(r.chunk_size, r.split_backward): r for r in result.rows}
+    assert sorted(rows) == [(4096, False), (4096, True), (8192, False), (8192, True)]
+    for c in (4096, 8192):
+        no, yes = rows[(c, False)], rows[(c, True)]
+        assert yes.stage_peaks == no.stage_peaks  # the caps bound the slots a deferred W holds
+        assert yes.step_time < no.step_time / (1 + 0.01)  # fills bubbles by more than the 1% tie
+    assert result.best.split_backward and result.override().endswith(" parallel.split_backward=true")
+    assert " split " in format_table(result).splitlines()[0]
+    unsplit = plan_chunking(cfg, replace(spec, split_backward=(False,)), lens)  # the default: as before
+    assert [r.split_backward for r in unsplit.rows] == [False, False] and "split" not in unsplit.override()
+    assert " split " not in format_table(unsplit).splitlines()[0]
+    one = plan_chunking(cfg, replace(spec, pp=1), lens)  # one device: nothing to fill, not planned
+    assert not any(r.split_backward for r in one.rows)
+    with pytest.raises(ValueError, match="split_backward candidates"):
+        PlanSpec(memory_budget=1, split_backward=())
+
+
+def test_layout_planner_considers_split_backward_where_there_is_a_pipeline() -> None:
+    from chunkflow_pl.plan.core import PlanSpec
+    from chunkflow_pl.plan.layout import ClusterSpec, plan_layout
+
+    cfg = get_preset("qwen7b", num_layers=8)
+    lens = [[30000, 9000, 4000, 2000, 1500, 800, 600, 300] * 2]
+    spec = PlanSpec(memory_budget=0, precision="bf16-mixed", chunk_sizes=(8192,), ks=(1,), flops_per_s=4e14,
+                    split_backward=(False, True))
+    result = plan_layout(cfg, spec, ClusterSpec(4, 2**40), lens, layer_checkpoints=("none",))
+    fitting = [r for r in result.rows if r.fits]
+    assert {r.layout.split_backward for r in fitting if r.layout.pp == 1} == {False}
+    pairs = {}
+    for r in fitting:
+        pairs.setdefault(replace(r.layout, split_backward=False), {})[r.layout.split_backward] = r
+    piped = [p for lay, p in pairs.items() if lay.pp > 1]
+    assert piped and all(p[True].compute_time < p[False].compute_time and p[True].peak == p[False].peak
+                         for p in piped)
+    assert result.best.layout.split_backward == (result.best.layout.pp > 1)
+    assert result.override().endswith(" parallel.split_backward=true") == result.best.layout.split_backward
+
+
+def test_planners_pick_split_backward_only_when_it_buys_more_than_the_tie() -> None:
+    from chunkflow_pl.plan.core import Row, recommend
+    from chunkflow_pl.plan.layout import Layout, LayoutRow, pick
+
+    def row(split: bool, step: float) -> Row:
+        return Row(8192, 1, 4.0, 0.1, step, 1.0 / step, (2**30,), True, split_backward=split)
+
+    assert not recommend([row(True, 0.995), row(False, 1.0)]).split_backward  # within 1%: unsplit
+    assert recommend([row(False, 1.0), row(True, 0.98)]).split_backward
+
+    def lrow(split: bool, step: float) -> LayoutRow:
+        return LayoutRow(Layout(2, 1, 1, "last_backward", "none", 8192, 1, split), 2**30, step, 0.0, 0.2, True)
+
+    assert not pick([lrow(True, 0.995), lrow(False, 1.0)]).layout.split_backward
+    assert pick([lrow(True, 0.98), lrow(False, 1.0)]).layout.split_backward
