@@ -361,3 +361,21 @@ def test_planners_pick_split_backward_only_when_it_buys_more_than_the_tie() -> N
 
     assert not pick([lrow(True, 0.995), lrow(False, 1.0)]).layout.split_backward
     assert pick([lrow(True, 0.98), lrow(False, 1.0)]).layout.split_backward
+
+
+def test_gantt_png_draws_weight_actions(tmp_path) -> None:
+    from PIL import Image
+
+    from chunkflow_pl.schedule.timeline import COLORS, TimedEvent, draw_timeline
+
+    events = [TimedEvent(0, "forward", 0, 0.0, 2.0), TimedEvent(0, "backward", 0, 2.0, 4.0),
+              TimedEvent(0, "weight", 0, 4.0, 6.0)]
+    path = draw_timeline(events, tmp_path / "w.png", 1, labels=False, legend=False, dpi=50)
+    with Image.open(path) as img:
+        pixels = [p[:3] for p in img.convert("RGB").getdata()]
+
+    def count(color: str) -> int:
+        return pixels.count(tuple(int(color[i:i + 2], 16) for i in (1, 3, 5)))
+
+    assert count(COLORS["weight"]) == pytest.approx(count(COLORS["forward"]), rel=0.05)  # not drawn as idle
+    assert count(COLORS["idle"]) < 0.05 * count(COLORS["weight"])
