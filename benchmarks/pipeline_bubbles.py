@@ -12,6 +12,9 @@ throughput, messages over a fixed link; ``--no-comm`` makes messages free):
   both``, the default): ``split`` "no" as above, "yes" with ``split_backward=True`` (every backward
   split into B, input and state gradients, and W, the weight gradient, run where the stage would idle;
   same caps, a chunk holds its slot until its W; ``CostModel`` prices the halves from FLOPs).
+  ``--caps uniform`` gives every stage stage 0's live-chunk cap ``max(pp, k)`` instead of the 1F1B depth
+  ``max(pp - s, k)`` (zero-bubble ZB-H1's memory rule: the busiest stage's count unchanged, later stages
+  may hold as many chunks, e.g. ``W``-pending ones).
 - **1f1b**: one whole sequence per micro-batch, in data order, 1F1B (the same list scheduler on
   standalone chunks gives exactly the textbook 1F1B order; caps ``pp - s``), nothing recomputed,
   data-parallel ranks get sequences round-robin. This is the Megatron-style baseline, and a kind
@@ -128,6 +131,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=1)
     ap.add_argument("--dp", type=int, default=1)
     ap.add_argument("--max-open-chains", type=int, default=1, help="0 = no limit")
+    ap.add_argument("--caps", choices=("1f1b", "uniform"), default="1f1b",
+                    help="chunkflow's live-chunk caps: max(pp - s, k) per stage, or max(pp, k) on every stage")
     ap.add_argument("--no-comm", action="store_true", help="free messages (default: 50 GB/s, 20 us)")
     ap.add_argument("--split-backward", choices=("off", "on", "both"), default="both",
                     help="chunkflow rows without / with split backward (B and W), or both side by side")
@@ -168,10 +173,11 @@ def main() -> None:
                     base.bound += b_base
                     base_results.append(r_base)
                 base.micro_steps = max(len(c) for rep in base_reps for c, _ in rep)
+                cf_caps = (max(pp, args.k),) * pp if args.caps == "uniform" else None
                 for split in splits:
                     cf = Totals()
                     for i in range(args.batches):
-                        r_cf, b_cf = run_replicas(cf_reps[i], pp, args.k, cost, max_open, None, split)
+                        r_cf, b_cf = run_replicas(cf_reps[i], pp, args.k, cost, max_open, cf_caps, split)
                         cf.add(r_cf, pp)
                         cf.bound += b_cf
                         if args.timeline and i == 0 and (m, ctx, pp) == draw_key:
@@ -216,7 +222,7 @@ def main() -> None:
     settings = dict(models=[MODELS[m] for m in models], contexts=contexts, pps=pps, batches=args.batches,
                     global_batch=args.global_batch, k=args.k, dp=args.dp, max_open_chains=max_open,
                     comm=not args.no_comm, seed=args.seed, chunk_size=args.chunk_size,
-                    split_backward=args.split_backward)
+                    split_backward=args.split_backward, caps=args.caps)
     print("RESULT " + json.dumps(dict(settings=settings, rows=rows, elapsed_s=elapsed, **summary)))
 
 
