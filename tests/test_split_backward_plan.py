@@ -169,6 +169,10 @@ def test_weight_is_the_linear_layers_weight_gradient_and_the_halves_add_up() -> 
         flat.op_time(Op.FORWARD, 0, 0, chunk)
     with pytest.raises(ValueError, match="only a backward splits"):
         cost.op_time(Op.FORWARD, 0, 0, chunk, split=True)
+    ckpt = replace(cost, backward=3.0)  # full layer checkpointing: the extra forward is B(in)'s, W is unchanged
+    assert ckpt.op_time(Op.WEIGHT, 1, 0, chunk) == cost.op_time(Op.WEIGHT, 1, 0, chunk)
+    assert ckpt.op_time(Op.BACKWARD, 1, 0, chunk, split=True) == pytest.approx(
+        cost.op_time(Op.BACKWARD, 1, 0, chunk, split=True) + cost.op_time(Op.FORWARD, 1, 0, chunk), rel=1e-12)
 
 
 class _BeforeSplit:

@@ -26,14 +26,16 @@ dropped forward costs a kept one unless they are passed.
 Split backward (``Action.split``, zero-bubble schedules): the backward of a matrix product ``Y = X W``
 is two products of the forward's size, ``dX = dY W^T`` (input gradient) and ``dW = X^T dY`` (weight
 gradient); attention has no weights, so its whole backward is input (and key/value state) gradient.
-With ``backward = b`` (2 by default: both products) the halves cost::
+``per_token`` is the linear layers (and the LM head on the last stage), so the halves cost::
 
-    WEIGHT(c)            (b / 2) * per_token[s] * tokens                the weight-gradient products
-    BACKWARD(c, split)   (b / 2) * per_token[s] * tokens                the input-gradient products
-                         + b * per_pair[s] * pairs                      all of attention's backward
+    WEIGHT(c)            per_token[s] * tokens                          the weight-gradient products
+    BACKWARD(c, split)   backward * forward - WEIGHT(c)                 the rest: input-gradient products,
+                                                                        all of attention's backward
 
-so ``B(in) + W`` is the unsplit backward (up to rounding), and ``per_token`` is the linear layers (and the
-LM head on the last stage). Long chunks are attention-heavy, so their W is the smaller half.
+``B(in) + W`` is the unsplit backward (up to rounding). With ``backward = 2``, ``B(in)`` is
+``per_token * tokens + 2 * per_pair * pairs``; a larger ``backward`` (e.g. 3 under full layer
+checkpointing: one more forward) lands in ``B(in)``, which recomputes what ``W`` reads. Long chunks are
+attention-heavy, so their ``W`` is the smaller half.
 
 Every rank must build the model from the same numbers: the scheduler's order depends on it, so a cost
 measured per rank (different on each) would give each rank a different plan.
@@ -126,19 +128,15 @@ class CostModel:
             raise ValueError(f"split=True for a {op.value}: only a backward splits")
         if op is Op.FORWARD:
             return self.forward_time(stage, segments, keep)
-        if op is Op.WEIGHT:
-            return self._weight_time(stage, segments)
-        if op is Op.BACKWARD and split:  # the rest of the backward: see the module docstring
-            linear = chunk_cost(segments, self.per_token[stage], 0.0)
-            attention = chunk_cost(segments, 0.0, self.per_pair[stage])
-            return self.backward / 2 * linear + self.backward * attention
+        if op is Op.WEIGHT or split:
+            if self.backward < 1:
+                raise ValueError(f"CostModel.backward={self.backward} < 1 cannot be split: a backward computes at "
+                                 "least the weight-gradient products, one forward's linear FLOPs")
+            weight = chunk_cost(segments, self.per_token[stage], 0.0)  # see the module docstring
+            return weight if op is Op.WEIGHT else self.backward * self.forward_time(stage, segments) - weight
         # a recompute runs the whole stage with autograd (the loss too), whatever the forward skipped
         f = self.forward_time(stage, segments)
         return f * (self.backward if op is Op.BACKWARD else self.recompute)
-
-    def _weight_time(self, stage: int, segments: Sequence[Segment]) -> float:
-        """The weight-gradient products: half of the linear layers' backward."""
-        return self.backward / 2 * chunk_cost(segments, self.per_token[stage], 0.0)
 
     def comm_time(self, tokens: int) -> float:
         return self.comm_latency + self.comm_per_token * tokens
