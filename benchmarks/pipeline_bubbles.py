@@ -8,7 +8,9 @@ throughput, messages over a fixed link; ``--no-comm`` makes messages free):
 
 - **chunkflow**: chunk construction (Algorithm 1, ``--chunk-size``), data-parallel balance
   (``--dp``), ``plan_pipeline`` (state-aware 1F1B, ``--k``, ``--max-open-chains``); recomputes of
-  dropped chunks are real work in its step time.
+  dropped chunks are real work in its step time. One row per ``--virtual`` v (default 1 and 2):
+  v > 1 interleaves v layer blocks per rank (``pp * v`` blocks, costed with
+  ``CostModel.from_model(cfg, pp * v)``); bubbles are then per rank.
 - **1f1b**: one whole sequence per micro-batch, in data order, 1F1B (the same list scheduler on
   standalone chunks gives exactly the textbook 1F1B order; caps ``pp - s``), nothing recomputed,
   data-parallel ranks get sequences round-robin. This is the Megatron-style baseline, and a kind
@@ -16,7 +18,7 @@ throughput, messages over a fixed link; ``--no-comm`` makes messages free):
 
 Every plan is checked (``check_pipeline_plan``) before it is simulated. Reported per (model,
 context, pp), summed over ``--batches`` global batches: step time, bubble fraction (idle / (pp x
-step)), recompute share of chunkflow's compute, speed-up = 1f1b time / chunkflow time. A table,
+step), pp ranks), recompute share of chunkflow's compute, speed-up = 1f1b time / chunkflow time. A table,
 then one ``RESULT {json}`` line. ``--timeline DIR`` draws both plans of the first batch of one
 configuration (``--timeline-config``) as PNG Gantt charts.
 
@@ -79,13 +81,13 @@ class Totals:
 
 
 def run_replicas(replicas: list[tuple[list[list[Segment]], list[int]]], pp: int, k: int, cost: CostModel,
-                 max_open: int | None, caps: tuple[int, ...] | None) -> tuple[SimResult, float]:
+                 max_open: int | None, caps: tuple[int, ...] | None, virtual: int = 1) -> tuple[SimResult, float]:
     """Plan, check and simulate each data-parallel replica; the step waits for the slowest.
 
     Returns the slowest replica's result and the largest lower bound over replicas."""
     slowest, bound = None, 0.0
     for chunks, lens in replicas:
-        plan = plan_pipeline(chunks, lens, pp, k, cost=cost, caps=caps, max_open_chains=max_open)
+        plan = plan_pipeline(chunks, lens, pp, k, cost=cost, caps=caps, max_open_chains=max_open, virtual=virtual)
         check_pipeline_plan(plan, chunks, lens)
         result = simulate(plan, chunks, lens, cost)
         bound = max(bound, *lower_bound(plan, chunks, lens, cost))
@@ -114,6 +116,7 @@ def main() -> None:
     ap.add_argument("--global-batch", type=int, default=256)
     ap.add_argument("--chunk-size", default=None, help="one size for every context (default: 32k->8k, 256k->32k)")
     ap.add_argument("--k", type=int, default=1)
+    ap.add_argument("--virtual", default="1,2", help="layer blocks per rank, one chunkflow row each (interleaved)")
     ap.add_argument("--dp", type=int, default=1)
     ap.add_argument("--max-open-chains", type=int, default=1, help="0 = no limit")
     ap.add_argument("--no-comm", action="store_true", help="free messages (default: 50 GB/s, 20 us)")
@@ -128,9 +131,13 @@ def main() -> None:
         ap.error(f"--models: unknown {bad}; choose from {sorted(MODELS)}")
     contexts = [parse_size(c) for c in args.contexts.split(",")]
     pps = [int(p) for p in args.pps.split(",")]
+    virtuals = [int(v) for v in args.virtual.split(",")]
+    if min(virtuals) < 1:
+        ap.error(f"--virtual: layer blocks per rank must be >= 1, got {virtuals}")
     max_open = args.max_open_chains or None
     draw = args.timeline_config.split(",")
     draw_key = (draw[0].lower(), parse_size(draw[1]), int(draw[2]))
+    link = None if args.no_comm else 50e9
 
     t0 = time.perf_counter()
     rows = []
@@ -143,55 +150,71 @@ def main() -> None:
         for m in models:
             cfg = get_preset(MODELS[m])
             for pp in pps:
-                cost = CostModel.from_model(cfg, pp, link_bytes_per_s=None if args.no_comm else 50e9)
-                cf, base = Totals(), Totals()
+                base = Totals()
+                cost = CostModel.from_model(cfg, pp, link_bytes_per_s=link)
                 for i in range(args.batches):
-                    r_cf, b_cf = run_replicas(cf_reps[i], pp, args.k, cost, max_open, None)
                     # 1F1B keeps every in-flight micro-batch whole: caps pp - s, k irrelevant (nothing split)
                     r_base, b_base = run_replicas(base_reps[i], pp, 1, cost, None, default_caps(pp, 1))
-                    cf.add(r_cf, pp)
                     base.add(r_base, pp)
-                    cf.bound += b_cf
                     base.bound += b_base
-                    if args.timeline and i == 0 and (m, ctx, pp) == draw_key:
-                        _draw(args.timeline, m, ctx, pp, r_cf, r_base)
-                cf.micro_steps = max(len(c) for rep in cf_reps for c, _ in rep)
                 base.micro_steps = max(len(c) for rep in base_reps for c, _ in rep)
-                rows.append(dict(
-                    model=MODELS[m], context=ctx, chunk_size=chunk_size, pp=pp,
-                    chunkflow_step_s=cf.time / args.batches, baseline_step_s=base.time / args.batches,
-                    speedup=base.time / cf.time,
-                    chunkflow_bubble=cf.bubble, baseline_bubble=base.bubble,
-                    chunkflow_recompute_share=cf.recompute / cf.busy,
-                    chunkflow_over_bound=cf.time / cf.bound, baseline_over_bound=base.time / base.bound,
-                    chunkflow_max_micro_steps=cf.micro_steps, baseline_max_micro_steps=base.micro_steps,
-                    chunkflow_peak_live=cf.peak_live, baseline_peak_live=base.peak_live,
-                ))
+                for v in virtuals:
+                    if pp * v > cfg.num_layers or (v > 1 and pp < 2):
+                        continue  # a block needs a layer; interleaving needs two ranks
+                    block_cost = CostModel.from_model(cfg, pp * v, link_bytes_per_s=link)
+                    cf = Totals()
+                    for i in range(args.batches):
+                        r_cf, b_cf = run_replicas(cf_reps[i], pp, args.k, block_cost, max_open, None, v)
+                        cf.add(r_cf, pp)
+                        cf.bound += b_cf
+                        if args.timeline and i == 0 and (m, ctx, pp) == draw_key:
+                            r_base, _ = run_replicas(base_reps[i], pp, 1, cost, None, default_caps(pp, 1))
+                            _draw(args.timeline, m, ctx, pp, v, r_cf, r_base)
+                    cf.micro_steps = max(len(c) for rep in cf_reps for c, _ in rep)
+                    rows.append(dict(
+                        model=MODELS[m], context=ctx, chunk_size=chunk_size, pp=pp, virtual=v,
+                        chunkflow_step_s=cf.time / args.batches, baseline_step_s=base.time / args.batches,
+                        speedup=base.time / cf.time,
+                        chunkflow_bubble=cf.bubble, baseline_bubble=base.bubble,
+                        chunkflow_recompute_share=cf.recompute / cf.busy,
+                        chunkflow_over_bound=cf.time / cf.bound, baseline_over_bound=base.time / base.bound,
+                        chunkflow_max_micro_steps=cf.micro_steps, baseline_max_micro_steps=base.micro_steps,
+                        chunkflow_peak_live=cf.peak_live, baseline_peak_live=base.peak_live,
+                    ))
     elapsed = time.perf_counter() - t0
 
-    print(f"{'model':<8} {'ctx':>5} {'C':>4} {'pp':>3} {'chunkflow s':>12} {'1f1b s':>9} {'speed-up':>9} "
+    print(f"{'model':<8} {'ctx':>5} {'C':>4} {'pp':>3} {'v':>2} {'chunkflow s':>12} {'1f1b s':>9} {'speed-up':>9} "
           f"{'bubble cf':>10} {'bubble 1f1b':>12} {'recompute':>10} {'cf/bound':>9} {'1f1b/bound':>11}")
     for r in rows:
-        print(f"{r['model']:<8} {r['context'] // 1024:>4}K {r['chunk_size'] // 1024:>3}K {r['pp']:>3} "
+        print(f"{r['model']:<8} {r['context'] // 1024:>4}K {r['chunk_size'] // 1024:>3}K {r['pp']:>3} {r['virtual']:>2} "
               f"{r['chunkflow_step_s']:>12.2f} {r['baseline_step_s']:>9.2f} {r['speedup']:>8.2f}x "
               f"{r['chunkflow_bubble']:>10.1%} {r['baseline_bubble']:>12.1%} {r['chunkflow_recompute_share']:>10.1%} "
               f"{r['chunkflow_over_bound']:>9.2f} {r['baseline_over_bound']:>11.2f}")
-    speedups = [r["speedup"] for r in rows]
-    geo = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
-    print(f"speed-up: min {min(speedups):.2f}x, geometric mean {geo:.2f}x, max {max(speedups):.2f}x "
-          f"({len(rows)} configurations x {args.batches} batches, {elapsed:.1f} s)")
-    settings = dict(models=[MODELS[m] for m in models], contexts=contexts, pps=pps, batches=args.batches,
+    by_v = {}
+    for v in virtuals:
+        speedups = [r["speedup"] for r in rows if r["virtual"] == v]
+        if not speedups:
+            continue
+        geo = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
+        bubbles = {pp: [r["chunkflow_bubble"] for r in rows if r["virtual"] == v and r["pp"] == pp] for pp in pps}
+        span = ", ".join(f"pp={pp} {min(b):.0%}-{max(b):.0%}" for pp, b in bubbles.items() if b)
+        print(f"v={v}: speed-up min {min(speedups):.2f}x, geometric mean {geo:.2f}x, max {max(speedups):.2f}x "
+              f"({len(speedups)} configurations x {args.batches} batches); chunkflow bubble {span}")
+        by_v[str(v)] = dict(speedup_min=min(speedups), speedup_geomean=geo, speedup_max=max(speedups))
+    print(f"{elapsed:.1f} s")
+    first = by_v[min(by_v, key=int)]  # the top-level keys keep their meaning: the smallest v (1 by default)
+    settings = dict(models=[MODELS[m] for m in models], contexts=contexts, pps=pps, virtual=virtuals,
+                    batches=args.batches,
                     global_batch=args.global_batch, k=args.k, dp=args.dp, max_open_chains=max_open,
                     comm=not args.no_comm, seed=args.seed, chunk_size=args.chunk_size)
-    print("RESULT " + json.dumps(dict(settings=settings, rows=rows, elapsed_s=elapsed,
-                                      speedup_min=min(speedups), speedup_geomean=geo, speedup_max=max(speedups))))
+    print("RESULT " + json.dumps(dict(settings=settings, rows=rows, elapsed_s=elapsed, by_virtual=by_v, **first)))
 
 
-def _draw(directory: str, model: str, ctx: int, pp: int, cf: SimResult, base: SimResult) -> None:
+def _draw(directory: str, model: str, ctx: int, pp: int, v: int, cf: SimResult, base: SimResult) -> None:
     from chunkflow_pl.schedule.timeline import draw_timeline
 
     axis = max(cf.step_time, base.step_time)  # one time scale for both pictures
-    for name, r in (("chunkflow", cf), ("1f1b", base)):
+    for name, r in ((f"chunkflow_v{v}" if v > 1 else "chunkflow", cf), ("1f1b", base)):
         path = Path(directory) / f"{model}_{ctx // 1024}k_pp{pp}_{name}.png"
         title = (f"{name}: Qwen2.5-{model.upper()}, {ctx // 1024}K context, pp={pp}: step {r.step_time:.2f} s, "
                  f"bubble {r.bubble_total:.1%}")

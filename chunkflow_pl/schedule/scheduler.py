@@ -117,6 +117,7 @@ def plan_pipeline(
     cost: ActionCost | None = None,
     caps: Sequence[int] | None = None,
     max_open_chains: int | None = 1,
+    virtual: int = 1,
 ) -> PipelinePlan:
     """Per-stage action lists for one step of one pipeline replica (see the module docstring).
 
@@ -128,17 +129,27 @@ def plan_pipeline(
     the single-device order of Algorithm 2 (``tests/single_device_oracle.py``) minus those on empty
     chunks.
 
+    ``virtual``: layer blocks per rank (interleaved 1F1B, module docstring "Virtual stages"): the plan has
+    ``pp * virtual`` blocks, block ``b`` on rank ``b % pp``; ``cost`` then has one stage per block
+    (``CostModel.from_model(cfg, pp * virtual)``) and ``caps`` one entry per block (default
+    ``default_caps(pp * virtual, k)``).
+
     Raises ``ValueError`` on bad arguments or chunks that do not tile their sequences.
     """
     if pp < 1:
         raise ValueError(f"pp must be >= 1 (pipeline stages), got {pp}")
+    if virtual < 1 or (virtual > 1 and pp < 2):
+        raise ValueError(f"virtual={virtual} layer blocks per rank needs virtual >= 1, and pp >= 2 when above 1 "
+                         f"(got pp={pp}): interleaving hands blocks between ranks; use virtual=1")
+    ranks, pp = pp, pp * virtual  # from here on ``pp`` counts blocks: each is a stage of the rules above
     if k < 1:
         raise ValueError(f"k must be >= 1 (chunks whose activations are kept), got {k}")
     if max_open_chains is not None and max_open_chains < 1:
         raise ValueError(f"max_open_chains must be >= 1 or None, got {max_open_chains}")
     cost = cost if cost is not None else CostModel.uniform(pp)
     if cost.pp != pp:
-        raise ValueError(f"cost model has {cost.pp} stages, the plan {pp}")
+        raise ValueError(f"cost model has {cost.pp} stages, the plan {pp}"
+                         + (f" blocks (pp={ranks} x virtual={virtual})" if virtual > 1 else ""))
     caps_t = tuple(int(c) for c in caps) if caps is not None else default_caps(pp, k)
     if len(caps_t) != pp or min(caps_t) < k:
         raise ValueError(f"caps {caps_t} must give each of the {pp} stages at least k={k} live chunks")
@@ -152,9 +163,14 @@ def plan_pipeline(
             first_kept = max(0, len(order) - k)  # the last k forwards are the first k backwards
             units.append(_Unit(len(units), tuple(order), frozenset(order[first_kept:]), len(order) > 1))
 
-    orders = _ListScheduler(units, chunks, pp, caps_t, cost, max_open_chains).run()
-    stages = tuple(tuple(_with_messages(order, s, pp, tokens)) for s, order in enumerate(orders))
-    return PipelinePlan(stages=stages, caps=caps_t, chunk_tokens=tokens)
+    scheduler = _ListScheduler(units, chunks, pp, caps_t, cost, max_open_chains, ranks)
+    orders = scheduler.run()
+    groups = [[_messages_around(a, s, pp, tokens) for a in order] for s, order in enumerate(orders)]
+    stages = tuple(tuple(a for group in block for a in group) for block in groups)
+    if virtual == 1:
+        return PipelinePlan(stages=stages, caps=caps_t, chunk_tokens=tokens)
+    return PipelinePlan(stages=stages, caps=caps_t, chunk_tokens=tokens, virtual=virtual,
+                        order=_rank_order(groups, scheduler.rank_log))
 
 
 @dataclass(frozen=True)
@@ -185,9 +201,13 @@ class _ListScheduler:
     """The event simulation that fixes each stage's interleaving (module docstring)."""
 
     def __init__(self, units: list[_Unit], chunks: Sequence[Sequence[Segment]], pp: int, caps: tuple[int, ...],
-                 cost: ActionCost, max_open_chains: int | None) -> None:
+                 cost: ActionCost, max_open_chains: int | None, ranks: int | None = None) -> None:
         self.units, self.chunks, self.pp, self.caps, self.cost = units, chunks, pp, caps, cost
         self.last = pp - 1
+        # Virtual stages: ``pp`` counts blocks, block b runs on rank b % ranks, one action of a rank at a time.
+        self.ranks = pp if ranks is None else ranks
+        self.blocks_of = [tuple(range(r, pp, self.ranks)) for r in range(self.ranks)]
+        self.rank_log: list[list[tuple[int, int]]] = [[] for _ in range(self.ranks)]  # (block, compute index)
         self.max_open = math.inf if max_open_chains is None else max_open_chains
         self.unit_of = {c: u for u in units for c in u.order}
         # not yet started on stage 0, in index order
@@ -208,8 +228,8 @@ class _ListScheduler:
             now = heapq.heappop(self.wake)
             while self.wake and self.wake[0] == now:
                 heapq.heappop(self.wake)
-            for s in range(self.pp):
-                while self.stages[s].free_at <= now and self._start(s, now):
+            for r in range(self.ranks):
+                while self.stages[r].free_at <= now and self._start_rank(r, now):
                     pass
         if any(len(st.backwarded) < self.total for st in self.stages):
             raise RuntimeError("scheduler stalled (a bug: the admission rule should prevent this): "
@@ -222,6 +242,30 @@ class _ListScheduler:
                 f"live {sorted(st.live)} (cap {self.caps[s]})")
 
     # ---- one decision ----------------------------------------------------------------------------
+    def _start_rank(self, r: int, now: float) -> bool:
+        """Rank ``r`` is free: start one action of one of its blocks (module docstring, "Virtual stages")."""
+        blocks = self.blocks_of[r]
+        if len(blocks) == 1:
+            return self._start(r, now)
+        inner = [b for b in blocks if b != self.last]
+        if self._rank_last_was_backward(r) and self._start_rank_forward(inner, now):
+            return True  # 1F1B on the rank: a ready forward after each backward
+        # Backwards, the deepest block first (the last block by its own rule, which may start a forward too).
+        if any(self._start_last(now) if b == self.last else self._start_backward(b, now) for b in reversed(blocks)):
+            return True
+        return self._start_rank_forward(inner, now) or any(self._start_early_recompute(b, now) for b in inner)
+
+    def _start_rank_forward(self, inner: Sequence[int], now: float) -> bool:
+        """The forward of the oldest chunk (earliest in the forward order) among ``inner`` blocks ready for one."""
+        oldest = sorted(inner, key=lambda b: (self.stages[b].next_f, -b))
+        return any(self._start_forward(b, now) for b in oldest)
+
+    def _rank_last_was_backward(self, r: int) -> bool:
+        if not self.rank_log[r]:
+            return False
+        b, i = self.rank_log[r][-1]
+        return self.stages[b].started[i].op is Op.BACKWARD
+
     def _start(self, s: int, now: float) -> bool:
         if s == self.last:
             return self._start_last(now)
@@ -263,7 +307,7 @@ class _ListScheduler:
             if len(st.live) + 1 > self.caps[s]:
                 return False
             t += self._recompute(s, c)
-        st.started.append(Action(Op.BACKWARD, c))
+        self._emit(s, Action(Op.BACKWARD, c))
         t += self.cost.op_time(Op.BACKWARD, s, c, self.chunks[c])
         st.live.discard(c)
         st.recomputed.discard(c)
@@ -281,7 +325,7 @@ class _ListScheduler:
 
     def _recompute(self, s: int, c: int) -> float:
         st = self.stages[s]
-        st.started.append(Action(Op.RECOMPUTE, c))
+        self._emit(s, Action(Op.RECOMPUTE, c))
         st.live.add(c)
         st.recomputed.add(c)
         st.to_recompute[self.unit_of[c].index] -= 1
@@ -328,7 +372,7 @@ class _ListScheduler:
             return False
         unit = self.unit_of[c]
         keep = c in unit.kept
-        st.started.append(Action(Op.FORWARD, c, keep=keep))
+        self._emit(s, Action(Op.FORWARD, c, keep=keep))
         if keep:
             st.live.add(c)
         else:
@@ -392,35 +436,55 @@ class _ListScheduler:
             self.chains.append(unit)
         self.f_order.extend(unit.order)
 
+    def _emit(self, s: int, a: Action) -> None:
+        self.rank_log[s % self.ranks].append((s, len(self.stages[s].started)))
+        self.stages[s].started.append(a)
+
     def _busy(self, s: int, until: float) -> None:
-        self.stages[s].free_at = until
+        for b in self.blocks_of[s % self.ranks]:  # the rank is one resource: all its blocks wait
+            self.stages[b].free_at = until
         heapq.heappush(self.wake, until)
 
     def _tokens(self, c: int) -> int:
         return sum(seg.length for seg in self.chunks[c])
 
 
-def _with_messages(order: Sequence[Action], s: int, pp: int, tokens: Sequence[int]) -> list[PipeAction]:
-    """Insert each stage's messages next to the compute actions that produce or consume them.
+def _messages_around(a: Action, s: int, pp: int, tokens: Sequence[int]) -> list[PipeAction]:
+    """A compute action of stage (block) ``s`` with the messages that feed it and carry its result.
 
     The gradient receive goes right before the backward, after any recompute: a recompute needs
     only the stored input, so it may run while the gradient is still on its way.
     """
+    c, t = a.chunk, tokens[a.chunk]
     out: list[PipeAction] = []
-    for a in order:
-        c, t = a.chunk, tokens[a.chunk]
-        if a.op is Op.FORWARD:
-            if s > 0:
-                out.append(Comm(CommOp.RECV_ACT, c, s - 1, t))
-            out.append(a)
-            if s < pp - 1:
-                out.append(Comm(CommOp.SEND_ACT, c, s + 1, t))
-        elif a.op is Op.RECOMPUTE:
-            out.append(a)
-        else:
-            if s < pp - 1:
-                out.append(Comm(CommOp.RECV_GRAD, c, s + 1, t))
-            out.append(a)
-            if s > 0:
-                out.append(Comm(CommOp.SEND_GRAD, c, s - 1, t))
+    if a.op is Op.FORWARD:
+        if s > 0:
+            out.append(Comm(CommOp.RECV_ACT, c, s - 1, t))
+        out.append(a)
+        if s < pp - 1:
+            out.append(Comm(CommOp.SEND_ACT, c, s + 1, t))
+    elif a.op is Op.RECOMPUTE:
+        out.append(a)
+    else:
+        if s < pp - 1:
+            out.append(Comm(CommOp.RECV_GRAD, c, s + 1, t))
+        out.append(a)
+        if s > 0:
+            out.append(Comm(CommOp.SEND_GRAD, c, s - 1, t))
     return out
+
+
+def _rank_order(groups: Sequence[Sequence[Sequence[PipeAction]]],
+                rank_log: Sequence[Sequence[tuple[int, int]]]) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """``PipelinePlan.order``: each rank's compute actions in the order it started them, each with its messages.
+
+    ``groups[b][j]``: block ``b``'s ``j``-th compute action with its messages, as laid out in ``stages[b]``;
+    ``rank_log[r]``: ``(block, j)`` in the order rank ``r`` started them.
+    """
+    first = [[0] * len(block) for block in groups]  # index in stages[b] of group j's first action
+    for b, block in enumerate(groups):
+        at = 0
+        for j, group in enumerate(block):
+            first[b][j] = at
+            at += len(group)
+    return tuple(tuple((b, first[b][j] + i) for b, j in log for i in range(len(groups[b][j]))) for log in rank_log)
