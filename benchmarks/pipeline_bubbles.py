@@ -169,7 +169,7 @@ def main() -> None:
                         cf.bound += b_cf
                         if args.timeline and i == 0 and (m, ctx, pp) == draw_key:
                             r_base, _ = run_replicas(base_reps[i], pp, 1, cost, None, default_caps(pp, 1))
-                            _draw(args.timeline, m, ctx, pp, v, r_cf, r_base)
+                            _draw(args.timeline, m, ctx, pp, v, r_cf, r_base, with_base=v == virtuals[0])
                     cf.micro_steps = max(len(c) for rep in cf_reps for c, _ in rep)
                     rows.append(dict(
                         model=MODELS[m], context=ctx, chunk_size=chunk_size, pp=pp, virtual=v,
@@ -210,11 +210,14 @@ def main() -> None:
     print("RESULT " + json.dumps(dict(settings=settings, rows=rows, elapsed_s=elapsed, by_virtual=by_v, **first)))
 
 
-def _draw(directory: str, model: str, ctx: int, pp: int, v: int, cf: SimResult, base: SimResult) -> None:
+def _draw(directory: str, model: str, ctx: int, pp: int, v: int, cf: SimResult, base: SimResult,
+          with_base: bool) -> None:
+    """Gantt charts of one batch, one row per rank (``v`` blocks share a row when v > 1)."""
     from chunkflow_pl.schedule.timeline import draw_timeline
 
-    axis = max(cf.step_time, base.step_time)  # one time scale for both pictures
-    for name, r in ((f"chunkflow_v{v}" if v > 1 else "chunkflow", cf), ("1f1b", base)):
+    axis = max(cf.step_time, base.step_time)  # one time scale for all pictures
+    drawn = [(f"chunkflow_v{v}" if v > 1 else "chunkflow", cf)] + ([("1f1b", base)] if with_base else [])
+    for name, r in drawn:
         path = Path(directory) / f"{model}_{ctx // 1024}k_pp{pp}_{name}.png"
         title = (f"{name}: Qwen2.5-{model.upper()}, {ctx // 1024}K context, pp={pp}: step {r.step_time:.2f} s, "
                  f"bubble {r.bubble_total:.1%}")
