@@ -186,8 +186,8 @@ def main() -> None:
     print(f"{'model':<8} {'ctx':>5} {'C':>4} {'pp':>3} {'v':>2} {'chunkflow s':>12} {'1f1b s':>9} {'speed-up':>9} "
           f"{'bubble cf':>10} {'bubble 1f1b':>12} {'recompute':>10} {'cf/bound':>9} {'1f1b/bound':>11}")
     for r in rows:
-        print(f"{r['model']:<8} {r['context'] // 1024:>4}K {r['chunk_size'] // 1024:>3}K {r['pp']:>3} {r['virtual']:>2} "
-              f"{r['chunkflow_step_s']:>12.2f} {r['baseline_step_s']:>9.2f} {r['speedup']:>8.2f}x "
+        print(f"{r['model']:<8} {r['context'] // 1024:>4}K {r['chunk_size'] // 1024:>3}K {r['pp']:>3} "
+              f"{r['virtual']:>2} {r['chunkflow_step_s']:>12.2f} {r['baseline_step_s']:>9.2f} {r['speedup']:>8.2f}x "
               f"{r['chunkflow_bubble']:>10.1%} {r['baseline_bubble']:>12.1%} {r['chunkflow_recompute_share']:>10.1%} "
               f"{r['chunkflow_over_bound']:>9.2f} {r['baseline_over_bound']:>11.2f}")
     by_v = {}

@@ -147,8 +147,10 @@ def test_scheduler_gives_valid_virtual_plans(case: tuple[Chunks, list[int]], pp:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(pp=2, k=1, virtual=0), r"virtual=0 layer blocks per rank needs virtual >= 1"),
-        (dict(pp=1, k=1, virtual=2), r"and pp >= 2 when above 1 \(got pp=1\)"),
+        (dict(pp=2, k=1, virtual=0), re.escape("virtual must be >= 1 (layer blocks per rank; 1: no interleaving), "
+                                               "got 0")),
+        (dict(pp=1, k=1, virtual=2), re.escape("virtual=2 needs pp >= 2 ranks (interleaving hands blocks from rank "
+                                               "to rank), got pp=1; use virtual=1")),
         (dict(pp=2, k=1, virtual=2, cost=CostModel.uniform(2)),
          re.escape("cost model has 2 stages, the plan 4 blocks (pp=2 x virtual=2)")),
         (dict(pp=2, k=1, virtual=2, caps=(2, 1)), re.escape("caps (2, 1) must give each of the 4 stages")),

@@ -52,9 +52,9 @@ every later admission left.
 
 Action-list contract (what the runtime executes)
 ------------------------------------------------
-Stage ``s`` runs its list in order (with virtual stages: rank ``r`` runs ``PipelinePlan.order[r]``,
-its blocks' lists merged; read "block" for "stage" below), with point-to-point messages on one 2-rank process group per
-channel (``pipeline_actions.py``):
+Stage ``s`` runs its list in order (with virtual stages rank ``r`` runs ``PipelinePlan.order[r]``,
+its blocks' lists merged; read "block" for "stage" below), with point-to-point messages on one
+2-rank process group per channel (``pipeline_actions.py``):
 
 - ``<A c``: blocking receive of chunk c's hidden state ``[T_c, D]`` from stage s-1, the input of
   the forward that follows. ``>A c``: asynchronous send (``isend``) of the forward's output to
@@ -202,9 +202,11 @@ def plan_pipeline(
     """
     if pp < 1:
         raise ValueError(f"pp must be >= 1 (pipeline stages), got {pp}")
-    if virtual < 1 or (virtual > 1 and pp < 2):
-        raise ValueError(f"virtual={virtual} layer blocks per rank needs virtual >= 1, and pp >= 2 when above 1 "
-                         f"(got pp={pp}): interleaving hands blocks between ranks; use virtual=1")
+    if virtual < 1:
+        raise ValueError(f"virtual must be >= 1 (layer blocks per rank; 1: no interleaving), got {virtual}")
+    if virtual > 1 and pp < 2:
+        raise ValueError(f"virtual={virtual} needs pp >= 2 ranks (interleaving hands blocks from rank to rank), "
+                         f"got pp={pp}; use virtual=1")
     ranks, pp = pp, pp * virtual  # from here on ``pp`` counts blocks: each is a stage of the rules above
     if k < 1:
         raise ValueError(f"k must be >= 1 (chunks whose activations are kept), got {k}")

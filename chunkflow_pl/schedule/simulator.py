@@ -148,10 +148,10 @@ def lower_bound(
 ) -> tuple[float, float]:
     """Two floors under any schedule of this plan's actions: ``(busiest stage, critical path)``.
 
-    The busiest stage's (rank's, for virtual stages) compute time; and the longest dependency path (forward through the stages
-    and along each sequence's pieces, the loss, backward back down and along the pieces in
-    reverse, messages included, recomputes anywhere after their forward), ignoring that a stage
-    runs one action at a time.
+    The busiest stage's (rank's, for virtual stages) compute time; and the longest dependency path
+    (forward through the stages and along each sequence's pieces, the loss, backward back down and
+    along the pieces in reverse, messages included, recomputes anywhere after their forward),
+    ignoring that a stage runs one action at a time.
     """
     graph = build_graph(chunks, seq_lens)
     pp = plan.pp
