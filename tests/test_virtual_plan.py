@@ -115,12 +115,11 @@ def test_interleaving_never_loses_to_v1_on_uniform_micro_batches(p: int, m: int)
 
 
 @settings(max_examples=60, deadline=None)
-@given(replicas(), st.integers(2, 4), st.integers(1, 2), st.sampled_from([1, 2, None]),
+@given(replicas(), st.integers(2, 4), st.integers(1, 2), st.sampled_from([2, 2, 3]), st.sampled_from([1, 2, None]),
        st.sampled_from([0.0, 0.02]), st.sampled_from([0.0, 0.3]))
-def test_scheduler_gives_valid_virtual_plans(case: tuple[Chunks, list[int]], pp: int, k: int, max_open: int | None,
-                                             per_pair: float, latency: float) -> None:
+def test_scheduler_gives_valid_virtual_plans(case: tuple[Chunks, list[int]], pp: int, k: int, v: int,
+                                             max_open: int | None, per_pair: float, latency: float) -> None:
     chunks, lens = case
-    v = 2
     cost = CostModel.uniform(pp * v, per_token=0.1, per_pair=per_pair, comm_latency=latency)
     plan = plan_pipeline(chunks, lens, pp, k, cost=cost, max_open_chains=max_open, virtual=v)
     check_pipeline_plan(plan, chunks, lens)
@@ -186,6 +185,18 @@ GOOD_ORDER = [seq(0, 0, 1) + seq(2, 0, 1, 2) + seq(2, 3, 4, 5) + seq(0, 2, 3),
 def test_checker_accepts_the_virtual_plan_the_mutations_below_break() -> None:
     check_pipeline_plan(one_plan(GOOD_ORDER), ONE, [4])
     assert [b for b, _ in one_plan(GOOD_ORDER).rank_actions(0)] == [0, 0, 2, 2, 2, 2, 2, 2, 0, 0]
+
+
+def test_blocking_sends_hang_across_ranks_where_async_sends_finish() -> None:
+    plan = plan_pipeline(FOUR, FOUR_LENS, pp=2, k=1, cost=block_cost(4), virtual=2)
+    check_pipeline_plan(plan, FOUR, FOUR_LENS, sends="async")
+    # rank 1 posts block 1's output to block 2 while rank 0 is still in block 0's send to block 1
+    with pytest.raises(DeadlockError, match=re.escape(
+            "deadlock with blocking sends: rank 0 waits for its receive on channel act 0->1 at order position 3 "
+            "(block 0 action >A1); rank 1 waits for its receive on channel act 1->2 at order position 2 "
+            "(block 1 action >A0)")):
+        check_pipeline_plan(plan, FOUR, FOUR_LENS, sends="blocking")
+    check_pipeline_plan(one_plan(GOOD_ORDER), ONE, [4], sends="blocking")  # one chunk: every send meets its receive
 
 
 def test_checker_rejects_a_merged_order_that_deadlocks() -> None:

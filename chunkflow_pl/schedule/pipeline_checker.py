@@ -312,8 +312,9 @@ def _check_progress(lanes: Sequence[Sequence[tuple[int, PipeAction]]], sends: Se
                     else:
                         q = lane_of.get(a.peer, -1)
                         peer = head(q) if q != r and q >= 0 else None
-                        if not (peer is not None and isinstance(peer[1], Comm) and peer[0] == a.peer
-                                and peer[1].channel(a.peer) == ch and peer[1].is_send != a.is_send):
+                        # the peer rank's head must be the other end of this very channel (its block's view)
+                        if not (peer is not None and isinstance(peer[1], Comm) and peer[1].channel(peer[0]) == ch
+                                and peer[1].is_send != a.is_send):
                             break
                         pc[q] += 1  # rendezvous: both ends complete together
                 pc[r] += 1
