@@ -10,7 +10,8 @@ throughput, messages over a fixed link; ``--no-comm`` makes messages free):
   (``--dp``), ``plan_pipeline`` (state-aware 1F1B, ``--k``, ``--max-open-chains``); recomputes of
   dropped chunks are real work in its step time. One row per ``--virtual`` v (default 1 and 2):
   v > 1 interleaves v layer blocks per rank (``pp * v`` blocks, costed with
-  ``CostModel.from_model(cfg, pp * v)``); bubbles are then per rank.
+  ``CostModel.from_model(cfg, pp * v)``; no row where ``pp * v`` exceeds the model's layers); bubbles
+  are then per rank.
 - **1f1b**: one whole sequence per micro-batch, in data order, 1F1B (the same list scheduler on
   standalone chunks gives exactly the textbook 1F1B order; caps ``pp - s``), nothing recomputed,
   data-parallel ranks get sequences round-robin. This is the Megatron-style baseline, and a kind
@@ -18,9 +19,11 @@ throughput, messages over a fixed link; ``--no-comm`` makes messages free):
 
 Every plan is checked (``check_pipeline_plan``) before it is simulated. Reported per (model,
 context, pp), summed over ``--batches`` global batches: step time, bubble fraction (idle / (pp x
-step), pp ranks), recompute share of chunkflow's compute, speed-up = 1f1b time / chunkflow time. A table,
-then one ``RESULT {json}`` line. ``--timeline DIR`` draws both plans of the first batch of one
-configuration (``--timeline-config``) as PNG Gantt charts.
+step), pp ranks), recompute share of chunkflow's compute, speed-up = 1f1b time / chunkflow time. A
+table, a summary line per v, then one ``RESULT {json}`` line (rows carry ``virtual``; ``by_virtual``
+holds each v's speed-up summary, the top-level ``speedup_*`` keys the smallest v's). ``--timeline DIR``
+draws the plans of the first batch of one configuration (``--timeline-config``) as PNG Gantt charts,
+one row per rank.
 
     python benchmarks/pipeline_bubbles.py                    # full grid, < 2 minutes on 2 CPU cores
     python benchmarks/pipeline_bubbles.py --models 7b --contexts 256k --pps 4 --timeline /tmp/tl
