@@ -290,15 +290,16 @@ def test_pipeline_bubbles_reports_rows_with_and_without_split() -> None:
                           "--batches", "1", "--global-batch", "64"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    rows = {(r["pp"], r["split_backward"]): r for r in result["rows"]}
-    assert sorted(rows) == [(2, False), (2, True), (4, False), (4, True)]
-    for pp in (2, 4):
-        no, yes = rows[(pp, False)], rows[(pp, True)]
+    rows = {(r["pp"], r["virtual"], r["split_backward"]): r for r in result["rows"]}
+    assert sorted(rows) == [(pp, v, split) for pp in (2, 4) for v in (1, 2) for split in (False, True)]
+    for pp, v in ((2, 1), (2, 2), (4, 1), (4, 2)):
+        no, yes = rows[(pp, v, False)], rows[(pp, v, True)]
         assert yes["baseline_step_s"] == no["baseline_step_s"]  # the same 1F1B baseline
         assert yes["chunkflow_step_s"] < no["chunkflow_step_s"] and yes["chunkflow_bubble"] < no["chunkflow_bubble"]
         assert 0.0 <= yes["chunkflow_bubble_floor"] <= yes["chunkflow_bubble"]
     assert {"speedup_geomean", "split_speedup_geomean"} <= set(result)
-    assert "split backward yes: speed-up" in out.stdout
+    assert "v=2 split backward yes: speed-up" in out.stdout
+    assert set(result["modes"]) == {"v=1 split=no", "v=1 split=yes", "v=2 split=no", "v=2 split=yes"}
 
 
 # -- planners: split backward as a candidate ----------------------------------------------------------
