@@ -17,8 +17,9 @@ throughput, messages over a fixed link; ``--no-comm`` makes messages free):
   ``--caps uniform`` gives every block block 0's live-chunk cap ``max(pp v, k)`` instead of the 1F1B
   depth ``max(pp v - b, k)`` (zero-bubble ZB-H1's memory rule: the busiest block's count unchanged,
   later blocks may hold as many chunks, e.g. ``W``-pending ones). ``--balance head`` cuts the layers
-  with ``schedule/balance_layers.py`` (each block's forward FLOPs, the LM head's included, as even as
-  whole layers allow) instead of evenly; the 1F1B baseline keeps the even cut.
+  with ``schedule/balance_layers.py`` (each rank's forward FLOPs for a chunk of the chunk size, its
+  blocks' layers and the LM head's included, as even as whole layers allow) instead of evenly; the
+  1F1B baseline keeps the even cut.
 - **1f1b**: one whole sequence per micro-batch, in data order, 1F1B (the same list scheduler on
   standalone chunks gives exactly the textbook 1F1B order; caps ``pp - s``), nothing recomputed,
   data-parallel ranks get sequences round-robin. This is the Megatron-style baseline, and a kind
@@ -189,7 +190,7 @@ def main() -> None:
                 for v, split in ((v, split) for v in virtuals for split in splits):
                     if pp * v > cfg.num_layers or (v > 1 and pp < 2):
                         continue  # a block needs a layer; interleaving needs two ranks
-                    layers = balance_layers(cfg, pp * v, chunk_size) if args.balance == "head" else None
+                    layers = balance_layers(cfg, pp * v, chunk_size, ranks=pp) if args.balance == "head" else None
                     block_cost = CostModel.from_model(cfg, pp * v, stage_layers=layers, link_bytes_per_s=link)
                     cf_caps = (max(pp * v, args.k),) * (pp * v) if args.caps == "uniform" else None
                     cf = Totals()

@@ -55,3 +55,29 @@ def test_one_block_and_bad_arguments() -> None:
         balance_layers(cfg, 5, 100)
     with pytest.raises(ValueError, match="tokens=0"):
         balance_layers(cfg, 2, 0)
+
+
+def rank_costs(cfg, layers, ranks: int, tokens: int) -> list[float]:
+    per_block = block_costs(cfg, layers, tokens)
+    return [sum(per_block[b] for b in range(r, len(layers), ranks)) for r in range(ranks)]
+
+
+@pytest.mark.parametrize(("layers", "ranks", "v"), [(8, 2, 2), (9, 3, 2), (11, 2, 3), (12, 3, 3), (10, 4, 2)])
+@pytest.mark.parametrize("tokens", [512, 8192])
+def test_virtual_cut_minimises_the_busiest_rank_over_every_cut(layers: int, ranks: int, v: int, tokens: int) -> None:
+    cfg = get_preset("qwen7b", num_layers=layers)
+    cut = balance_layers(cfg, ranks * v, tokens, ranks=ranks)
+    assert sum(cut) == layers and min(cut) >= 1 and len(cut) == ranks * v
+    best = min(max(rank_costs(cfg, c, ranks, tokens)) for c in compositions(layers, ranks * v))
+    assert max(rank_costs(cfg, cut, ranks, tokens)) == pytest.approx(best, rel=1e-12)
+    assert all(max(cut[r::ranks]) - min(cut[r::ranks]) <= 1 for r in range(ranks))  # a rank's blocks alike
+
+
+def test_qwen7b_with_two_blocks_per_rank_evens_ranks_not_blocks() -> None:
+    cfg = get_preset("qwen7b")
+    per_block = balance_layers(cfg, 16, 8192)
+    per_rank = balance_layers(cfg, 16, 8192, ranks=8)
+    assert max(rank_costs(cfg, per_rank, 8, 8192)) < max(rank_costs(cfg, per_block, 8, 8192))
+    assert balance_layers(cfg, 8, 8192, ranks=8) == balance_layers(cfg, 8, 8192)  # v = 1: the same search
+    with pytest.raises(ValueError, match="multiple of ranks"):
+        balance_layers(cfg, 16, 8192, ranks=3)
