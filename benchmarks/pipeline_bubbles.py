@@ -34,7 +34,10 @@ per mode (v, split: speed-up min / geometric mean / max, bubble range per pp), t
 {json}`` line: rows carry ``virtual`` and ``split_backward``; ``modes`` maps ``"v=1 split=no"`` etc. to
 each mode's summary; ``by_virtual`` the unsplit rows' speed-up per v; the top-level ``speedup_*`` keys
 the smallest v unsplit, ``split_speedup_*`` the smallest v split. ``--timeline DIR`` draws the plans
-of the first batch of one configuration (``--timeline-config``) as PNG Gantt charts, one row per rank.
+of the first batch of one configuration (``--timeline-config``) as PNG Gantt charts, one row per rank;
+``--rank-chart`` prints the same configuration's chunkflow plans as text, one line of 100 columns per rank
+(each column the op that filled most of its time: ``F`` forward, ``R`` recompute, ``B`` backward or
+``B(in)``, ``W`` weight gradient, ``.`` idle), to see where a rank waits.
 
     python benchmarks/pipeline_bubbles.py                    # full grid, < 2 minutes on 2 CPU cores
     python benchmarks/pipeline_bubbles.py --models 7b --contexts 256k --pps 4 --timeline /tmp/tl
@@ -151,6 +154,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeline", default=None, help="directory for PNG Gantt charts of one configuration")
     ap.add_argument("--timeline-config", default="7b,256k,4", help="model,context,pp drawn by --timeline")
+    ap.add_argument("--rank-chart", action="store_true", help="print --timeline-config's plans as text, per rank")
     args = ap.parse_args()
 
     models = [m.strip().lower() for m in args.models.split(",")]
@@ -170,6 +174,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     rows = []
+    charts: list[str] = []
     for ctx in contexts:
         chunk_size = parse_size(args.chunk_size) if args.chunk_size else DEFAULT_CHUNK.get(ctx, min(ctx, 32 * 1024))
         all_lengths = synthetic_lengths(args.global_batch * args.batches, max_len=ctx, seed=args.seed).tolist()
@@ -198,6 +203,10 @@ def main() -> None:
                         r_cf, b_cf = run_replicas(cf_reps[i], pp, args.k, block_cost, max_open, cf_caps, v, split)
                         cf.add(r_cf, pp)
                         cf.bound += b_cf
+                        if args.rank_chart and i == 0 and (m, ctx, pp) == draw_key:
+                            charts.append(f"{MODELS[m]} {ctx // 1024}K pp={pp} v={v} split={'yes' if split else 'no'}: "
+                                          f"step {r_cf.step_time:.2f} s, bubble {r_cf.bubble_total:.1%}\n"
+                                          + text_chart(r_cf, pp))
                         if args.timeline and i == 0 and (m, ctx, pp) == draw_key:
                             r_base, _ = run_replicas(base_reps[i], pp, 1, cost, None, default_caps(pp, 1))
                             _draw(args.timeline, m, ctx, pp, v, split, r_cf, r_base,
@@ -243,6 +252,8 @@ def main() -> None:
             speedup_min=min(speedups), speedup_geomean=geo, speedup_max=max(speedups),
             bubble_by_pp={str(pp): [min(b), max(b)] for pp, b in bubbles.items() if b})
     print(f"({len(rows)} rows x {args.batches} batches, {elapsed:.1f} s)")
+    for chart in charts:
+        print(chart)
     keys = ("speedup_min", "speedup_geomean", "speedup_max")
     v0 = min(virtuals)
     summary: dict[str, float] = {}
@@ -257,6 +268,24 @@ def main() -> None:
                     split_backward=args.split_backward, caps=args.caps, balance=args.balance)
     print("RESULT " + json.dumps(dict(settings=settings, rows=rows, elapsed_s=elapsed, modes=modes, by_virtual=by_v,
                                       **summary)))
+
+
+def text_chart(result: SimResult, ranks: int, cols: int = 100) -> str:
+    """One line per rank: per column of ``step / cols`` time the op that ran longest in it, ``.`` if idle most."""
+    width = result.step_time / cols
+    lines = []
+    for r in range(ranks):
+        filled = [dict() for _ in range(cols)]  # column -> {letter: time}
+        for e in result.events:
+            if e.stage != r:
+                continue
+            for c in range(int(e.start / width), min(cols, int(e.end / width) + 1)):
+                overlap = min(e.end, (c + 1) * width) - max(e.start, c * width)
+                if overlap > 0:
+                    filled[c][e.op[0].upper()] = filled[c].get(e.op[0].upper(), 0.0) + overlap
+        line = "".join(max(f, key=f.get) if f and sum(f.values()) > width / 2 else "." for f in filled)
+        lines.append(f"  rank {r}: {line}")
+    return "\n".join(lines)
 
 
 def _draw(directory: str, model: str, ctx: int, pp: int, v: int, split: bool, cf: SimResult, base: SimResult,
