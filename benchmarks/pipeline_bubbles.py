@@ -6,7 +6,8 @@ global batches of 256 sequences drawn from the LMSys-like long-tail length distr
 simulated with the same cost model (``CostModel.from_model``: FLOPs per stage at a fixed
 throughput, messages over a fixed link; ``--no-comm`` makes messages free):
 
-- **chunkflow**: chunk construction (Algorithm 1, ``--chunk-size``), data-parallel balance
+- **chunkflow**: chunk construction (Algorithm 1, ``--chunk-size``: one size, or per context as
+  ``32k=8k,256k=16k``; default 8K at 32K, 32K at 256K), data-parallel balance
   (``--dp``), ``plan_pipeline`` (state-aware 1F1B, ``--k``, ``--max-open-chains``); recomputes of
   dropped chunks are real work in its step time. One row per ``--virtual`` v (default 1 and 2) and
   ``--split-backward`` mode (default both): v > 1 interleaves v layer blocks per rank (``pp * v`` blocks,
@@ -30,9 +31,10 @@ context, pp, v, split), summed over ``--batches`` global batches: step time, bub
 (pp x step), pp ranks) and its floor (the bubble left at ``lower_bound``: rank imbalance and the
 dependency path, which no interleaving removes), recompute share of chunkflow's compute, speed-up =
 1f1b time / chunkflow time (the baseline is neither interleaved nor split). A table, one summary line
-per mode (v, split: speed-up min / geometric mean / max, bubble range per pp), then one ``RESULT
+per mode (v, split: speed-up min / geometric mean / max, bubble range per pp) and, with several v, per
+split mode the same over the fastest v of each configuration (what a planner picks), then one ``RESULT
 {json}`` line: rows carry ``virtual`` and ``split_backward``; ``modes`` maps ``"v=1 split=no"`` etc. to
-each mode's summary; ``by_virtual`` the unsplit rows' speed-up per v; the top-level ``speedup_*`` keys
+each mode's summary (``"fastest v split=yes"``: with the v chosen per configuration); ``by_virtual`` the unsplit rows' speed-up per v; the top-level ``speedup_*`` keys
 the smallest v unsplit, ``split_speedup_*`` the smallest v split. ``--timeline DIR`` draws the plans
 of the first batch of one configuration (``--timeline-config``) as PNG Gantt charts, one row per rank;
 ``--rank-chart`` prints the same configuration's chunkflow plans as text, one line of 100 columns per rank
@@ -139,7 +141,8 @@ def main() -> None:
     ap.add_argument("--pps", default="2,3,4,5,6,7,8")
     ap.add_argument("--batches", type=int, default=4, help="global batches per configuration")
     ap.add_argument("--global-batch", type=int, default=256)
-    ap.add_argument("--chunk-size", default=None, help="one size for every context (default: 32k->8k, 256k->32k)")
+    ap.add_argument("--chunk-size", default=None,
+                    help="one size for every context, or per context as 32k=8k,256k=16k (default: 32k=8k,256k=32k)")
     ap.add_argument("--k", type=int, default=1)
     ap.add_argument("--virtual", default="1,2", help="layer blocks per rank, one chunkflow row each (interleaved)")
     ap.add_argument("--dp", type=int, default=1)
@@ -176,7 +179,7 @@ def main() -> None:
     rows = []
     charts: list[str] = []
     for ctx in contexts:
-        chunk_size = parse_size(args.chunk_size) if args.chunk_size else DEFAULT_CHUNK.get(ctx, min(ctx, 32 * 1024))
+        chunk_size = _chunk_size(args.chunk_size, ctx)
         all_lengths = synthetic_lengths(args.global_batch * args.batches, max_len=ctx, seed=args.seed).tolist()
         batches = [all_lengths[i * args.global_batch:(i + 1) * args.global_batch] for i in range(args.batches)]
         cf_reps = [chunkflow_replicas(b, chunk_size, args.dp) for b in batches]
@@ -251,6 +254,25 @@ def main() -> None:
             virtual=v, split_backward=split, configurations=len(mine),
             speedup_min=min(speedups), speedup_geomean=geo, speedup_max=max(speedups),
             bubble_by_pp={str(pp): [min(b), max(b)] for pp, b in bubbles.items() if b})
+    if len(virtuals) > 1:
+        for split in splits:  # what a planner would pick: the fastest v of each configuration
+            best: dict[tuple, dict] = {}
+            for r in rows:
+                if r["split_backward"] == split:
+                    key = (r["model"], r["context"], r["pp"])
+                    if key not in best or r["chunkflow_step_s"] < best[key]["chunkflow_step_s"]:
+                        best[key] = r
+            speedups = [r["speedup"] for r in best.values()]
+            geo = math.exp(sum(math.log(x) for x in speedups) / len(speedups))
+            span = ", ".join(f"pp={pp} {min(b):.1%}-{max(b):.1%}" for pp in pps
+                             if (b := [r["chunkflow_bubble"] for r in best.values() if r["pp"] == pp]))
+            print(f"fastest v per configuration, split backward {'yes' if split else 'no'}: speed-up min "
+                  f"{min(speedups):.2f}x, geometric mean {geo:.2f}x, max {max(speedups):.2f}x ({len(best)} "
+                  f"configurations); chunkflow bubble {span}")
+            modes[f"fastest v split={'yes' if split else 'no'}"] = dict(
+                virtual=None, split_backward=split, configurations=len(best), speedup_min=min(speedups),
+                speedup_geomean=geo, speedup_max=max(speedups),
+                chosen={f"{k[0]} {k[1] // 1024}K pp={k[2]}": r["virtual"] for k, r in best.items()})
     print(f"({len(rows)} rows x {args.batches} batches, {elapsed:.1f} s)")
     for chart in charts:
         print(chart)
@@ -261,13 +283,24 @@ def main() -> None:
         mode = modes.get(f"v={v0} split={'yes' if split else 'no'}")
         if mode:  # the top-level keys keep their meaning: the smallest v (1 by default)
             summary.update({prefix + k: mode[k] for k in keys})
-    by_v = {str(m["virtual"]): {k: m[k] for k in keys} for m in modes.values() if not m["split_backward"]}
+    by_v = {str(m["virtual"]): {k: m[k] for k in keys} for m in modes.values()
+            if m["virtual"] is not None and not m["split_backward"]}
     settings = dict(models=[MODELS[m] for m in models], contexts=contexts, pps=pps, virtual=virtuals,
                     batches=args.batches, global_batch=args.global_batch, k=args.k, dp=args.dp,
                     max_open_chains=max_open, comm=not args.no_comm, seed=args.seed, chunk_size=args.chunk_size,
                     split_backward=args.split_backward, caps=args.caps, balance=args.balance)
     print("RESULT " + json.dumps(dict(settings=settings, rows=rows, elapsed_s=elapsed, modes=modes, by_virtual=by_v,
                                       **summary)))
+
+
+def _chunk_size(arg: str | None, ctx: int) -> int:
+    """``--chunk-size``: one size, or ``ctx=size`` pairs (contexts not named keep the default)."""
+    sizes = dict(DEFAULT_CHUNK)
+    if arg and "=" in arg:
+        sizes.update({parse_size(c): parse_size(z) for c, z in (pair.split("=") for pair in arg.split(","))})
+    elif arg:
+        return parse_size(arg)
+    return sizes.get(ctx, min(ctx, 32 * 1024))
 
 
 def text_chart(result: SimResult, ranks: int, cols: int = 100) -> str:

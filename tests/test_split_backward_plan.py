@@ -299,7 +299,13 @@ def test_pipeline_bubbles_reports_rows_with_and_without_split() -> None:
         assert 0.0 <= yes["chunkflow_bubble_floor"] <= yes["chunkflow_bubble"]
     assert {"speedup_geomean", "split_speedup_geomean"} <= set(result)
     assert "v=2 split backward yes: speed-up" in out.stdout
-    assert set(result["modes"]) == {"v=1 split=no", "v=1 split=yes", "v=2 split=no", "v=2 split=yes"}
+    assert set(result["modes"]) == {"v=1 split=no", "v=1 split=yes", "v=2 split=no", "v=2 split=yes",
+                                    "fastest v split=no", "fastest v split=yes"}
+    fastest = result["modes"]["fastest v split=yes"]
+    assert fastest["speedup_geomean"] >= result["modes"]["v=1 split=yes"]["speedup_geomean"]
+    for name, v in fastest["chosen"].items():  # the chosen v is that configuration's fastest row
+        pp = int(name.split("pp=")[1])
+        assert rows[(pp, v, True)]["chunkflow_step_s"] == min(rows[(pp, w, True)]["chunkflow_step_s"] for w in (1, 2))
 
 
 # -- planners: split backward as a candidate ----------------------------------------------------------
