@@ -34,11 +34,12 @@ dependency path, which no interleaving removes), recompute share of chunkflow's 
 per mode (v, split: speed-up min / geometric mean / max, bubble range per pp) and, with several v, per
 split mode the same over the fastest v of each configuration (what a planner picks), then one ``RESULT
 {json}`` line: rows carry ``virtual`` and ``split_backward``; ``modes`` maps ``"v=1 split=no"`` etc. to
-each mode's summary (``"fastest v split=yes"``: with the v chosen per configuration); ``by_virtual`` the unsplit rows' speed-up per v; the top-level ``speedup_*`` keys
-the smallest v unsplit, ``split_speedup_*`` the smallest v split. ``--timeline DIR`` draws the plans
-of the first batch of one configuration (``--timeline-config``) as PNG Gantt charts, one row per rank;
-``--rank-chart`` prints the same configuration's chunkflow plans as text, one line of 100 columns per rank
-(each column the op that filled most of its time: ``F`` forward, ``R`` recompute, ``B`` backward or
+each mode's summary (``"fastest v split=yes"``: with the v chosen per configuration); ``by_virtual``
+the unsplit rows' speed-up per v; the top-level ``speedup_*`` keys the smallest v unsplit,
+``split_speedup_*`` the smallest v split. ``--timeline DIR`` draws the plans of the first batch of
+one configuration (``--timeline-config``) as PNG Gantt charts, one row per rank; ``--rank-chart``
+prints the same configuration's chunkflow plans as text, one line of 100 columns per rank (each
+column the op that filled most of its time: ``F`` forward, ``R`` recompute, ``B`` backward or
 ``B(in)``, ``W`` weight gradient, ``.`` idle), to see where a rank waits.
 
     python benchmarks/pipeline_bubbles.py                    # full grid, < 2 minutes on 2 CPU cores

@@ -24,8 +24,8 @@ each rank's layers go to its blocks as evenly as possible, the extra ones to its
 last rank the head's block is the lighter one). A per-block balance would not do: 28 layers in 16 blocks
 are 2 or 1 layers each, and ranks 0-3 of 8 end up with 4 layers, ranks 4-7 with 3 (rank 7 plus the head).
 
-Pure and deterministic (every rank must cut the same way). Used by ``benchmarks/pipeline_bubbles.py --balance head``; the
-runtime's stage split (``model/stages.py``) does not call it yet.
+Pure and deterministic (every rank must cut the same way). Used by ``benchmarks/pipeline_bubbles.py
+--balance head``; the runtime's stage split (``model/stages.py``) does not call it yet.
 """
 
 from __future__ import annotations
