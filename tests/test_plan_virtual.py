@@ -62,9 +62,12 @@ def test_layout_planner_considers_virtual_stages_and_names_them_when_chosen() ->
     fitting = [r for r in result.rows if r.fits]
     assert {r.layout.virtual for r in fitting if r.layout.pp == 1} == {1}
     assert {r.layout.virtual for r in fitting if r.layout.pp == 4} == {1, 2}
+    assert {r.layout.dp for r in result.rows if r.layout.virtual > 1} == {1}  # the runtime refuses v > 1 with dp
     four = {r.layout.virtual: r for r in fitting if r.layout.pp == 4}
     assert four[2].compute_time < four[1].compute_time and four[2].peak > four[1].peak
-    assert result.best.layout.virtual == 2 and result.override().endswith(" parallel.virtual_stages=2")
+    # 2 cards that only a pipeline fits (pp=1 needs 49+ GiB a rank here): the interleaved pipeline wins, named
+    two = plan_layout(CFG, spec, ClusterSpec(2, 48 * 2**30), LENS, layer_checkpoints=("none",))
+    assert two.best.layout.pp == 2 and two.override().endswith(" parallel.virtual_stages=2")
     # a card too small for the interleaved pipeline's extra chunks in flight: v=2 loses by memory
     small = plan_layout(CFG, spec, ClusterSpec(4, (four[1].peak + four[2].peak) // 2, max_pp=4), LENS,
                         layer_checkpoints=("none",))

@@ -72,6 +72,7 @@ class PlanSpec:
     overhead: int = 0  # bytes the runtime holds besides the estimated tensors
     split_backward: tuple[bool, ...] = (False,)  # candidates: (False, True) also plans split backward
     virtual: tuple[int, ...] = (1,)  # candidates: layer blocks per rank (interleaved 1F1B), e.g. (1, 2)
+    lora: bool = False  # model.lora: the layout planner leaves split backward out (runnable.py)
 
     def __post_init__(self) -> None:
         if self.pp < 1 or self.dp < 1:

@@ -3,7 +3,9 @@ fits, over pipeline stages x data-parallel replicas x shards, gradient reduce, l
 (and split backward and virtual stages, where ``PlanSpec.split_backward`` / ``PlanSpec.virtual`` list them).
 
 Pure (lengths and typed settings in; no torch). For every candidate the runtime accepts (``ParallelConfig``
-refuses what it cannot run: ``reshard_after_forward=true``, ``every_backward`` with pp > 1):
+refuses what it cannot run: ``reshard_after_forward=true``, ``every_backward`` with pp > 1; ``runnable.refusal``
+mirrors its split backward and virtual stage refusals: split with ``layer_checkpoint=full``, with LoRA
+(``PlanSpec.lora``) or with data parallelism under bf16-mixed; ``v > 1`` with any data parallelism):
 
 * **memory per rank**: ``core.stage_peaks`` with the layout's ``Sharding`` and ``chunk.layer_checkpoint``
   (``model.memory``: shards of the model state, the gathered compute copy, the unsharded gradient, activations
@@ -38,6 +40,7 @@ from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.memory import Sharding, precision_bytes, stage_params
 from chunkflow_pl.model.stages import split_stages
 from chunkflow_pl.plan.core import TIE, PlanSpec, stage_peaks, virtual_candidates, worst_case
+from chunkflow_pl.plan.runnable import refusal
 from chunkflow_pl.schedule.cost import CostModel, FsdpComm, Links
 from chunkflow_pl.schedule.pipeline_actions import Op
 from chunkflow_pl.schedule.scheduler import plan_pipeline
@@ -191,6 +194,9 @@ def plan_layout(cfg: ModelConfig, spec: PlanSpec, cluster: ClusterSpec, sample: 
             virtuals = virtual_candidates(cfg, pp, spec.virtual)
             for k, lc, split, v in ((k, lc, split, v) for k in ks for lc in layer_checkpoints for split in splits
                                     for v in virtuals):
+                if refusal(split, v, pp=pp, data_parallel=dp, num_layers=cfg.num_layers, layer_checkpoint=lc,
+                           precision=spec.precision, lora=spec.lora):
+                    continue  # the runtime would refuse it: never listed, never picked
                 sim = None  # simulated once per (pp, c, k, lc, split, v), shared by the sharding variants
                 for dp_shard in _divisors(dp):
                     for gr in ("last_backward", "every_backward"):
