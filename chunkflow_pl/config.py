@@ -140,14 +140,14 @@ def check_virtual_stages(virtual: int, pp: int, dp: int = 1, auto: bool = False)
     count is checked where it is known (``ParallelDims``, ``model/stages.split_blocks``)."""
     if virtual == 1:
         return
+    if auto:  # first: parallel=auto leaves pp at its placeholder 1
+        raise ValueError(f"parallel.virtual_stages={virtual} with parallel=auto: the layout planner picks "
+                         "parallel.virtual_stages itself (with the rest of the layout); drop the override, or set the "
+                         "layout by hand (parallel.pp, parallel.dp) instead of parallel=auto")
     if pp == 1:
         raise ValueError(f"parallel.virtual_stages={virtual} with parallel.pp=1: virtual stages interleave the blocks "
                          "of a pipeline across its ranks, one process has nothing to interleave (it would only add "
                          "work); set parallel.virtual_stages=1 or parallel.pp > 1")
-    if auto:
-        raise ValueError(f"parallel.virtual_stages={virtual} with parallel=auto: the layout planner does not pick or "
-                         "price virtual stages yet; set the layout by hand (parallel.pp, parallel.dp) or "
-                         "parallel.virtual_stages=1")
     if dp > 1:
         raise ValueError(f"parallel.virtual_stages={virtual} with {dp} data-parallel ranks: sharding (FSDP2) a rank "
                          "holding several blocks is not supported yet; use parallel.virtual_stages=1 with data "

@@ -8,8 +8,10 @@ Takes the training command's overrides (composed with Hydra from ``conf/``, ``pl
     python -m chunkflow_pl.plan model=qwen72b plan.devices=64 plan.device_memory=80GB trainer.precision=bf16-mixed
 
 With ``plan.devices`` (or ``parallel=auto`` under torchrun/srun) it searches the layout instead: pp x dp_replicate
-x dp_shard, grad_reduce and layer checkpointing (and chunk.size / chunk.k when they are ``auto`` or
-``plan.chunk_sizes`` is given), printing the fastest fitting layouts and the override line of the pick.
+x dp_shard, grad_reduce, layer checkpointing, split backward and virtual stages (and chunk.size / chunk.k when they
+are ``auto`` or ``plan.chunk_sizes`` is given), printing the fastest fitting layouts and the override line of the pick.
+Without it, a pipeline's table also tries ``parallel.split_backward`` and ``parallel.virtual_stages=2`` where the
+run accepts them (``runnable.py``).
 
 Prints the data's length histogram, a table (chunks per batch, recompute share of compute, predicted
 step time and tokens/s, predicted peak memory, per stage when ``parallel.pp > 1``), the recommended
@@ -72,8 +74,11 @@ def to_json(result: PlanResult, hist: dict[str, int]) -> dict:
         "flops_per_s": result.spec.flops_per_s, "pp": result.spec.pp, "dp": result.spec.dp,
         "rows": [{"chunk_size": r.chunk_size, "k": r.k, "chunks_per_batch": r.chunks_per_batch,
                   "recompute_share": r.recompute_share, "step_time": r.step_time, "tokens_per_s": r.tokens_per_s,
-                  "peak_bytes": r.peak, "stage_peak_bytes": list(r.stage_peaks), "fits": r.fits} for r in result.rows],
-        "recommended": None if result.best is None else {"chunk_size": result.best.chunk_size, "k": result.best.k},
+                  "peak_bytes": r.peak, "stage_peak_bytes": list(r.stage_peaks), "fits": r.fits,
+                  "split_backward": r.split_backward, "virtual_stages": r.virtual} for r in result.rows],
+        "recommended": None if result.best is None else {
+            "chunk_size": result.best.chunk_size, "k": result.best.k, "split_backward": result.best.split_backward,
+            "virtual_stages": result.best.virtual},
         "override": result.override(),
     }
 

@@ -17,7 +17,8 @@ log = logging.getLogger("chunkflow_pl")
 
 def resolve_auto_chunk(cfg: DictConfig, mcfg: ModelConfig) -> DictConfig:
     """``cfg`` unchanged unless ``chunk.size=auto``; then a copy with the recommended ``chunk.size`` and,
-    if ``chunk.k=auto`` too, ``chunk.k`` (otherwise the best chunk size for the given ``chunk.k``)."""
+    if ``chunk.k=auto`` too, ``chunk.k`` (otherwise the best chunk size for the given ``chunk.k``). Planned for
+    the configured ``parallel.split_backward`` / ``parallel.virtual_stages``, which it leaves as they are."""
     plan = PlanSettings.from_dict(cfg.get("plan") or {})  # typed even when unused: +plan.foo=1 stops a run
     if str(cfg.chunk.size).lower() != "auto":
         if str(cfg.chunk.k).lower() == "auto":
@@ -28,7 +29,7 @@ def resolve_auto_chunk(cfg: DictConfig, mcfg: ModelConfig) -> DictConfig:
         # measured defaults differ from process to process; every rank must pick the same setting
         raise ValueError("chunk.size=auto with parallel.dp x parallel.pp > 1 needs plan.memory_budget and "
                          "plan.flops_per_s set explicitly, so that every rank derives the same setting")
-    inputs = plan_inputs(cfg, mcfg, k=k)
+    inputs = plan_inputs(cfg, mcfg, k=k, fixed_parallel=True)  # chunk.* only: parallel.* is the user's
     result = plan_chunking(inputs.model, inputs.spec, inputs.sample, inputs.epoch)
     log.info("chunk.size=auto: planner predictions (python -m chunkflow_pl.plan prints the same table)\n%s",
              format_table(result))
@@ -47,8 +48,9 @@ def resolve_auto_chunk(cfg: DictConfig, mcfg: ModelConfig) -> DictConfig:
 def resolve_auto_layout(cfg: DictConfig, mcfg: ModelConfig) -> DictConfig:
     """``cfg`` unchanged unless ``parallel=auto`` (``parallel.auto: true``); then a copy with the layout planner's pick
     (``layout.py``) for the launch's world size (or ``plan.devices``): ``parallel.pp``, ``dp_replicate``,
-    ``dp_shard``, ``grad_reduce``, ``chunk.layer_checkpoint``, and ``chunk.size`` / ``chunk.k`` (searched only
-    when ``auto``)."""
+    ``dp_shard``, ``grad_reduce``, ``split_backward``, ``virtual_stages``, ``chunk.layer_checkpoint``, and
+    ``chunk.size`` / ``chunk.k`` (searched only when ``auto``). Split backward and virtual stages are picked only
+    where the runtime runs them (``runnable.py``)."""
     from chunkflow_pl.plan.layout import plan_layout
     from chunkflow_pl.plan.layout_report import format_layouts
 
@@ -71,6 +73,11 @@ def resolve_auto_layout(cfg: DictConfig, mcfg: ModelConfig) -> DictConfig:
     with open_dict(out):
         out.parallel.update(auto=False, dp=1, pp=lay.pp, dp_replicate=lay.dp_replicate, dp_shard=lay.dp_shard,
                             grad_reduce=lay.grad_reduce, reshard_after_forward=False)
+        # written where the config has the keys or the pick needs them (a config from before the keys: defaults)
+        if "split_backward" in out.parallel or lay.split_backward:
+            out.parallel.split_backward = lay.split_backward
+        if "virtual_stages" in out.parallel or lay.virtual > 1:
+            out.parallel.virtual_stages = lay.virtual
         out.chunk.update(size=lay.chunk_size, k=lay.k, layer_checkpoint=lay.layer_checkpoint)
     log.info("parallel=auto -> %s", result.override())
     return out

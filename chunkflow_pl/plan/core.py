@@ -1,4 +1,4 @@
-"""Predict peak memory and step time per ``(chunk.size, k)`` for a model and a length distribution.
+"""Predict peak memory and step time per ``(chunk.size, k, split backward, virtual stages)`` for a model and lengths.
 
 Inputs are lengths and typed settings only (no Hydra, no weights, no data tokens). For every candidate:
 
@@ -15,9 +15,25 @@ Inputs are lengths and typed settings only (no Hydra, no weights, no data tokens
   backward 2x, recompute 1x a forward); the slowest rank's time, averaged over the batches. FLOPs
   only: kernel efficiency per chunk size and per-chunk overheads are not modelled, so settings that
   differ only in packing predict the same time.
+* **split backward** (``PlanSpec.split_backward``, candidates; default only ``False``): the scheduler's
+  ``split_backward`` plans (``B(in)`` on the critical path, ``W`` where a stage would idle), priced by
+  ``CostModel``'s FLOP split. Memory is the same prediction: a chunk waiting for its ``W`` keeps its
+  slot, and the stage's live-chunk cap bounds the slots. Not planned on one device (``pp = 1``): there is
+  no idle time to fill, ``W`` follows its ``B`` at once and the step takes the same time.
+* **virtual stages** (``PlanSpec.virtual``, candidates; default only ``1``): interleaved 1F1B with ``v``
+  layer blocks per rank (``plan_pipeline(virtual=v)``, ``CostModel.from_model(cfg, pp * v)``); only with a
+  pipeline and where every block keeps a layer (``pp * v <= num_layers``). Memory per rank is the sum
+  of its blocks' estimates (block ``b`` on rank ``b % pp``), each with its own layers
+  (``split_stages(num_layers, pp * v)``) and its own cap ``max(pp v - b, k)``: more chunks in flight
+  than ``v = 1`` (1.5x the activations on rank 0 at ``v = 2``). The sum counts each block's transient
+  (one layer's activation gradient in backward) although a rank runs one block at a time: a few
+  percent high, on the safe side.
 
 Recommendation: the fastest setting that fits the budget; among settings within 1% of it, the
-largest chunk (fewer, larger kernels), then the smallest ``k`` (less memory).
+largest chunk (fewer, larger kernels), then the smallest ``k`` (less memory), then unsplit (split
+backward must buy more than 1%: its extra kernel launches are not modelled), then the fewest virtual
+stages (interleaving's extra messages and launches must buy more than 1% too). The override line names
+``parallel.split_backward=true`` and ``parallel.virtual_stages=v`` when they are chosen.
 """
 
 from __future__ import annotations
@@ -54,6 +70,9 @@ class PlanSpec:
     ks: tuple[int | str, ...] = (1, 2, 4, 8, "chain")  # "chain": k = chunks of the longest sequence
     flops_per_s: float = 400e12
     overhead: int = 0  # bytes the runtime holds besides the estimated tensors
+    split_backward: tuple[bool, ...] = (False,)  # candidates: (False, True) also plans split backward
+    virtual: tuple[int, ...] = (1,)  # candidates: layer blocks per rank (interleaved 1F1B), e.g. (1, 2)
+    lora: bool = False  # model.lora: the layout planner leaves split backward out (runnable.py)
 
     def __post_init__(self) -> None:
         if self.pp < 1 or self.dp < 1:
@@ -63,6 +82,12 @@ class PlanSpec:
                 raise ValueError(f"plan.ks entry {k!r}: expected an integer >= 1 or 'chain'")
         if self.chunk_sizes is not None and (not self.chunk_sizes or min(self.chunk_sizes) < 1):
             raise ValueError(f"plan.chunk_sizes={self.chunk_sizes} must be positive sizes")
+        if not self.split_backward or any(not isinstance(b, bool) for b in self.split_backward):
+            raise ValueError(f"split_backward candidates {self.split_backward!r}: expected a non-empty tuple of "
+                             "booleans, e.g. (False, True)")
+        if not self.virtual or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in self.virtual):
+            raise ValueError(f"virtual candidates {self.virtual!r}: expected a non-empty tuple of integers >= 1, "
+                             "e.g. (1, 2)")
 
 
 @dataclass(frozen=True)
@@ -75,6 +100,8 @@ class Row:
     tokens_per_s: float
     stage_peaks: tuple[int, ...]  # predicted peak bytes per pipeline stage
     fits: bool
+    split_backward: bool = False
+    virtual: int = 1
 
     @property
     def peak(self) -> int:
@@ -93,7 +120,9 @@ class PlanResult:
     def override(self) -> str:
         if self.best is None:
             return ""
-        return f"chunk.size={self.best.chunk_size} chunk.k={self.best.k}"
+        split = " parallel.split_backward=true" if self.best.split_backward else ""
+        virtual = f" parallel.virtual_stages={self.best.virtual}" if self.best.virtual > 1 else ""
+        return f"chunk.size={self.best.chunk_size} chunk.k={self.best.k}{split}{virtual}"
 
 
 def default_chunk_sizes(max_len: int) -> tuple[int, ...]:
@@ -127,30 +156,34 @@ def worst_case(batches: Sequence[Sequence[int]], chunk_size: int) -> tuple[int, 
 
 
 def stage_peaks(cfg: ModelConfig, spec: PlanSpec, chunk_tokens: int, k: int, state_tokens: int,
-                chain_len: int, sharding: Sharding | None = None, layer_checkpoint: str = "none") -> tuple[int, ...]:
+                chain_len: int, sharding: Sharding | None = None, layer_checkpoint: str = "none",
+                virtual: int = 1) -> tuple[int, ...]:
     """Predicted peak bytes of each pipeline stage's ranks for chunks of ``chunk_tokens`` and ``k`` kept chunks
-    (``sharding``: the stage's data parallelism under FSDP2; None: unsharded)."""
-    caps = default_caps(spec.pp, k)
-    out = []
-    for s, stage in enumerate(split_stages(cfg.num_layers, spec.pp)):
-        live = min(caps[s], chain_len) if spec.pp == 1 else caps[s]
-        boundary = 0 if s == 0 else max(0, chain_len - k) * chunk_tokens
+    (``sharding``: the stage's data parallelism under FSDP2; None: unsharded). ``virtual`` blocks per rank:
+    rank ``r``'s peak is the sum of its blocks' (``b % pp == r``), each with its own layers and cap."""
+    blocks = spec.pp * virtual
+    caps = default_caps(blocks, k)
+    out = [0] * spec.pp
+    for b, stage in enumerate(split_stages(cfg.num_layers, blocks)):
+        live = min(caps[b], chain_len) if blocks == 1 else caps[b]
+        boundary = 0 if b == 0 else max(0, chain_len - k) * chunk_tokens
         est = estimate_stage_memory(cfg, stage, chunk_tokens, live, spec.precision, spec.optimizer, spec.loss_chunk,
                                     state_tokens=state_tokens, boundary_tokens=boundary,
                                     layer_checkpoint=layer_checkpoint, sharding=sharding)
-        out.append(est.total)
+        out[b % spec.pp] += est.total
     return tuple(out)
 
 
 def simulate_step(cfg: ModelConfig, spec: PlanSpec, cost: CostModel, lens: Sequence[int], chunk_size: int,
-                  k: int) -> tuple[float, float, float, int]:
-    """(step time, recompute time, compute time, chunks) of one global batch: the slowest dp rank."""
+                  k: int, split_backward: bool = False, virtual: int = 1) -> tuple[float, float, float, int]:
+    """(step time, recompute time, compute time, chunks) of one global batch: the slowest dp rank.
+    ``cost`` has one stage per block (``spec.pp * virtual``)."""
     plan = build_chunk_plan(lens, chunk_size)
     assignment = assign_to_ranks(plan, spec.dp, cost.balance_cost())  # the same cost model
     step = recompute = busy = 0.0
     for mine in assignment.per_rank:
         chunks = [plan.chunks[c] for c in mine]
-        pplan = plan_pipeline(chunks, lens, spec.pp, k, cost=cost)
+        pplan = plan_pipeline(chunks, lens, spec.pp, k, cost=cost, split_backward=split_backward, virtual=virtual)
         sim = simulate(pplan, chunks, lens, cost)
         step = max(step, sim.step_time)
         busy += sum(sim.busy)
@@ -167,7 +200,8 @@ def plan_chunking(cfg: ModelConfig, spec: PlanSpec, sample: Sequence[Sequence[in
         raise ValueError("the planner needs at least one non-empty global batch of sequence lengths")
     max_len = max(max(b) for b in epoch if len(b))
     _, ab = precision_bytes(spec.precision)
-    cost = CostModel.from_model(cfg, spec.pp, flops_per_s=spec.flops_per_s, act_bytes=ab)
+    virtuals = virtual_candidates(cfg, spec.pp, spec.virtual)
+    costs = {v: CostModel.from_model(cfg, spec.pp * v, flops_per_s=spec.flops_per_s, act_bytes=ab) for v in virtuals}
     tokens_per_batch = sum(sum(b) for b in sample) / len(sample)
     rows: list[Row] = []
     for c in spec.chunk_sizes or default_chunk_sizes(max_len):
@@ -177,15 +211,28 @@ def plan_chunking(cfg: ModelConfig, spec: PlanSpec, sample: Sequence[Sequence[in
             state = max(state, max_len)  # the longest sequence alone, whatever batch it lands in
         ks = sorted({min(chain if k == "chain" else int(k), chain) for k in spec.ks})
         for k in ks:
-            peaks = stage_peaks(cfg, spec, min(largest, c), k, state, chain)
-            times = [simulate_step(cfg, spec, cost, b, c, k) for b in sample if len(b)]
-            step = sum(t[0] for t in times) / len(times)
-            busy = sum(t[2] for t in times)
-            rows.append(Row(chunk_size=c, k=k, chunks_per_batch=sum(t[3] for t in times) / len(times),
-                            recompute_share=sum(t[1] for t in times) / busy if busy else 0.0, step_time=step,
-                            tokens_per_s=tokens_per_batch / step if step else 0.0, stage_peaks=peaks,
-                            fits=max(peaks) + spec.overhead <= spec.memory_budget))
+            for v in virtuals:
+                # split or not: the caps bound it
+                peaks = stage_peaks(cfg, spec, min(largest, c), k, state, chain, virtual=v)
+                for split in sorted(set(spec.split_backward)) if spec.pp > 1 else [False]:  # one device: no idle
+                    rows.append(_row(cfg, spec, costs[v], sample, c, k, split, v, peaks, tokens_per_batch))
     return PlanResult(rows=rows, best=recommend(rows), spec=spec, max_len=max_len, sampled_batches=len(sample))
+
+
+def virtual_candidates(cfg: ModelConfig, pp: int, candidates: Sequence[int]) -> list[int]:
+    """The ``virtual`` candidates that can run: v > 1 only with a pipeline and a layer per block (1 if none can)."""
+    return sorted({v for v in candidates if v == 1 or (pp > 1 and pp * v <= cfg.num_layers)}) or [1]
+
+
+def _row(cfg: ModelConfig, spec: PlanSpec, cost: CostModel, sample: Sequence[Sequence[int]], c: int, k: int,
+         split: bool, v: int, peaks: tuple[int, ...], tokens_per_batch: float) -> Row:
+    times = [simulate_step(cfg, spec, cost, b, c, k, split, v) for b in sample if len(b)]
+    step = sum(t[0] for t in times) / len(times)
+    busy = sum(t[2] for t in times)
+    return Row(chunk_size=c, k=k, chunks_per_batch=sum(t[3] for t in times) / len(times),
+               recompute_share=sum(t[1] for t in times) / busy if busy else 0.0, step_time=step,
+               tokens_per_s=tokens_per_batch / step if step else 0.0, stage_peaks=peaks,
+               fits=max(peaks) + spec.overhead <= spec.memory_budget, split_backward=split, virtual=v)
 
 
 def recommend(rows: Sequence[Row]) -> Row | None:
@@ -194,7 +241,7 @@ def recommend(rows: Sequence[Row]) -> Row | None:
         return None
     fastest = min(r.step_time for r in fitting)
     near = [r for r in fitting if r.step_time <= fastest * (1 + TIE)]
-    return max(near, key=lambda r: (r.chunk_size, -r.k))
+    return max(near, key=lambda r: (r.chunk_size, -r.k, not r.split_backward, -r.virtual))
 
 
 def _gib(n: float) -> str:
@@ -208,13 +255,18 @@ def _size(n: int) -> str:
 def format_table(result: PlanResult) -> str:
     spec = result.spec
     per_stage = spec.pp > 1
-    head = (f"{'chunk.size':>10} {'k':>3} {'chunks/batch':>12} {'recompute':>9} {'step s':>10} {'tokens/s':>10} "
-            f"{'peak GiB':>9}{'  per stage GiB' if per_stage else ''}  fits")
+    splits = True in spec.split_backward  # a column only when split backward is a candidate
+    virt = any(r.virtual > 1 for r in result.rows)  # a column only when an interleaved row was planned
+    head = (f"{'chunk.size':>10} {'k':>3}{' split' if splits else ''}{'  v' if virt else ''} {'chunks/batch':>12} "
+            f"{'recompute':>9} "
+            f"{'step s':>10} {'tokens/s':>10} {'peak GiB':>9}{'  per stage GiB' if per_stage else ''}  fits")
     lines = [head, "-" * len(head)]
     for r in result.rows:
         mark = "  <- recommended" if r is result.best else ""
         stages = "  " + " ".join(_gib(p) for p in r.stage_peaks) if per_stage else ""
-        lines.append(f"{_size(r.chunk_size):>10} {r.k:>3} {r.chunks_per_batch:>12.1f} {r.recompute_share:>8.0%} "
+        split = f" {'yes' if r.split_backward else 'no':>5}" if splits else ""
+        split += f" {r.virtual:>2}" if virt else ""
+        lines.append(f"{_size(r.chunk_size):>10} {r.k:>3}{split} {r.chunks_per_batch:>12.1f} {r.recompute_share:>8.0%} "
                      f"{r.step_time:>10.4g} {r.tokens_per_s:>10.4g} {_gib(r.peak):>9}{stages}  "
                      f"{'yes' if r.fits else 'no'}{mark}")
     return "\n".join(lines)

@@ -1,8 +1,11 @@
 """The layout planner: for a cluster of ``devices`` cards of ``device_memory`` each, the fastest simulated step that
-fits, over pipeline stages x data-parallel replicas x shards, gradient reduce, layer checkpointing, chunk size and k.
+fits, over pipeline stages x data-parallel replicas x shards, gradient reduce, layer checkpointing, chunk size and k
+(and split backward and virtual stages, where ``PlanSpec.split_backward`` / ``PlanSpec.virtual`` list them).
 
 Pure (lengths and typed settings in; no torch). For every candidate the runtime accepts (``ParallelConfig``
-refuses what it cannot run: ``reshard_after_forward=true``, ``every_backward`` with pp > 1):
+refuses what it cannot run: ``reshard_after_forward=true``, ``every_backward`` with pp > 1; ``runnable.refusal``
+mirrors its split backward and virtual stage refusals: split with ``layer_checkpoint=full``, with LoRA
+(``PlanSpec.lora``) or with data parallelism under bf16-mixed; ``v > 1`` with any data parallelism):
 
 * **memory per rank**: ``core.stage_peaks`` with the layout's ``Sharding`` and ``chunk.layer_checkpoint``
   (``model.memory``: shards of the model state, the gathered compute copy, the unsharded gradient, activations
@@ -13,9 +16,15 @@ refuses what it cannot run: ``reshard_after_forward=true``, ``every_backward`` w
   pipeline messages at the bandwidth of the link between neighbouring stages; ``layer_checkpoint=full`` makes a
   backward cost one more forward), then FSDP2's collectives added (``schedule.cost.FsdpComm``: not overlapped
   with compute in this runtime). The slowest replica, averaged over the batches; the bubble is that replica's
-  idle share of its stages.
+  idle share of its stages. Split backward (pp > 1 only; one device has nothing to fill) changes the plan, not
+  the memory prediction: a chunk waiting for its ``W`` keeps its slot under the same cap. Virtual stages
+  (``v`` layer blocks per rank, pp > 1 and ``pp * v <= num_layers``, ``core.virtual_candidates``) change
+  both: the plan is interleaved (``plan_pipeline(virtual=v)``, one cost-model stage per block) and a
+  rank's memory is the sum of its blocks' estimates, each with its own layers and cap
+  (``core.stage_peaks(virtual=v)``); the FSDP2 collectives move the same parameters either way.
 
-Pick: the fastest that fits; within 1% of it, the smallest peak.
+Pick: the fastest that fits; within 1% of it, the smallest peak, then unsplit, then the fewest virtual stages.
+The override names ``parallel.split_backward=true`` and ``parallel.virtual_stages=v`` when chosen.
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ from chunkflow_pl.data.packing import build_chunk_plan
 from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.memory import Sharding, precision_bytes, stage_params
 from chunkflow_pl.model.stages import split_stages
-from chunkflow_pl.plan.core import TIE, PlanSpec, stage_peaks, worst_case
+from chunkflow_pl.plan.core import TIE, PlanSpec, stage_peaks, virtual_candidates, worst_case
+from chunkflow_pl.plan.runnable import refusal
 from chunkflow_pl.schedule.cost import CostModel, FsdpComm, Links
 from chunkflow_pl.schedule.pipeline_actions import Op
 from chunkflow_pl.schedule.scheduler import plan_pipeline
@@ -62,6 +72,8 @@ class Layout:
     layer_checkpoint: str
     chunk_size: int
     k: int
+    split_backward: bool = False
+    virtual: int = 1
 
     @property
     def dp(self) -> int:
@@ -70,7 +82,9 @@ class Layout:
     def override(self) -> str:
         return (f"parallel.pp={self.pp} parallel.dp_replicate={self.dp_replicate} parallel.dp_shard={self.dp_shard} "
                 f"parallel.grad_reduce={self.grad_reduce} parallel.reshard_after_forward=false "
-                f"chunk.layer_checkpoint={self.layer_checkpoint} chunk.size={self.chunk_size} chunk.k={self.k}")
+                f"chunk.layer_checkpoint={self.layer_checkpoint} chunk.size={self.chunk_size} chunk.k={self.k}"
+                + (" parallel.split_backward=true" if self.split_backward else "")
+                + (f" parallel.virtual_stages={self.virtual}" if self.virtual > 1 else ""))
 
 
 @dataclass(frozen=True)
@@ -120,11 +134,12 @@ class _Sim:
 
 
 def _simulate(cfg: ModelConfig, spec: PlanSpec, cluster: ClusterSpec, pp: int, dp: int, chunk_size: int, k: int,
-              layer_checkpoint: str, sample: Sequence[Sequence[int]]) -> _Sim:
+              layer_checkpoint: str, sample: Sequence[Sequence[int]], split_backward: bool = False,
+              virtual: int = 1) -> _Sim:
     _, ab = precision_bytes(spec.precision)
     # neighbouring stages are dp ranks apart: one node only if the whole pipeline of replicas fits on one
     link = cluster.links.bytes_per_s(pp * dp)
-    cost = CostModel.from_model(cfg, pp, flops_per_s=spec.flops_per_s, act_bytes=ab, link_bytes_per_s=link,
+    cost = CostModel.from_model(cfg, pp * virtual, flops_per_s=spec.flops_per_s, act_bytes=ab, link_bytes_per_s=link,
                                 backward=3.0 if layer_checkpoint == "full" else 2.0)
     compute = bubble = 0.0
     passes = backwards = 0
@@ -138,7 +153,8 @@ def _simulate(cfg: ModelConfig, spec: PlanSpec, cluster: ClusterSpec, pp: int, d
             if not mine:
                 continue
             chunks = [plan.chunks[c] for c in mine]
-            sim = simulate(plan_pipeline(chunks, lens, pp, k, cost=cost), chunks, lens, cost)
+            sim = simulate(plan_pipeline(chunks, lens, pp, k, cost=cost, split_backward=split_backward,
+                                         virtual=virtual), chunks, lens, cost)
             if slowest is None or sim.step_time > slowest.step_time:
                 slowest = sim
         compute += slowest.step_time
@@ -174,25 +190,30 @@ def plan_layout(cfg: ModelConfig, spec: PlanSpec, cluster: ClusterSpec, sample: 
             if max_len > c:
                 state = max(state, max_len)
             ks = sorted({min(chain if k == "chain" else int(k), chain) for k in spec.ks})
-            for k in ks:
-                for lc in layer_checkpoints:
-                    sim = None  # simulated once per (pp, c, k, lc), shared by the sharding variants
-                    for dp_shard in _divisors(dp):
-                        for gr in ("last_backward", "every_backward"):
-                            if not _runnable(pp, dp // dp_shard, dp_shard, gr):
-                                continue
-                            sharding = Sharding(dp_shard, dp // dp_shard, gr)
-                            peaks = stage_peaks(cfg, replace(spec, pp=pp, dp=dp), min(largest, c), k, state, chain,
-                                                sharding=sharding, layer_checkpoint=lc)
-                            layout = Layout(pp, dp // dp_shard, dp_shard, gr, lc, c, k)
-                            if max(peaks) + spec.overhead > cluster.device_memory:  # not simulated: it cannot run
-                                rows.append(LayoutRow(layout, max(peaks), math.nan, math.nan, math.nan, False))
-                                continue
-                            if sim is None:
-                                sim = _simulate(cfg, spec, cluster, pp, dp, c, k, lc, sample)
-                            comm = FsdpComm(params, params, ab, wb, dp_shard, dp // dp_shard, gr) if dp > 1 else None
-                            t = comm.step_time(cluster.links, sim.passes, sim.backwards) if comm else 0.0
-                            rows.append(LayoutRow(layout, max(peaks), sim.compute, t, sim.bubble, True))
+            splits = sorted(set(spec.split_backward)) if pp > 1 else [False]
+            virtuals = virtual_candidates(cfg, pp, spec.virtual)
+            for k, lc, split, v in ((k, lc, split, v) for k in ks for lc in layer_checkpoints for split in splits
+                                    for v in virtuals):
+                if refusal(split, v, pp=pp, data_parallel=dp, num_layers=cfg.num_layers, layer_checkpoint=lc,
+                           precision=spec.precision, lora=spec.lora):
+                    continue  # the runtime would refuse it: never listed, never picked
+                sim = None  # simulated once per (pp, c, k, lc, split, v), shared by the sharding variants
+                for dp_shard in _divisors(dp):
+                    for gr in ("last_backward", "every_backward"):
+                        if not _runnable(pp, dp // dp_shard, dp_shard, gr):
+                            continue
+                        sharding = Sharding(dp_shard, dp // dp_shard, gr)
+                        peaks = stage_peaks(cfg, replace(spec, pp=pp, dp=dp), min(largest, c), k, state, chain,
+                                            sharding=sharding, layer_checkpoint=lc, virtual=v)
+                        layout = Layout(pp, dp // dp_shard, dp_shard, gr, lc, c, k, split, v)
+                        if max(peaks) + spec.overhead > cluster.device_memory:  # not simulated: it cannot run
+                            rows.append(LayoutRow(layout, max(peaks), math.nan, math.nan, math.nan, False))
+                            continue
+                        if sim is None:
+                            sim = _simulate(cfg, spec, cluster, pp, dp, c, k, lc, sample, split, v)
+                        comm = FsdpComm(params, params, ab, wb, dp_shard, dp // dp_shard, gr) if dp > 1 else None
+                        t = comm.step_time(cluster.links, sim.passes, sim.backwards) if comm else 0.0
+                        rows.append(LayoutRow(layout, max(peaks), sim.compute, t, sim.bubble, True))
     return LayoutResult(rows=rows, best=pick(rows), cluster=cluster, max_len=max_len)
 
 
@@ -201,4 +222,5 @@ def pick(rows: Sequence[LayoutRow]) -> LayoutRow | None:
     if not fitting:
         return None
     fastest = min(r.step_time for r in fitting)
-    return min((r for r in fitting if r.step_time <= fastest * (1 + TIE)), key=lambda r: (r.peak, r.step_time))
+    return min((r for r in fitting if r.step_time <= fastest * (1 + TIE)),
+               key=lambda r: (r.peak, r.layout.split_backward, r.layout.virtual, r.step_time))

@@ -3,7 +3,8 @@
 Entry points only (``python -m chunkflow_pl.plan``, ``chunk.size=auto`` in ``train.py``): the planner
 itself (``core.py``) takes a ``ModelConfig``, a ``PlanSpec`` and lists of lengths. ``PlanSettings`` is the
 typed ``plan`` group; the planner also checks the other groups it reads as ``train.py`` does, so a key that
-stops a run (``+chunk.sise=8k``) stops the planner too.
+stops a run (``+chunk.sise=8k``) stops the planner too. Which split backward / virtual stage settings are planned:
+``plan_inputs`` (and ``runnable.py``, the runtime's refusals).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from chunkflow_pl.model.memory import available_memory
 from chunkflow_pl.model.stages import split_stages
 from chunkflow_pl.plan.core import PlanSpec
 from chunkflow_pl.plan.layout import ClusterSpec
+from chunkflow_pl.plan.runnable import SPLIT_CANDIDATES, VIRTUAL_CANDIDATES, refusal, user_setting
 from chunkflow_pl.schedule.cost import DEFAULT_INTER_NODE_GBPS, DEFAULT_INTRA_NODE_GBPS, Links
 from chunkflow_pl.training.optim import OptimConfig
 from chunkflow_pl.training.precision import check_precision
@@ -112,8 +114,9 @@ def check_groups(cfg: DictConfig) -> tuple[PlanSettings, ParallelConfig, OptimCo
     chunk = OmegaConf.to_container(cfg.chunk, resolve=True) if cfg.get("chunk") is not None else {}
     ChunkConfig.from_dict({k: v for k, v in chunk.items() if str(v).lower() != "auto"})
     check_precision(cfg.trainer.get("precision", "32-true"))
-    return (PlanSettings.from_dict(cfg.get("plan") or {}), ParallelConfig.from_dict(cfg.parallel),
-            OptimConfig.from_dict(cfg.optim))
+    parallel = OmegaConf.to_container(cfg.parallel, resolve=True)
+    return PlanSettings.from_dict(cfg.get("plan") or {}), ParallelConfig.from_dict(parallel), OptimConfig.from_dict(
+        cfg.optim)
 
 
 @dataclass
@@ -145,10 +148,33 @@ def _device(accelerator: str) -> str:
     return "cpu"
 
 
-def plan_inputs(cfg: DictConfig, mcfg: ModelConfig | None = None, k: int | None = None) -> PlanInputs:
-    """Everything ``core.plan_chunking`` needs from ``cfg``; ``k`` restricts the candidates to one k."""
+def plan_inputs(cfg: DictConfig, mcfg: ModelConfig | None = None, k: int | None = None,
+                fixed_parallel: bool = False) -> PlanInputs:
+    """Everything ``core.plan_chunking`` needs from ``cfg``; ``k`` restricts the candidates to one k.
+
+    Split backward and virtual stages: with ``fixed_parallel`` (``chunk.size=auto``) the config's own setting
+    only, refused as the run would refuse it; else a layout search tries both (``plan_layout`` leaves out, per
+    layout, what the runtime refuses) and the chunk table for the configured layout every runnable one."""
     settings, parallel, optim = check_groups(cfg)
     mcfg = mcfg or model_config(cfg.model)
+    lora = int(cfg.model.get("lora", {}).get("rank", 0)) > 0
+    layout = dict(pp=parallel.pp, data_parallel=parallel.data_parallel, num_layers=mcfg.num_layers,
+                  layer_checkpoint=str(cfg.chunk.get("layer_checkpoint", "none")),
+                  precision=str(cfg.trainer.precision), lora=lora)
+    if fixed_parallel:
+        split, virtual = user_setting(cfg.parallel)
+        why = refusal(split, virtual, auto=parallel.auto, **layout)
+        if why:
+            raise ValueError(why)
+        splits, virtuals = (split,), (virtual,)
+    elif parallel.auto or settings.devices is not None:
+        why = refusal(False, user_setting(cfg.parallel)[1], auto=parallel.auto, **layout)
+        if parallel.auto and why:  # an explicit virtual_stages > 1 would be overwritten by the pick
+            raise ValueError(why)
+        splits, virtuals = SPLIT_CANDIDATES, VIRTUAL_CANDIDATES
+    else:
+        splits = tuple(s for s in SPLIT_CANDIDATES if refusal(s, 1, **layout) is None)
+        virtuals = tuple(v for v in VIRTUAL_CANDIDATES if refusal(False, v, **layout) is None)
     split_stages(mcfg.num_layers, parallel.pp)  # parallel.pp larger than the model's layers: say so now
     device = _device(str(cfg.trainer.get("accelerator", "auto")))
     here = device == "cpu" or torch.cuda.is_available()
@@ -201,6 +227,9 @@ def plan_inputs(cfg: DictConfig, mcfg: ModelConfig | None = None, k: int | None 
         ks=(k,) if k is not None else settings.ks,
         flops_per_s=flops,
         overhead=overhead,
+        split_backward=splits,
+        virtual=virtuals,
+        lora=lora,
     )
     data = DataConfig.from_dict(OmegaConf.to_container(cfg.data, resolve=True))
     lengths = sequence_lengths(data, mcfg.vocab_size)

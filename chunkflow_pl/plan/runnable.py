@@ -1,0 +1,55 @@
+"""Which ``parallel.split_backward`` / ``parallel.virtual_stages`` settings a run accepts: the planners' copy.
+
+The planners only consider, and ``parallel=auto`` only picks, what a run then starts with. Virtual stages: the
+runtime's own ``config.check_virtual_stages``, plus the layer count. Split backward: a copy of
+``strategy/split_backward.py``'s refusals (``check_split_backward``, ``apply_split_backward``), because that module
+needs torch and a built model while planning is pure (no torch: ``tests/test_plan_layout.py``); when the runtime
+lifts or adds one of those, change it here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from chunkflow_pl.config import check_virtual_stages
+
+SPLIT_CANDIDATES = (False, True)
+VIRTUAL_CANDIDATES = (1, 2)  # v = 2 has most of interleaving's gain; more multiplies the chunks in flight
+
+
+def refusal(split_backward: bool, virtual: int, *, pp: int, data_parallel: int, num_layers: int,
+            layer_checkpoint: str = "none", precision: str = "32-true", lora: bool = False,
+            auto: bool = False) -> str | None:
+    """Why the runtime refuses ``split_backward`` / ``virtual`` with this layout (the first reason), or None.
+    ``data_parallel``: every data-parallel rank of a stage (dp x dp_replicate x dp_shard); ``auto``: the user
+    set ``parallel=auto`` (the planner's own picks are written with auto off)."""
+    if split_backward:
+        if layer_checkpoint != "none":
+            return (f"parallel.split_backward=true with chunk.layer_checkpoint={layer_checkpoint}: set "
+                    f"chunk.layer_checkpoint=none or parallel.split_backward=false")
+        if lora:
+            return ("parallel.split_backward=true with model.lora: set parallel.split_backward=false or train "
+                    "without model.lora")
+        if data_parallel > 1 and precision in ("bf16-mixed", "bf16"):  # "bf16" is trainer.precision's alias
+            return ("parallel.split_backward=true with data parallelism under trainer.precision=bf16-mixed: set "
+                    "parallel.split_backward=false, trainer.precision=32-true or bf16-true, or no data parallelism")
+    if virtual > 1:
+        try:  # the runtime's own check (config.py is torch-free)
+            check_virtual_stages(virtual, pp, data_parallel, auto)
+        except ValueError as e:
+            return str(e)
+        if pp * virtual > num_layers:
+            return (f"parallel.virtual_stages={virtual} x parallel.pp={pp} blocks for {num_layers} layers: set "
+                    f"parallel.virtual_stages=1 or a smaller parallel.pp")
+    return None
+
+
+def user_setting(parallel: Mapping[str, Any]) -> tuple[bool, int]:
+    """``(parallel.split_backward, parallel.virtual_stages)`` of a config; false / 1 where the keys are absent."""
+    split, virtual = parallel.get("split_backward", False), parallel.get("virtual_stages", 1)
+    if not isinstance(split, bool):
+        raise ValueError(f"parallel.split_backward={split!r} must be true or false")
+    if isinstance(virtual, bool) or not isinstance(virtual, int) or virtual < 1:
+        raise ValueError(f"parallel.virtual_stages={virtual!r} must be a positive integer")
+    return split, virtual
