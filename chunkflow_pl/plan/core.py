@@ -1,4 +1,4 @@
-"""Predict peak memory and step time per ``(chunk.size, k)`` for a model and a length distribution.
+"""Predict peak memory and step time per ``(chunk.size, k, split backward)`` for a model and a length distribution.
 
 Inputs are lengths and typed settings only (no Hydra, no weights, no data tokens). For every candidate:
 
@@ -15,9 +15,15 @@ Inputs are lengths and typed settings only (no Hydra, no weights, no data tokens
   backward 2x, recompute 1x a forward); the slowest rank's time, averaged over the batches. FLOPs
   only: kernel efficiency per chunk size and per-chunk overheads are not modelled, so settings that
   differ only in packing predict the same time.
+* **split backward** (``PlanSpec.split_backward``, candidates; default only ``False``): the scheduler's
+  ``split_backward`` plans (``B(in)`` on the critical path, ``W`` where a stage would idle), priced by
+  ``CostModel``'s FLOP split. Memory is the same prediction: a chunk waiting for its ``W`` keeps its
+  slot, and the stage's live-chunk cap bounds the slots. Not planned on one device (``pp = 1``): there is
+  no idle time to fill, ``W`` follows its ``B`` at once and the step takes the same time.
 
 Recommendation: the fastest setting that fits the budget; among settings within 1% of it, the
-largest chunk (fewer, larger kernels), then the smallest ``k`` (less memory).
+largest chunk (fewer, larger kernels), then the smallest ``k`` (less memory), then unsplit (split
+backward must buy more than 1%: its extra kernel launches are not modelled).
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class PlanSpec:
     ks: tuple[int | str, ...] = (1, 2, 4, 8, "chain")  # "chain": k = chunks of the longest sequence
     flops_per_s: float = 400e12
     overhead: int = 0  # bytes the runtime holds besides the estimated tensors
+    split_backward: tuple[bool, ...] = (False,)  # candidates: (False, True) also plans split backward
 
     def __post_init__(self) -> None:
         if self.pp < 1 or self.dp < 1:
@@ -63,6 +70,9 @@ class PlanSpec:
                 raise ValueError(f"plan.ks entry {k!r}: expected an integer >= 1 or 'chain'")
         if self.chunk_sizes is not None and (not self.chunk_sizes or min(self.chunk_sizes) < 1):
             raise ValueError(f"plan.chunk_sizes={self.chunk_sizes} must be positive sizes")
+        if not self.split_backward or any(not isinstance(b, bool) for b in self.split_backward):
+            raise ValueError(f"split_backward candidates {self.split_backward!r}: expected a non-empty tuple of "
+                             "booleans, e.g. (False, True)")
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,7 @@ class Row:
     tokens_per_s: float
     stage_peaks: tuple[int, ...]  # predicted peak bytes per pipeline stage
     fits: bool
+    split_backward: bool = False
 
     @property
     def peak(self) -> int:
@@ -93,7 +104,8 @@ class PlanResult:
     def override(self) -> str:
         if self.best is None:
             return ""
-        return f"chunk.size={self.best.chunk_size} chunk.k={self.best.k}"
+        split = " parallel.split_backward=true" if self.best.split_backward else ""
+        return f"chunk.size={self.best.chunk_size} chunk.k={self.best.k}{split}"
 
 
 def default_chunk_sizes(max_len: int) -> tuple[int, ...]:
@@ -143,14 +155,14 @@ def stage_peaks(cfg: ModelConfig, spec: PlanSpec, chunk_tokens: int, k: int, sta
 
 
 def simulate_step(cfg: ModelConfig, spec: PlanSpec, cost: CostModel, lens: Sequence[int], chunk_size: int,
-                  k: int) -> tuple[float, float, float, int]:
+                  k: int, split_backward: bool = False) -> tuple[float, float, float, int]:
     """(step time, recompute time, compute time, chunks) of one global batch: the slowest dp rank."""
     plan = build_chunk_plan(lens, chunk_size)
     assignment = assign_to_ranks(plan, spec.dp, cost.balance_cost())  # the same cost model
     step = recompute = busy = 0.0
     for mine in assignment.per_rank:
         chunks = [plan.chunks[c] for c in mine]
-        pplan = plan_pipeline(chunks, lens, spec.pp, k, cost=cost)
+        pplan = plan_pipeline(chunks, lens, spec.pp, k, cost=cost, split_backward=split_backward)
         sim = simulate(pplan, chunks, lens, cost)
         step = max(step, sim.step_time)
         busy += sum(sim.busy)
@@ -177,14 +189,15 @@ def plan_chunking(cfg: ModelConfig, spec: PlanSpec, sample: Sequence[Sequence[in
             state = max(state, max_len)  # the longest sequence alone, whatever batch it lands in
         ks = sorted({min(chain if k == "chain" else int(k), chain) for k in spec.ks})
         for k in ks:
-            peaks = stage_peaks(cfg, spec, min(largest, c), k, state, chain)
-            times = [simulate_step(cfg, spec, cost, b, c, k) for b in sample if len(b)]
-            step = sum(t[0] for t in times) / len(times)
-            busy = sum(t[2] for t in times)
-            rows.append(Row(chunk_size=c, k=k, chunks_per_batch=sum(t[3] for t in times) / len(times),
-                            recompute_share=sum(t[1] for t in times) / busy if busy else 0.0, step_time=step,
-                            tokens_per_s=tokens_per_batch / step if step else 0.0, stage_peaks=peaks,
-                            fits=max(peaks) + spec.overhead <= spec.memory_budget))
+            peaks = stage_peaks(cfg, spec, min(largest, c), k, state, chain)  # split or not: the caps bound it
+            for split in sorted(set(spec.split_backward)) if spec.pp > 1 else [False]:  # one device: no idle
+                times = [simulate_step(cfg, spec, cost, b, c, k, split) for b in sample if len(b)]
+                step = sum(t[0] for t in times) / len(times)
+                busy = sum(t[2] for t in times)
+                rows.append(Row(chunk_size=c, k=k, chunks_per_batch=sum(t[3] for t in times) / len(times),
+                                recompute_share=sum(t[1] for t in times) / busy if busy else 0.0, step_time=step,
+                                tokens_per_s=tokens_per_batch / step if step else 0.0, stage_peaks=peaks,
+                                fits=max(peaks) + spec.overhead <= spec.memory_budget, split_backward=split))
     return PlanResult(rows=rows, best=recommend(rows), spec=spec, max_len=max_len, sampled_batches=len(sample))
 
 
@@ -194,7 +207,7 @@ def recommend(rows: Sequence[Row]) -> Row | None:
         return None
     fastest = min(r.step_time for r in fitting)
     near = [r for r in fitting if r.step_time <= fastest * (1 + TIE)]
-    return max(near, key=lambda r: (r.chunk_size, -r.k))
+    return max(near, key=lambda r: (r.chunk_size, -r.k, not r.split_backward))
 
 
 def _gib(n: float) -> str:
@@ -208,13 +221,15 @@ def _size(n: int) -> str:
 def format_table(result: PlanResult) -> str:
     spec = result.spec
     per_stage = spec.pp > 1
-    head = (f"{'chunk.size':>10} {'k':>3} {'chunks/batch':>12} {'recompute':>9} {'step s':>10} {'tokens/s':>10} "
-            f"{'peak GiB':>9}{'  per stage GiB' if per_stage else ''}  fits")
+    splits = True in spec.split_backward  # a column only when split backward is a candidate
+    head = (f"{'chunk.size':>10} {'k':>3}{' split' if splits else ''} {'chunks/batch':>12} {'recompute':>9} "
+            f"{'step s':>10} {'tokens/s':>10} {'peak GiB':>9}{'  per stage GiB' if per_stage else ''}  fits")
     lines = [head, "-" * len(head)]
     for r in result.rows:
         mark = "  <- recommended" if r is result.best else ""
         stages = "  " + " ".join(_gib(p) for p in r.stage_peaks) if per_stage else ""
-        lines.append(f"{_size(r.chunk_size):>10} {r.k:>3} {r.chunks_per_batch:>12.1f} {r.recompute_share:>8.0%} "
+        split = f" {'yes' if r.split_backward else 'no':>5}" if splits else ""
+        lines.append(f"{_size(r.chunk_size):>10} {r.k:>3}{split} {r.chunks_per_batch:>12.1f} {r.recompute_share:>8.0%} "
                      f"{r.step_time:>10.4g} {r.tokens_per_s:>10.4g} {_gib(r.peak):>9}{stages}  "
                      f"{'yes' if r.fits else 'no'}{mark}")
     return "\n".join(lines)

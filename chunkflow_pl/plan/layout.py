@@ -1,5 +1,6 @@
 """The layout planner: for a cluster of ``devices`` cards of ``device_memory`` each, the fastest simulated step that
-fits, over pipeline stages x data-parallel replicas x shards, gradient reduce, layer checkpointing, chunk size and k.
+fits, over pipeline stages x data-parallel replicas x shards, gradient reduce, layer checkpointing, chunk size and k
+(and split backward, where ``PlanSpec.split_backward`` lists it).
 
 Pure (lengths and typed settings in; no torch). For every candidate the runtime accepts (``ParallelConfig``
 refuses what it cannot run: ``reshard_after_forward=true``, ``every_backward`` with pp > 1):
@@ -13,9 +14,10 @@ refuses what it cannot run: ``reshard_after_forward=true``, ``every_backward`` w
   pipeline messages at the bandwidth of the link between neighbouring stages; ``layer_checkpoint=full`` makes a
   backward cost one more forward), then FSDP2's collectives added (``schedule.cost.FsdpComm``: not overlapped
   with compute in this runtime). The slowest replica, averaged over the batches; the bubble is that replica's
-  idle share of its stages.
+  idle share of its stages. Split backward (pp > 1 only; one device has nothing to fill) changes the plan, not
+  the memory prediction: a chunk waiting for its ``W`` keeps its slot under the same cap.
 
-Pick: the fastest that fits; within 1% of it, the smallest peak.
+Pick: the fastest that fits; within 1% of it, the smallest peak, then unsplit.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Layout:
     layer_checkpoint: str
     chunk_size: int
     k: int
+    split_backward: bool = False
 
     @property
     def dp(self) -> int:
@@ -70,7 +73,8 @@ class Layout:
     def override(self) -> str:
         return (f"parallel.pp={self.pp} parallel.dp_replicate={self.dp_replicate} parallel.dp_shard={self.dp_shard} "
                 f"parallel.grad_reduce={self.grad_reduce} parallel.reshard_after_forward=false "
-                f"chunk.layer_checkpoint={self.layer_checkpoint} chunk.size={self.chunk_size} chunk.k={self.k}")
+                f"chunk.layer_checkpoint={self.layer_checkpoint} chunk.size={self.chunk_size} chunk.k={self.k}"
+                + (" parallel.split_backward=true" if self.split_backward else ""))
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ class _Sim:
 
 
 def _simulate(cfg: ModelConfig, spec: PlanSpec, cluster: ClusterSpec, pp: int, dp: int, chunk_size: int, k: int,
-              layer_checkpoint: str, sample: Sequence[Sequence[int]]) -> _Sim:
+              layer_checkpoint: str, sample: Sequence[Sequence[int]], split_backward: bool = False) -> _Sim:
     _, ab = precision_bytes(spec.precision)
     # neighbouring stages are dp ranks apart: one node only if the whole pipeline of replicas fits on one
     link = cluster.links.bytes_per_s(pp * dp)
@@ -138,7 +142,8 @@ def _simulate(cfg: ModelConfig, spec: PlanSpec, cluster: ClusterSpec, pp: int, d
             if not mine:
                 continue
             chunks = [plan.chunks[c] for c in mine]
-            sim = simulate(plan_pipeline(chunks, lens, pp, k, cost=cost), chunks, lens, cost)
+            sim = simulate(plan_pipeline(chunks, lens, pp, k, cost=cost, split_backward=split_backward), chunks, lens,
+                           cost)
             if slowest is None or sim.step_time > slowest.step_time:
                 slowest = sim
         compute += slowest.step_time
@@ -174,25 +179,25 @@ def plan_layout(cfg: ModelConfig, spec: PlanSpec, cluster: ClusterSpec, sample: 
             if max_len > c:
                 state = max(state, max_len)
             ks = sorted({min(chain if k == "chain" else int(k), chain) for k in spec.ks})
-            for k in ks:
-                for lc in layer_checkpoints:
-                    sim = None  # simulated once per (pp, c, k, lc), shared by the sharding variants
-                    for dp_shard in _divisors(dp):
-                        for gr in ("last_backward", "every_backward"):
-                            if not _runnable(pp, dp // dp_shard, dp_shard, gr):
-                                continue
-                            sharding = Sharding(dp_shard, dp // dp_shard, gr)
-                            peaks = stage_peaks(cfg, replace(spec, pp=pp, dp=dp), min(largest, c), k, state, chain,
-                                                sharding=sharding, layer_checkpoint=lc)
-                            layout = Layout(pp, dp // dp_shard, dp_shard, gr, lc, c, k)
-                            if max(peaks) + spec.overhead > cluster.device_memory:  # not simulated: it cannot run
-                                rows.append(LayoutRow(layout, max(peaks), math.nan, math.nan, math.nan, False))
-                                continue
-                            if sim is None:
-                                sim = _simulate(cfg, spec, cluster, pp, dp, c, k, lc, sample)
-                            comm = FsdpComm(params, params, ab, wb, dp_shard, dp // dp_shard, gr) if dp > 1 else None
-                            t = comm.step_time(cluster.links, sim.passes, sim.backwards) if comm else 0.0
-                            rows.append(LayoutRow(layout, max(peaks), sim.compute, t, sim.bubble, True))
+            splits = sorted(set(spec.split_backward)) if pp > 1 else [False]
+            for k, lc, split in ((k, lc, split) for k in ks for lc in layer_checkpoints for split in splits):
+                sim = None  # simulated once per (pp, c, k, lc, split), shared by the sharding variants
+                for dp_shard in _divisors(dp):
+                    for gr in ("last_backward", "every_backward"):
+                        if not _runnable(pp, dp // dp_shard, dp_shard, gr):
+                            continue
+                        sharding = Sharding(dp_shard, dp // dp_shard, gr)
+                        peaks = stage_peaks(cfg, replace(spec, pp=pp, dp=dp), min(largest, c), k, state, chain,
+                                            sharding=sharding, layer_checkpoint=lc)
+                        layout = Layout(pp, dp // dp_shard, dp_shard, gr, lc, c, k, split)
+                        if max(peaks) + spec.overhead > cluster.device_memory:  # not simulated: it cannot run
+                            rows.append(LayoutRow(layout, max(peaks), math.nan, math.nan, math.nan, False))
+                            continue
+                        if sim is None:
+                            sim = _simulate(cfg, spec, cluster, pp, dp, c, k, lc, sample, split)
+                        comm = FsdpComm(params, params, ab, wb, dp_shard, dp // dp_shard, gr) if dp > 1 else None
+                        t = comm.step_time(cluster.links, sim.passes, sim.backwards) if comm else 0.0
+                        rows.append(LayoutRow(layout, max(peaks), sim.compute, t, sim.bubble, True))
     return LayoutResult(rows=rows, best=pick(rows), cluster=cluster, max_len=max_len)
 
 
@@ -201,4 +206,5 @@ def pick(rows: Sequence[LayoutRow]) -> LayoutRow | None:
     if not fitting:
         return None
     fastest = min(r.step_time for r in fitting)
-    return min((r for r in fitting if r.step_time <= fastest * (1 + TIE)), key=lambda r: (r.peak, r.step_time))
+    return min((r for r in fitting if r.step_time <= fastest * (1 + TIE)),
+               key=lambda r: (r.peak, r.layout.split_backward, r.step_time))

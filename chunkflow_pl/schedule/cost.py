@@ -23,6 +23,20 @@ Middle stages must send their output, so a dropped forward there is a full one; 
 backwards are full on every stage. ``uniform`` (no model to count) leaves both terms ``None``: a
 dropped forward costs a kept one unless they are passed.
 
+Split backward (``Action.split``, zero-bubble schedules): the backward of a matrix product ``Y = X W``
+is two products of the forward's size, ``dX = dY W^T`` (input gradient) and ``dW = X^T dY`` (weight
+gradient); attention has no weights, so its whole backward is input (and key/value state) gradient.
+``per_token`` is the linear layers (and the LM head on the last stage), so the halves cost::
+
+    WEIGHT(c)            per_token[s] * tokens                          the weight-gradient products
+    BACKWARD(c, split)   backward * forward - WEIGHT(c)                 the rest: input-gradient products,
+                                                                        all of attention's backward
+
+``B(in) + W`` is the unsplit backward (up to rounding). With ``backward = 2``, ``B(in)`` is
+``per_token * tokens + 2 * per_pair * pairs``; a larger ``backward`` (e.g. 3 under full layer
+checkpointing: one more forward) lands in ``B(in)``, which recomputes what ``W`` reads. Long chunks are
+attention-heavy, so their ``W`` is the smaller half.
+
 Every rank must build the model from the same numbers: the scheduler's order depends on it, so a cost
 measured per rank (different on each) would give each rank a different plan.
 """
@@ -37,7 +51,7 @@ from chunkflow_pl.data.balance import DEFAULT_A_ATTN, ChunkCost, chunk_cost
 from chunkflow_pl.data.types import Segment
 from chunkflow_pl.model.config import ModelConfig
 from chunkflow_pl.model.flops import ModelFlops
-from chunkflow_pl.schedule.pipeline_actions import Op
+from chunkflow_pl.schedule.pipeline_actions import Action, Op
 
 # Defaults for from_model: the ratio of message time to compute time is all they set.
 DEFAULT_FLOPS_PER_S = 400e12  # ~40% of an H100's dense bf16 peak
@@ -51,11 +65,23 @@ class ActionCost(Protocol):
     @property
     def pp(self) -> int: ...
 
-    def op_time(self, op: Op, stage: int, chunk: int, segments: Sequence[Segment], keep: bool = True) -> float:
-        """Seconds of ``op``; ``keep`` is the FORWARD action's (False: a dropped forward)."""
+    def op_time(self, op: Op, stage: int, chunk: int, segments: Sequence[Segment], keep: bool = True,
+                split: bool = False) -> float:
+        """Seconds of ``op``; ``keep`` is the FORWARD action's (False: a dropped forward), ``split`` the
+        BACKWARD action's (True: input and state gradients only, the WEIGHT action does the rest).
+
+        Callers pass ``split`` only when it is True (``action_time``), so a cost model written before
+        split backward still times every plan without it."""
         ...
 
     def comm_time(self, tokens: int) -> float: ...
+
+
+def action_time(cost: ActionCost, action: Action, stage: int, segments: Sequence[Segment]) -> float:
+    """Seconds of ``action`` on ``stage``: ``cost.op_time`` asked with the action's own flags."""
+    if action.split:
+        return cost.op_time(action.op, stage, action.chunk, segments, action.keep, split=True)
+    return cost.op_time(action.op, stage, action.chunk, segments, action.keep)
 
 
 @dataclass(frozen=True)
@@ -96,9 +122,18 @@ class CostModel:
             return chunk_cost(segments, self.drop_last_per_token, self.drop_last_per_pair)
         return chunk_cost(segments, self.per_token[stage], self.per_pair[stage])
 
-    def op_time(self, op: Op, stage: int, chunk: int, segments: Sequence[Segment], keep: bool = True) -> float:
+    def op_time(self, op: Op, stage: int, chunk: int, segments: Sequence[Segment], keep: bool = True,
+                split: bool = False) -> float:
+        if split and op is not Op.BACKWARD:
+            raise ValueError(f"split=True for a {op.value}: only a backward splits")
         if op is Op.FORWARD:
             return self.forward_time(stage, segments, keep)
+        if op is Op.WEIGHT or split:
+            if self.backward < 1:
+                raise ValueError(f"CostModel.backward={self.backward} < 1 cannot be split: a backward computes at "
+                                 "least the weight-gradient products, one forward's linear FLOPs")
+            weight = chunk_cost(segments, self.per_token[stage], 0.0)  # see the module docstring
+            return weight if op is Op.WEIGHT else self.backward * self.forward_time(stage, segments) - weight
         # a recompute runs the whole stage with autograd (the loss too), whatever the forward skipped
         f = self.forward_time(stage, segments)
         return f * (self.backward if op is Op.BACKWARD else self.recompute)
@@ -174,8 +209,10 @@ class MeasuredCost:
     def pp(self) -> int:
         return self.num_stages
 
-    def op_time(self, op: Op, stage: int, chunk: int, segments: Sequence[Segment], keep: bool = True) -> float:
-        # keep is unused: a chunk runs one forward per stage, timed as it ran (kv_only or not)
+    def op_time(self, op: Op, stage: int, chunk: int, segments: Sequence[Segment], keep: bool = True,
+                split: bool = False) -> float:
+        # keep and split are unused: a chunk runs one forward and one backward per stage, timed as they ran
+        # (kv_only or not, split or not); a split backward's WEIGHT is its own (stage, Op.WEIGHT, chunk)
         try:
             return self.durations[(stage, op, chunk)]
         except KeyError:

@@ -6,7 +6,8 @@ Any lists, not only the scheduler's. Checked in this order, each error naming st
    forward and one backward on every stage, chunks without tokens have no action; dependencies
    inside the stage (state: forward after the previous piece's forward, backward after the next
    piece's backward); recompute exactly for dropped forwards, before their backward; live
-   activations never above ``caps[s]``.
+   activations never above ``caps[s]``. Split backward: a split ``B c(in)`` has exactly one ``W c``
+   later on the same stage, an unsplit backward none; the chunk counts as live until its ``W``.
 2. **Messages, per stage**: stage ``s > 0`` receives each chunk's input (``<A``) from ``s - 1``
    before its forward and sends its input gradient (``>G``) to ``s - 1`` after its backward; stage
    ``s < pp - 1`` sends the output (``>A``) to ``s + 1`` after the forward and receives its gradient
@@ -19,6 +20,14 @@ Any lists, not only the scheduler's. Checked in this order, each error naming st
    with ``sends="blocking"`` a send completes only together with its receive (a rendezvous), the
    model of a blocking ``send`` whose peer has no buffer. If no stage can move, the plan deadlocks
    and the error lists what every stage is stuck on.
+
+Virtual stages (``PipelinePlan.virtual > 1``, interleaved 1F1B): ``stages`` are per block and rules
+1-3 hold per block (a message's peer is a block, every block pair and direction its own channel).
+First ``order`` itself is checked (``check_rank_order``): one list per rank, holding every action of
+its blocks exactly once, each block's in its own list order, and only blocks ``b`` with
+``b % ranks == r`` on rank ``r``. Rule 4 then runs on the ranks' merged orders: a rank blocks on the
+head of *its* order, so per-block lists that finish alone may still deadlock once merged (rank 0
+waiting in block 0 for a gradient that needs a forward rank 0 would only reach later in block 2).
 
 gloo tolerates orders that hang on NCCL, so a CPU test run is no proof of deadlock freedom; this is.
 """
@@ -47,11 +56,49 @@ class DeadlockError(PlanError):
 def check_pipeline_plan(
     plan: PipelinePlan, chunks: Sequence[Sequence[Segment]], seq_lens: Sequence[int], *, sends: Sends = "async"
 ) -> None:
-    """``check_pipeline`` on a plan's lists with its caps; also checks its ``chunk_tokens``."""
+    """``check_pipeline`` on a plan's lists with its caps; also checks its ``chunk_tokens``, and for virtual
+    stages its ``order`` (``check_rank_order``) and progress on the ranks' merged orders."""
     tokens = tuple(sum(seg.length for seg in chunk) for chunk in chunks)
     if plan.chunk_tokens != tokens:
         raise PlanError(f"plan.chunk_tokens {plan.chunk_tokens} differ from the chunks' token counts {tokens}")
-    check_pipeline(plan.stages, chunks, seq_lens, plan.caps, sends=sends)
+    order = None
+    if plan.virtual != 1 or plan.order is not None:
+        check_rank_order(plan)
+        order = plan.order
+    check_pipeline(plan.stages, chunks, seq_lens, plan.caps, sends=sends, order=order)
+
+
+def check_rank_order(plan: PipelinePlan) -> None:
+    """``plan.order`` is each rank's merge of its blocks' lists (``PipelinePlan``'s contract), or ``PlanError``."""
+    v, n = plan.virtual, len(plan.stages)
+    if v < 1 or n % v:
+        raise PlanError(f"virtual={v}: the plan's {n} block lists must be a multiple of virtual >= 1")
+    ranks = n // v
+    if v == 1:
+        if plan.order is not None:
+            raise PlanError("virtual=1 plans carry no order (rank r runs stages[r]); set order=None")
+        return
+    if ranks < 2:
+        raise PlanError(f"virtual={v} on {ranks} rank: interleaved blocks need pp >= 2 ranks")
+    if plan.order is None or len(plan.order) != ranks:
+        got = "None" if plan.order is None else f"{len(plan.order)} lists"
+        raise PlanError(f"virtual={v} with {n} blocks needs order: one list per rank ({ranks}), got {got}")
+    nxt = [0] * n  # per block: the index its next entry must name
+    for r, lane in enumerate(plan.order):
+        for pos, (b, i) in enumerate(lane):
+            where = f"rank {r}, order position {pos} (block {b}, index {i})"
+            if not 0 <= b < n:
+                raise PlanError(f"{where}: block {b} out of range [0, {n})")
+            if b % ranks != r:
+                raise PlanError(f"{where}: block {b} runs on rank {b % ranks} (block b on rank b % {ranks}), not {r}")
+            if i != nxt[b]:
+                raise PlanError(f"{where}: block {b}'s list must run in its own order, next is its action "
+                                f"{nxt[b]}" + (f" ({plan.stages[b][nxt[b]]})" if nxt[b] < len(plan.stages[b]) else
+                                               " (none: the list is done)"))
+            nxt[b] += 1
+    for b in range(n):
+        if nxt[b] != len(plan.stages[b]):
+            raise PlanError(f"rank {b % ranks}'s order runs {nxt[b]} of block {b}'s {len(plan.stages[b])} actions")
 
 
 def check_pipeline(
@@ -61,8 +108,12 @@ def check_pipeline(
     caps: Sequence[int],
     *,
     sends: Sends = "async",
+    order: Sequence[Sequence[tuple[int, int]]] | None = None,
 ) -> None:
-    """Raise ``PlanError`` (``DeadlockError`` for 4) for the first broken rule; ``None`` if valid."""
+    """Raise ``PlanError`` (``DeadlockError`` for 4) for the first broken rule; ``None`` if valid.
+
+    ``order`` (virtual stages, ``PipelinePlan.order``, already checked by ``check_rank_order``): run rule 4
+    on the ranks' merged orders instead of one list per stage."""
     if sends not in ("async", "blocking"):
         raise ValueError(f"sends must be 'async' or 'blocking', got {sends!r}")
     pp = len(stages)
@@ -78,7 +129,10 @@ def check_pipeline(
         _check_messages(acts, s, pp, tokens, required)
         replay_compute(compute, graph, caps[s], where=where, cap_name="cap")
     _check_channels(stages)
-    _check_progress(stages, sends)
+    if order is None:
+        _check_progress([[(s, a) for a in acts] for s, acts in enumerate(stages)], sends, virtual=False)
+    else:
+        _check_progress([[(b, stages[b][i]) for b, i in lane] for lane in order], sends, virtual=True)
 
 
 def replay_compute(
@@ -92,6 +146,7 @@ def replay_compute(
     """
     kept: dict[int, bool] = {}  # chunk -> keep flag of its forward, once it ran
     backed: set[int] = set()
+    waiting: set[int] = set()  # split backward ran, WEIGHT not yet: still live
     recomputed: set[int] = set()
     live: set[int] = set()
     peak = 0
@@ -119,6 +174,11 @@ def replay_compute(
                 raise fail(f"second recompute of chunk {c}")
             recomputed.add(c)
             live.add(c)
+        elif a.op is Op.WEIGHT:
+            if c not in waiting:
+                raise fail(f"weight gradient of chunk {c} before its split backward")
+            waiting.discard(c)
+            live.discard(c)
         else:
             if c not in kept:
                 raise fail(f"backward of chunk {c} before its own forward")
@@ -128,21 +188,27 @@ def replay_compute(
             if not kept[c] and c not in recomputed:
                 raise fail(f"backward of chunk {c} without a recompute of its dropped forward")
             backed.add(c)
-            live.discard(c)
+            if a.split:
+                waiting.add(c)  # what the weight gradient reads stays until the WEIGHT
+            else:
+                live.discard(c)
         if len(live) > cap:
-            raise fail(f"live activations {len(live)} exceed {cap_name}={cap} (chunks {sorted(live)})")
+            held = f"; {sorted(waiting)} wait for their WEIGHT" if waiting else ""
+            raise fail(f"live activations {len(live)} exceed {cap_name}={cap} (chunks {sorted(live)}{held})")
         peak = max(peak, len(live))
     return peak
 
 
 def check_counts(indexed: Sequence[tuple[int, Action]], n: int, required: Iterable[int], *, where: str = "") -> None:
-    """Exactly one FORWARD and one BACKWARD of every chunk in ``required``, none of any other chunk.
+    """Exactly one FORWARD and one BACKWARD of every chunk in ``required``, none of any other chunk;
+    one WEIGHT of each chunk whose backward is split, none of any other.
 
     Counted before replaying the order, so a missing action reads as missing rather than as a
     dependency broken later by the chunk that needed it.
     """
     need = set(required)
-    seen: dict[Op, set[int]] = {Op.FORWARD: set(), Op.BACKWARD: set()}
+    seen: dict[Op, set[int]] = {Op.FORWARD: set(), Op.BACKWARD: set(), Op.WEIGHT: set()}
+    split = {a.chunk for _, a in indexed if a.op is Op.BACKWARD and a.split}
     for i, a in indexed:
         if not 0 <= a.chunk < n:
             raise PlanError(f"{where}action {i} ({a}): chunk index {a.chunk} out of range [0, {n})")
@@ -152,10 +218,18 @@ def check_counts(indexed: Sequence[tuple[int, Action]], n: int, required: Iterab
             if a.chunk in seen[a.op]:
                 raise PlanError(f"{where}action {i} ({a}): duplicate {a.op.name} of chunk {a.chunk}")
             seen[a.op].add(a.chunk)
-    for op, done in seen.items():
-        missing = sorted(need - done)
+    for op in (Op.FORWARD, Op.BACKWARD):
+        missing = sorted(need - seen[op])
         if missing:
             raise PlanError(f"{where}missing {op.name} of chunks {missing}")
+    for i, a in indexed:
+        if a.op is Op.WEIGHT and a.chunk not in split:
+            raise PlanError(f"{where}action {i} ({a}): WEIGHT of chunk {a.chunk}, whose backward is not split (an "
+                            "unsplit backward adds the parameter gradients itself)")
+    missing = sorted(split - seen[Op.WEIGHT])
+    if missing:
+        raise PlanError(f"{where}missing WEIGHT of chunks {missing}: their backward is split (B(in)), so their "
+                        "parameter gradients need a WEIGHT later on the same stage")
 
 
 def _expected(s: int, pp: int) -> dict[CommOp, int]:
@@ -231,19 +305,22 @@ def _check_channels(stages: Sequence[Sequence[PipeAction]]) -> None:
             raise PlanError(f"channel {ch}: {len(out)} sends but {len(inn)} receives")
 
 
-def _check_progress(stages: Sequence[Sequence[PipeAction]], sends: Sends) -> None:
-    pp = len(stages)
-    pc = [0] * pp
+def _check_progress(lanes: Sequence[Sequence[tuple[int, PipeAction]]], sends: Sends, *, virtual: bool) -> None:
+    """Rule 4 on one lane per process: ``(stage or block, action)`` in the order the process runs them."""
+    n = len(lanes)
+    lane_of = {b: r for r, lane in enumerate(lanes) for b, _ in lane}  # block -> the rank running it
+    pc = [0] * n
     posted: dict[Channel, deque[int]] = {}  # async: sent chunks not yet received
 
-    def head(s: int) -> PipeAction | None:
-        return stages[s][pc[s]] if pc[s] < len(stages[s]) else None
+    def head(r: int) -> tuple[int, PipeAction] | None:
+        return lanes[r][pc[r]] if pc[r] < len(lanes[r]) else None
 
     moved = True
     while moved:
         moved = False
-        for s in range(pp):
-            while (a := head(s)) is not None:
+        for r in range(n):
+            while (h := head(r)) is not None:
+                s, a = h
                 if isinstance(a, Comm):
                     ch = a.channel(s)
                     if sends == "async":
@@ -254,21 +331,26 @@ def _check_progress(stages: Sequence[Sequence[PipeAction]], sends: Sends) -> Non
                         else:
                             break
                     else:
-                        peer = head(a.peer)
-                        if not (isinstance(peer, Comm) and peer.channel(a.peer) == ch and peer.is_send != a.is_send):
+                        q = lane_of.get(a.peer, -1)
+                        peer = head(q) if q != r and q >= 0 else None
+                        # the peer rank's head must be the other end of this very channel (its block's view)
+                        if not (peer is not None and isinstance(peer[1], Comm) and peer[1].channel(peer[0]) == ch
+                                and peer[1].is_send != a.is_send):
                             break
-                        pc[a.peer] += 1  # rendezvous: both ends complete together
-                pc[s] += 1
+                        pc[q] += 1  # rendezvous: both ends complete together
+                pc[r] += 1
                 moved = True
-    if any(head(s) is not None for s in range(pp)):
-        heads = "; ".join(_stuck(s, pc[s], stages[s]) for s in range(pp))
+    if any(head(r) is not None for r in range(n)):
+        heads = "; ".join(_stuck(r, pc[r], lanes[r], virtual) for r in range(n))
         raise DeadlockError(f"deadlock with {sends} sends: {heads}")
 
 
-def _stuck(s: int, pc: int, acts: Sequence[PipeAction]) -> str:
-    if pc == len(acts):
-        return f"stage {s} finished"
-    a = acts[pc]
+def _stuck(r: int, pc: int, lane: Sequence[tuple[int, PipeAction]], virtual: bool) -> str:
+    who = f"rank {r}" if virtual else f"stage {r}"
+    if pc == len(lane):
+        return f"{who} finished"
+    s, a = lane[pc]
     what = ("waits for its receive on" if a.is_send else "waits for a send on") if isinstance(a, Comm) else "at"
     where = f" channel {a.channel(s)}" if isinstance(a, Comm) else ""
-    return f"stage {s} {what}{where} at action {pc} ({a})"
+    at = f"order position {pc} (block {s} action {a})" if virtual else f"action {pc} ({a})"
+    return f"{who} {what}{where} at {at}"

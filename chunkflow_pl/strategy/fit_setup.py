@@ -71,8 +71,6 @@ def prepare_fit(strategy: ChunkFlowStrategy) -> None:
     if strategy.num_layers is not None:  # each stage needs a layer: fail here, not in configure_model
         ParallelDims(strategy.dims.dp, strategy.dims.pp, strategy.dims.world_size, strategy.num_layers,
                      strategy.dims.dp_shard, strategy.dims.virtual)
-    if strategy.dims.virtual > 1:
-        check_virtual_scheduler(strategy.dims.pp, strategy.dims.virtual)
     if trainer is None:
         return
     _attach_callbacks(strategy, trainer.callbacks)
@@ -81,19 +79,6 @@ def prepare_fit(strategy: ChunkFlowStrategy) -> None:
         request = settle_grad_reduce(request, strategy.grad_reduce, strategy.root_device.type)
         strategy.grad_reduce_pick = request.sharding.grad_reduce  # ranks agree on it when sharding (chunkflow.py)
         check_memory(request, strategy.root_device.type, refuse=strategy.check_memory)
-
-
-def check_virtual_scheduler(pp: int, virtual: int) -> None:
-    """Refuse virtual stages at start, not at the first step, while the planner cannot schedule them (the runtime
-    can run them: ``schedule/runner.py``). Asks the planner itself, so this lapses once it can."""
-    from chunkflow_pl.schedule.scheduler import plan_pipeline
-
-    try:
-        plan_pipeline([], [], pp, 1, virtual=virtual)
-    except NotImplementedError as e:
-        raise ValueError(f"parallel.virtual_stages={virtual}: {e}") from None
-    except Exception:  # an empty batch may be refused for its own reasons; only the probe matters
-        pass
 
 
 def _attach_callbacks(strategy: ChunkFlowStrategy, callbacks: list[L.Callback]) -> None:
