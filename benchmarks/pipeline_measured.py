@@ -19,7 +19,8 @@ thread per process, float32, SGD) with the timeline callback recording every ste
                    the timeline callback's replay),
     ``predicted``  on the 1-process run's per-chunk durations of the same step (forward, B and W),
                    split over the blocks by the FLOP cost model's share of each block (a prediction made
-                   without the run); ``gap``: measured bubble minus predicted, in percentage points,
+                   without the run); ``gap``: measured bubble minus predicted, in percentage points
+                   (the summary: its median over the measured steps),
     ``flops``      on the FLOP cost model the ranks plan with (``CostModel.from_model``), messages free.
 - ``ratio``: pipeline step time / 1-process step time (2 processes on 2 cores; 0.5 would be perfect).
 
@@ -258,12 +259,12 @@ def main() -> None:
         "bubble_flops_model": med("flops"), "wall_s": {"one": round(wall_one, 1), "pp": round(wall_pp, 1)},
         "load_avg_before": load_before, "load_avg_1min": os.getloadavg()[0], "workdir": str(work),
     }
-    result["gap_points"] = 100 * (result["bubble_measured"] - result["bubble_predicted"])
+    result["gap_points"] = statistics.median(100 * (r["bubble"] - r["predicted"]) for r in rows)  # step by step
     result["planning"] = planning = planning_overhead()
     print(f"medians: step ratio {result['step_ratio']:.2f} (span ratio {result['span_ratio']:.2f}, predicted "
           f"{result['predicted_span_ratio']:.2f}); bubble measured {result['bubble_measured']:.1%}, replayed "
-          f"{result['bubble_replayed']:.1%}, predicted {result['bubble_predicted']:.1%} (measured - predicted "
-          f"{result['gap_points']:+.1f} points), FLOP model "
+          f"{result['bubble_replayed']:.1%}, predicted {result['bubble_predicted']:.1%} (measured - predicted, "
+          f"median over steps {result['gap_points']:+.1f} points), FLOP model "
           f"{result['bubble_flops_model']:.1%}; load average {result['load_avg_1min']:.1f} on {os.cpu_count()} CPUs")
     print_planning(planning)
     print("RESULT " + json.dumps(result))
