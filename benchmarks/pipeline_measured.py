@@ -103,7 +103,8 @@ def run(a: argparse.Namespace, nproc: int, run_dir: Path) -> float:
     overrides = [f"model.overrides.{k}={v}" for k, v in model_overrides(a).items()] + [
         f"data.global_batch_size={a.global_batch}", f"data.max_len={a.max_len}", "data.num_sequences=512",
         f"chunk.size={a.chunk_size}", f"chunk.k={a.k}", f"parallel.pp={nproc}", f"trainer.max_steps={a.steps}",
-        f"parallel.virtual_stages={a.virtual if nproc > 1 else 1}", f"parallel.split_backward={str(a.split_backward).lower()}",
+        f"parallel.virtual_stages={a.virtual if nproc > 1 else 1}",
+        f"parallel.split_backward={str(a.split_backward).lower()}",
         "optim=sgd", "optim.lr=1e-3", "optim.warmup_steps=0", "optim.schedule=constant", "trainer.accelerator=cpu",
         "trainer.precision=32-true", "logger=csv", "trainer.log_every_n_steps=1", "callbacks.progress=null",
         "callbacks.checkpoint=null", "trainer.enable_model_summary=false", "callbacks.timeline.every_n_train_steps=1",
@@ -249,7 +250,8 @@ def main() -> None:
               f"{100 * (r['bubble'] - r['predicted']):+.1f} | {r['flops']:.1%} | "
               f"{r['peak_live']} / {r['caps']} |")
     result = {
-        "pp": a.pp, "virtual": a.virtual, "split_backward": a.split_backward, "k": a.k, "layers": a.layers, "hidden": a.hidden, "global_batch": a.global_batch,
+        "pp": a.pp, "virtual": a.virtual, "split_backward": a.split_backward, "k": a.k, "layers": a.layers,
+        "hidden": a.hidden, "global_batch": a.global_batch,
         "chunk_size": a.chunk_size, "measured_steps": len(rows),
         "one_step_s": med("one_step"), "pp_step_s": med("pp_step"),
         "step_ratio": statistics.median(r["pp_step"] / r["one_step"] for r in rows),
