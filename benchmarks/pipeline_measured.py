@@ -1,5 +1,9 @@
 """Measured chunk pipeline on this machine: ``torchrun --nproc_per_node=2 train.py parallel.pp=2`` vs 1 process.
 
+With ``--virtual V`` the pipeline runs ``parallel.virtual_stages=V`` (pp x V blocks, interleaved), with
+``--split-backward`` ``parallel.split_backward=true`` (each backward a B and a later W); the 1-process run then
+splits its backwards too (each W right after its B), so it times every chunk's B and W.
+
 Both runs train the same model on the same global batches (synthetic LMSys-like data, fixed seed, one
 thread per process, float32, SGD) with the timeline callback recording every step; the first
 ``--warmup`` steps are left out. Reported per run (medians over the measured steps):
@@ -7,12 +11,16 @@ thread per process, float32, SGD) with the timeline callback recording every ste
 - ``step s``: the whole training step (throughput callback: planning, the chunk actions, gradient
   sync, optimizer), and ``span s``: the chunk actions only (end of the last compute action, measured
   from a start the stages share).
-- ``bubble``: idle / (stages x span) of the executed timeline (receive waits count as idle).
+- ``bubble``: idle / (ranks x span) of the executed timeline (receive waits count as idle).
 - for the pipeline, the same plan (re-derived here from the recorded chunks; it must equal the
-  recorded one) simulated three ways:
-    ``replayed``   on the durations the pipeline run measured (what the plan's order alone costs),
-    ``predicted``  on the 1-process run's per-chunk durations of the same step, split over the stages
-                   by the FLOP cost model's share of each stage (a prediction made without the run),
+  recorded one) simulated three ways (with virtual stages the simulator runs each rank's interleaved
+  order, ``schedule/simulator.py``):
+    ``replayed``   on the durations the pipeline run measured (what the plan's order alone costs;
+                   the timeline callback's replay),
+    ``predicted``  on the 1-process run's per-chunk durations of the same step (forward, B and W),
+                   split over the blocks by the FLOP cost model's share of each block (a prediction made
+                   without the run); ``gap``: measured bubble minus predicted, in percentage points
+                   (the summary: its median over the measured steps),
     ``flops``      on the FLOP cost model the ranks plan with (``CostModel.from_model``), messages free.
 - ``ratio``: pipeline step time / 1-process step time (2 processes on 2 cores; 0.5 would be perfect).
 
@@ -25,6 +33,7 @@ absolute times move with their load; run both configurations back to back and co
 
     python benchmarks/pipeline_measured.py                              # 4 layers, hidden 384, ~5 min
     python benchmarks/pipeline_measured.py --hidden 256 --steps 3 --global-batch 8
+    python benchmarks/pipeline_measured.py --virtual 2 --split-backward   # interleaved, B/W split, ~5 min
     python benchmarks/pipeline_measured.py --planning-only                # the planning table, seconds
 """
 
@@ -47,8 +56,8 @@ if str(ROOT) not in sys.path:
 
 from chunkflow_pl.data.types import Segment  # noqa: E402
 from chunkflow_pl.model.config import get_preset  # noqa: E402
-from chunkflow_pl.model.stages import split_stages  # noqa: E402
-from chunkflow_pl.schedule.cost import CostModel, MeasuredCost  # noqa: E402
+from chunkflow_pl.model.stages import split_blocks  # noqa: E402
+from chunkflow_pl.schedule.cost import CostModel, MeasuredCost, action_time  # noqa: E402
 from chunkflow_pl.schedule.pipeline_actions import Op  # noqa: E402
 from chunkflow_pl.schedule.runner import pipeline_cost  # noqa: E402
 from chunkflow_pl.schedule.scheduler import plan_pipeline  # noqa: E402
@@ -70,6 +79,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--chunk-size", default="512")
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--pp", type=int, default=2)
+    p.add_argument("--virtual", type=int, default=1, help="parallel.virtual_stages of the pipeline run")
+    p.add_argument("--split-backward", action="store_true", help="parallel.split_backward=true in both runs")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1, help="first steps left out of the medians")
     p.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary folder)")
@@ -92,6 +103,8 @@ def run(a: argparse.Namespace, nproc: int, run_dir: Path) -> float:
     overrides = [f"model.overrides.{k}={v}" for k, v in model_overrides(a).items()] + [
         f"data.global_batch_size={a.global_batch}", f"data.max_len={a.max_len}", "data.num_sequences=512",
         f"chunk.size={a.chunk_size}", f"chunk.k={a.k}", f"parallel.pp={nproc}", f"trainer.max_steps={a.steps}",
+        f"parallel.virtual_stages={a.virtual if nproc > 1 else 1}",
+        f"parallel.split_backward={str(a.split_backward).lower()}",
         "optim=sgd", "optim.lr=1e-3", "optim.warmup_steps=0", "optim.schedule=constant", "trainer.accelerator=cpu",
         "trainer.precision=32-true", "logger=csv", "trainer.log_every_n_steps=1", "callbacks.progress=null",
         "callbacks.checkpoint=null", "trainer.enable_model_summary=false", "callbacks.timeline.every_n_train_steps=1",
@@ -112,21 +125,23 @@ def timelines(run_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((run_dir / "timeline").glob("step_*.json"))]
 
 
-def predicted_durations(one: dict, plan, chunks, cost, pp: int) -> dict[tuple[int, Op, int], float]:
-    """1-process durations of each (op, chunk), split over the stages by the FLOP model's share of each."""
+def predicted_durations(one: dict, plan, chunks, cost) -> dict[tuple[int, Op, int], float]:
+    """1-process durations of each (op, chunk), split over the plan's blocks (stages, or ``pp x virtual`` blocks)
+    by the FLOP model's share of each. With split backward both runs split: the 1-process B and W of a chunk
+    time the pipeline's B(in) and W of it (a B's share priced as split, ``action_time``)."""
     whole: dict[tuple[str, int], float] = {}
-    for op, c, t0, t1 in one["stages"][0]["events"]:
+    for op, c, t0, t1, *_ in one["stages"][0]["events"]:
         whole[(op, c)] = t1 - t0
     out = {}
-    for s in range(pp):
+    for s in range(plan.pp):
         for act in plan.compute(s):
             op, c = act.op, act.chunk
             measured = whole.get((op.value, c))
             if measured is None:  # recomputed here but not on one device: a forward's time
                 measured = whole[(Op.FORWARD.value, c)] * cost.recompute
             # a dropped forward is dropped on every stage, and on one device too: its kv_only share is split
-            share = (cost.op_time(op, s, c, chunks[c], act.keep)
-                     / sum(cost.op_time(op, x, c, chunks[c], act.keep) for x in range(pp)))
+            share = (action_time(cost, act, s, chunks[c])
+                     / sum(action_time(cost, act, x, chunks[c]) for x in range(plan.pp)))
             out[(s, op, c)] = measured * share
     return out
 
@@ -182,15 +197,16 @@ def main() -> None:
         return
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="pipeline_measured_"))
     one_dir, pp_dir = work / "1_process", work / f"pp{a.pp}"
+    load_before = os.getloadavg()
     wall_one = run(a, 1, one_dir)
     wall_pp = run(a, a.pp, pp_dir)
     cfg = get_preset("tiny", **model_overrides(a))
-    cost = pipeline_cost(cfg, a.pp)  # what the ranks plan with
+    cost = pipeline_cost(cfg, a.pp, a.virtual)  # what the ranks plan with (one stage per block)
     # The same FLOPs without message costs: at the planner's GPU-class defaults a small model's messages would
     # dominate its compute, which says nothing about this machine.
-    flop_cost = CostModel.from_model(cfg, a.pp, stage_layers=[len(s.layer_ids) for s in split_stages(cfg.num_layers,
-                                                                                                     a.pp)],
-                                     link_bytes_per_s=None)
+    flop_cost = CostModel.from_model(cfg, a.pp * a.virtual, link_bytes_per_s=None,
+                                     stage_layers=[len(b.layer_ids) for b in split_blocks(cfg.num_layers, a.pp,
+                                                                                          a.virtual)])
 
     ones, pps = timelines(one_dir), timelines(pp_dir)
     t_one, t_pp = step_times(one_dir), step_times(pp_dir)
@@ -198,12 +214,13 @@ def main() -> None:
     for one, rec in zip(ones[a.warmup:], pps[a.warmup:]):
         chunks = [[Segment(*seg) for seg in c] for c in rec["chunks"]]
         assert one["chunks"] == rec["chunks"], "the two runs saw different batches"
-        plan = plan_pipeline(chunks, rec["seq_lens"], a.pp, a.k, cost=cost)
+        plan = plan_pipeline(chunks, rec["seq_lens"], a.pp, a.k, cost=cost, virtual=a.virtual,
+                             split_backward=a.split_backward)
         assert plan.text() == rec["plan"], "the recorded plan is not the one the ranks derive"
-        pred = simulate(plan, chunks, rec["seq_lens"], MeasuredCost(predicted_durations(one, plan, chunks, cost,
-                                                                                        a.pp), a.pp))
+        pred = simulate(plan, chunks, rec["seq_lens"], MeasuredCost(predicted_durations(one, plan, chunks, cost),
+                                                                    plan.pp))
         flops = simulate(plan, chunks, rec["seq_lens"], flop_cost)
-        busy = [sum(t1 - t0 for op, _, t0, t1 in st["events"] if op in COMPUTE) for st in rec["stages"]]
+        busy = [sum(t1 - t0 for op, _, t0, t1, *_ in st["events"] if op in COMPUTE) for st in rec["stages"]]
         rows.append({
             "step": rec["step"], "tokens": sum(rec["seq_lens"]), "chunks": sum(1 for c in chunks if c),
             "one_span": one["measured"]["step_time"], "pp_span": rec["measured"]["step_time"],
@@ -219,19 +236,22 @@ def main() -> None:
 
     print(f"model: {a.layers} layers, hidden {a.hidden}, {a.heads}/{a.kv_heads} heads, intermediate "
           f"{a.intermediate}, vocab {a.vocab}, float32; global batch {a.global_batch} (max_len {a.max_len}), "
-          f"chunk.size {a.chunk_size}, k {a.k}; pp {a.pp} vs 1 process, 1 thread each; steps {a.steps} "
-          f"(first {a.warmup} left out)")
-    print("| step | tokens | chunks | 1-proc step s | pp step s | ratio | 1-proc span s | pp span s | busy s per stage"
-          " | bubble measured | replayed | predicted (1-proc durations) | flops model | peak live / cap |")
-    print("|" + "---|" * 14)
+          f"chunk.size {a.chunk_size}, k {a.k}; pp {a.pp} x virtual_stages {a.virtual}, split_backward "
+          f"{a.split_backward}, vs 1 process (split_backward {a.split_backward}), 1 thread each; steps {a.steps} "
+          f"(first {a.warmup} left out); load average {' '.join(f'{x:.2f}' for x in load_before)} before the runs")
+    print("| step | tokens | chunks | 1-proc step s | pp step s | ratio | 1-proc span s | pp span s | busy s per rank"
+          " | bubble measured | replayed | predicted (1-proc durations) | gap pp | flops model | peak live / cap |")
+    print("|" + "---|" * 15)
     for r in rows:
         print(f"| {r['step']} | {r['tokens']} | {r['chunks']} | {r['one_step']:.2f} | {r['pp_step']:.2f} | "
               f"{r['pp_step'] / r['one_step']:.2f} | {r['one_span']:.2f} | {r['pp_span']:.2f} | "
               f"{' / '.join(f'{b:.2f}' for b in r['busy'])} | {r['bubble']:.1%} | {r['replayed']:.1%} | "
-              f"{r['predicted']:.1%} (span {r['predicted_span']:.2f}) | {r['flops']:.1%} | "
+              f"{r['predicted']:.1%} (span {r['predicted_span']:.2f}) | "
+              f"{100 * (r['bubble'] - r['predicted']):+.1f} | {r['flops']:.1%} | "
               f"{r['peak_live']} / {r['caps']} |")
     result = {
-        "pp": a.pp, "k": a.k, "layers": a.layers, "hidden": a.hidden, "global_batch": a.global_batch,
+        "pp": a.pp, "virtual": a.virtual, "split_backward": a.split_backward, "k": a.k, "layers": a.layers,
+        "hidden": a.hidden, "global_batch": a.global_batch,
         "chunk_size": a.chunk_size, "measured_steps": len(rows),
         "one_step_s": med("one_step"), "pp_step_s": med("pp_step"),
         "step_ratio": statistics.median(r["pp_step"] / r["one_step"] for r in rows),
@@ -239,12 +259,14 @@ def main() -> None:
         "predicted_span_ratio": statistics.median(r["predicted_span"] / r["one_span"] for r in rows),
         "bubble_measured": med("bubble"), "bubble_replayed": med("replayed"), "bubble_predicted": med("predicted"),
         "bubble_flops_model": med("flops"), "wall_s": {"one": round(wall_one, 1), "pp": round(wall_pp, 1)},
-        "load_avg_1min": os.getloadavg()[0], "workdir": str(work),
+        "load_avg_before": load_before, "load_avg_1min": os.getloadavg()[0], "workdir": str(work),
     }
+    result["gap_points"] = statistics.median(100 * (r["bubble"] - r["predicted"]) for r in rows)  # step by step
     result["planning"] = planning = planning_overhead()
     print(f"medians: step ratio {result['step_ratio']:.2f} (span ratio {result['span_ratio']:.2f}, predicted "
           f"{result['predicted_span_ratio']:.2f}); bubble measured {result['bubble_measured']:.1%}, replayed "
-          f"{result['bubble_replayed']:.1%}, predicted {result['bubble_predicted']:.1%}, FLOP model "
+          f"{result['bubble_replayed']:.1%}, predicted {result['bubble_predicted']:.1%} (measured - predicted, "
+          f"median over steps {result['gap_points']:+.1f} points), FLOP model "
           f"{result['bubble_flops_model']:.1%}; load average {result['load_avg_1min']:.1f} on {os.cpu_count()} CPUs")
     print_planning(planning)
     print("RESULT " + json.dumps(result))

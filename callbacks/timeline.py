@@ -12,8 +12,8 @@ replica 0 (data-parallel rank 0) and writes, under ``<run dir>/<dirname>/``::
                            activations and caps, the plan, the chunks, both bubble fractions
 
 With virtual stages (``parallel.virtual_stages``) a row is a rank and its blocks are told apart (hatched, named
-``chunk@block`` on the bars and on the row's label); there is no ``_sim.png`` (the simulator replays one action
-list per stage, not a rank's interleaved blocks).
+``chunk@block`` on the bars and on the row's label); the replay times each action by its block and runs each
+rank's interleaved order (``simulator.py``, "Virtual stages").
 
 The executed chart goes to every logger that takes images (W&B ``log_image``); loggers without
 images get the files only. The bubble fractions are logged as metrics ``pipeline/bubble`` and
@@ -91,11 +91,14 @@ class PipelineTimeline(L.Callback):
         }
         metrics = {"pipeline/bubble": measured.bubble_total}
         plan = records[0].extra.get("plan")
-        # one stage: the replay would be the chart itself; virtual stages: the simulator replays one list per stage
-        if self.simulate and plan is not None and pp > 1 and plan.virtual == 1:
-            durations = {(e.stage, Op(e.op), e.chunk): e.end - e.start for e in events}
-            sim = simulate(plan, [c.segments for c in batch.chunks], batch.seq_lens, MeasuredCost(durations, pp))
-            draw_timeline(sim.events, out / f"step_{step:06d}_sim.png", pp, time_axis=measured.step_time,
+        # one stage: the replay would be the chart itself; virtual stages: durations by block (plan.pp of them)
+        if self.simulate and plan is not None and pp > 1:
+            durations = {(e.stage if e.block is None else e.block, Op(e.op), e.chunk): e.end - e.start
+                         for e in events}
+            sim = simulate(plan, [c.segments for c in batch.chunks], batch.seq_lens,
+                           MeasuredCost(durations, plan.pp))
+            sim_events = [e._replace(block=b) for e, b in zip(sim.events, sim.event_blocks)] or sim.events
+            draw_timeline(sim_events, out / f"step_{step:06d}_sim.png", pp, time_axis=measured.step_time,
                           title=f"step {step}: the same plan simulated on the measured durations, "
                                 f"bubble {sim.bubble_total:.1%}")
             body["replayed"] = {"step_time": sim.step_time, "bubble": sim.bubble_total,

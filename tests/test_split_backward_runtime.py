@@ -230,7 +230,7 @@ def cli_one(tmp_path_factory):
     from multiproc import run_train, write_token_records
 
     d = tmp_path_factory.mktemp("cli")
-    make_hf_model(tie=True, dtype=torch.float32, seed=7, std=0.1, layers=3).save_pretrained(d / "tied")
+    make_hf_model(tie=True, dtype=torch.float32, seed=7, std=0.1, layers=4).save_pretrained(d / "tied")
     write_token_records(d / "data.jsonl")
     common = [f"model.pretrained={d / 'tied'}", f"data.path={d / 'data.jsonl'}", f"data.cache_dir={d / 'cache'}",
               "data=jsonl", "data.global_batch_size=7", "data.shuffle=false", "chunk.size=32",
@@ -254,22 +254,25 @@ def assert_same_weights(got: dict[str, torch.Tensor], ref: dict[str, torch.Tenso
 
 
 @pytest.mark.slow
-def test_cli_pp2_split_backward_trains_like_one_process_with_adamw(cli_one, tmp_path):
+@pytest.mark.parametrize("virtual", [1, 2])  # 2: parallel.virtual_stages=2, 4 blocks of one layer each
+def test_cli_pp2_split_backward_trains_like_one_process_with_adamw(cli_one, tmp_path, virtual):
     import json
 
     from multiproc import run_train
 
     common, w1 = cli_one
     run_train(2, tmp_path, *common, "chunk.k=2", f"export.hf_dir={tmp_path / 'export'}", "parallel=pp2",
-              "parallel.split_backward=true", "callbacks.timeline.every_n_train_steps=1", timeout=120)
+              f"parallel.virtual_stages={virtual}", "parallel.split_backward=true",
+              "callbacks.timeline.every_n_train_steps=1", timeout=120)
     assert_same_weights(exported_weights(tmp_path), w1)
-    # every split backward's W ran, and the timeline recorded it as its own op
+    # every split backward's W ran (on each block, with virtual stages), and the timeline recorded it as its own op
     for path in sorted((tmp_path / "timeline").glob("step_*.json")):
         rec = json.loads(path.read_text())
-        assert "(in)" in rec["plan"] and "replayed" in rec
+        assert "(in)" in rec["plan"] and "replayed" in rec and path.with_name(f"{path.stem}_sim.png").exists()
         for st in rec["stages"]:
-            ops = [(op, c) for op, c, _, _ in st["events"]]
-            assert sorted(c for op, c in ops if op == "weight") == sorted(c for op, c in ops if op == "backward")
+            ops = [(e[0], e[1], e[4] if virtual > 1 else None) for e in st["events"]]
+            assert sorted(c for op, *c in ops if op == "weight") == sorted(c for op, *c in ops if op == "backward")
+            assert len({blk for _, _, blk in ops}) == virtual
 
 
 @pytest.mark.slow

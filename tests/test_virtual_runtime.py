@@ -1,6 +1,6 @@
 """Virtual stages at run time (``parallel.virtual_stages``): a rank holds blocks ``r, r + pp, ...``, one executor and
-one transport per block, and runs ``PipelinePlan.rank_actions``. Plans come from ``tests/virtual_plans.py`` until the
-interleaved scheduler exists."""
+one transport per block, and runs ``PipelinePlan.rank_actions`` of the interleaved scheduler's plans
+(``plan_pipeline(virtual=)``), with or without split backward (``parallel.split_backward``: B and W actions)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from multiproc import free_port, spawn_ranks
-from virtual_plans import interleave_blocks, virtual_plan
 
 from chunkflow_pl.config import ParallelConfig
 from chunkflow_pl.data.assemble import assemble_step
@@ -21,6 +20,7 @@ from chunkflow_pl.model.decoder import Qwen2Decoder
 from chunkflow_pl.model.stages import rank_blocks, split_blocks
 from chunkflow_pl.schedule.pipeline_checker import check_pipeline_plan
 from chunkflow_pl.schedule.runner import forward_plan, pipeline_cost
+from chunkflow_pl.schedule.scheduler import plan_pipeline
 from chunkflow_pl.strategy.dims import ParallelDims
 
 CHUNK = 16
@@ -114,10 +114,12 @@ def test_virtual_stage_settings_fail_early_naming_the_key_and_the_fix():
 
 # ---- plans the runtime takes -------------------------------------------------------------------------------------
 
-def test_test_plans_are_valid_per_block_and_order_every_action_once():
+@pytest.mark.parametrize("split", [False, True])
+def test_plans_the_runtime_takes_are_valid_per_block_and_order_every_action_once(split):
     cfg, batch = case()
     chunks = [c.segments for c in batch.chunks]
-    plan = virtual_plan(chunks, batch.seq_lens, PP, 1, cost=pipeline_cost(cfg, PP, V), virtual=V)
+    plan = plan_pipeline(chunks, batch.seq_lens, PP, 1, cost=pipeline_cost(cfg, PP, V), virtual=V,
+                         split_backward=split)
     check_pipeline_plan(plan, chunks, batch.seq_lens)  # every per-block rule
     for r in range(PP):
         mine = plan.order[r]
@@ -125,7 +127,6 @@ def test_test_plans_are_valid_per_block_and_order_every_action_once():
             assert [i for blk, i in mine if blk == b] == list(range(len(plan.stages[b])))
         assert {blk for blk, _ in mine} == set(range(r, PP * V, PP))
     fwd = forward_plan(chunks, PP, V)
-    assert interleave_blocks(fwd.stages, PP)  # the forward-only plan's lists finish interleaved too
     assert [blk for blk, _ in fwd.order[0][:6]] == [0, 0, 2, 2, 2, 0]  # chunk 0 through blocks 0 and 2, then chunk 1
 
 
@@ -133,7 +134,6 @@ def test_runner_refuses_what_it_cannot_run_before_any_message():
     from dataclasses import replace
 
     from chunkflow_pl.schedule.runner import StepRunner
-    from chunkflow_pl.schedule.scheduler import plan_pipeline
     from chunkflow_pl.schedule.transport import LocalTransport
 
     cfg, batch = case()
@@ -141,7 +141,7 @@ def test_runner_refuses_what_it_cannot_run_before_any_message():
     with pytest.raises(ValueError, match=r"transport must map each block of rank 0 \(0, 2\)"):
         StepRunner(cfg, 1, "cpu", stage=0, pp=PP, virtual=V, transport=LocalTransport())
     runner = StepRunner(cfg, 1, "cpu", stage=0, pp=PP, virtual=V, transport={0: LocalTransport(), 2: LocalTransport()})
-    plan = virtual_plan(chunks, batch.seq_lens, PP, 1, cost=runner.cost, virtual=V)
+    plan = plan_pipeline(chunks, batch.seq_lens, PP, 1, cost=runner.cost, virtual=V)
     runner._check_virtual(plan)
     mine = list(plan.order[0])
     j = next(j for j in range(len(mine) - 1) if mine[j][0] == mine[j + 1][0])  # two actions of one block in a row
@@ -155,15 +155,6 @@ def test_runner_refuses_what_it_cannot_run_before_any_message():
 
 
 # ---- exactness over gloo: pp=2 x v=2 equals one process ----------------------------------------------------------
-
-def _patch_planner() -> None:
-    """In a spawned rank: the interleaved scheduler's stand-in (``tests/virtual_plans.py``) where the runner plans and
-    where the strategy asks at start whether virtual stages can be scheduled."""
-    import chunkflow_pl.schedule.runner as runner
-    import chunkflow_pl.schedule.scheduler as scheduler
-
-    runner.plan_pipeline = scheduler.plan_pipeline = virtual_plan
-
 
 class Trainer:
     """AdamW (decay and no-decay groups, as training builds them) steps clipped at a norm the gradients exceed."""
@@ -187,7 +178,7 @@ class Trainer:
         return {n: p.detach().clone() for n, p in self.model.named_parameters()}
 
 
-def strategy_with_headers(rank: int, port: int, dims):
+def strategy_with_headers(rank: int, port: int, dims, split: bool = False):
     """``multiproc.gloo_strategy`` with ``check_messages``: the ranks compare plan fingerprints every step and every
     message carries a header its receiver checks against its own block's plan (step, chunk, tokens, kind), so a
     message delivered on another block pair's channel fails naming it instead of passing unnoticed."""
@@ -202,24 +193,27 @@ def strategy_with_headers(rank: int, port: int, dims):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
                       LOCAL_RANK=str(rank), RANK=str(rank))
     strategy = ChunkFlowStrategy(dims, accelerator=CPUAccelerator(), parallel_devices=[torch.device("cpu")] * 2,
-                                 cluster_environment=LightningEnvironment(), check_messages=True)
+                                 cluster_environment=LightningEnvironment(), check_messages=True,
+                                 split_backward=split)
     strategy.setup_environment()
     return strategy
 
 
-def _virtual_worker(rank: int, port: int, out_dir: str) -> None:
+def _virtual_worker(rank: int, port: int, out_dir: str, split: bool) -> None:
     from chunkflow_pl.schedule.evaluation import EvalSums
     from chunkflow_pl.strategy import checkpoint as ckpt
+    from chunkflow_pl.strategy.split_backward import apply_split_backward
 
-    _patch_planner()
     strategy = strategy_with_headers(rank, port, ParallelDims(dp=1, pp=PP, world_size=2, num_layers=LAYERS,
-                                                             virtual=V))
+                                                             virtual=V), split)
     try:
         cfg, batch = case()
 
         def trainer() -> Trainer:
-            return Trainer(build(cfg, strategy.stage_spec), strategy.run_chunk_step,
-                           lambda m: strategy.finish_gradients(m, max_norm=0.5))
+            model = build(cfg, strategy.stage_spec)
+            if split:  # what the strategy's setup does before the optimizer is built
+                assert apply_split_backward(model) == 7 * len(strategy.stage_spec.layer_ids)
+            return Trainer(model, strategy.run_chunk_step, lambda m: strategy.finish_gradients(m, max_norm=0.5))
 
         run = trainer()
         sums = EvalSums((8, 32))  # validation first, on the initial weights (equal to the reference's by name)
@@ -269,14 +263,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def test_pp2_v2_over_gloo_equals_one_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("split", [False, True], ids=["unsplit", "split_backward"])
+def test_pp2_v2_over_gloo_equals_one_process(tmp_path, monkeypatch, split):
     """2 gloo processes x 2 blocks each, float64, chains over up to 5 chunks, k=1 (recompute), tied embeddings (the
-    head on rank 1's block 3), clipping active: gradients and weights after 2 AdamW steps equal one process's; a
-    DCP checkpoint of the v=2 ranks resumes bit-identically and loads, by name, into the whole model."""
+    head on rank 1's block 3), clipping active: gradients and weights after 2 AdamW steps equal one (unsplit)
+    process's, with and without split backward (B and W actions of each block); a DCP checkpoint of the v=2 ranks
+    resumes bit-identically and loads, by name, into the whole model."""
     from chunkflow_pl.strategy import checkpoint as ckpt
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    spawn_ranks(_virtual_worker, (free_port(), str(tmp_path)), timeout=60, hang="the virtual pipeline hangs")
+    spawn_ranks(_virtual_worker, (free_port(), str(tmp_path), split), timeout=60, hang="the virtual pipeline hangs")
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(PP)]
     ref_grads, ref_one, ref_weights, ref_loss, trainer, ref_eval = reference()
     # validation (forward-only, chunk by chunk through each rank's blocks): the block with the head sums the losses
@@ -301,6 +297,8 @@ def test_pp2_v2_over_gloo_equals_one_process(tmp_path, monkeypatch):
     for r, part in enumerate(parts):
         blocks = {e[4] for e in part["events"]}
         assert blocks == set(range(r, PP * V, PP)), (r, blocks)
+        weights = {e[4] for e in part["events"] if e[0] == "weight"}  # split: every block ran W actions
+        assert weights == (blocks if split else set()), (r, weights)
     json.dumps([list(e) for e in parts[0]["events"]])  # the timeline callback writes them as JSON
 
 
