@@ -17,7 +17,7 @@ from chunkflow_pl.data.packing import build_chunk_plan
 from chunkflow_pl.data.types import Segment
 from chunkflow_pl.schedule.cost import CostModel
 from chunkflow_pl.schedule.graph import build_graph
-from chunkflow_pl.schedule.pipeline_actions import Action, Op, PipelinePlan
+from chunkflow_pl.schedule.pipeline_actions import Action, Comm, CommOp, Op, PipelinePlan
 from chunkflow_pl.schedule.pipeline_checker import DeadlockError, PlanError, check_pipeline_plan
 from chunkflow_pl.schedule.scheduler import default_caps, plan_pipeline
 from chunkflow_pl.schedule.simulator import lower_bound, simulate
@@ -267,3 +267,15 @@ def test_checker_catches_every_single_action_removed_from_a_virtual_plan() -> No
                           for lane in plan.order)
             with pytest.raises(PlanError):
                 check_pipeline_plan(replace(plan, stages=stages, order=order), chunks, lens)
+
+
+def test_checker_rejects_a_gradient_sent_to_the_rank_s_other_block() -> None:
+    """Block 2's input gradient belongs to block 1 (rank 1); sent to block 0, which rank 0 also holds, it would
+    reach the right rank's process but the wrong block: the per-block message rule names it."""
+    plan = one_plan(GOOD_ORDER)
+    stages = [list(s) for s in plan.stages]
+    i = next(i for i, a in enumerate(stages[2]) if isinstance(a, Comm) and a.op is CommOp.SEND_GRAD)
+    stages[2][i] = replace(stages[2][i], peer=0)
+    with pytest.raises(PlanError, match=re.escape(f"stage 2, action {i} (>G0): SEND_GRAD must name peer stage 1, "
+                                                  "not 0")):
+        check_pipeline_plan(replace(plan, stages=tuple(map(tuple, stages))), ONE, [4])
