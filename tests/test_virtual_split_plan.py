@@ -9,15 +9,13 @@ the ``W``) and one clock per rank.
 from __future__ import annotations
 
 import hashlib
-import random
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_pipeline_plan import Chunks, replicas
+from test_virtual_plan import _v1_cases
 
-from chunkflow_pl.data.balance import assign_to_ranks
-from chunkflow_pl.data.packing import build_chunk_plan
 from chunkflow_pl.data.types import Segment
 from chunkflow_pl.schedule.cost import CostModel
 from chunkflow_pl.schedule.pipeline_actions import Action, Op
@@ -107,19 +105,9 @@ V1_SPLIT_DIGEST = "e40fb9e51e44928d"
 
 
 def test_v1_split_plans_are_byte_identical_to_the_split_branch() -> None:
-    rng = random.Random(25)
     digest = hashlib.sha256()
-    for _ in range(150):
-        lengths = [rng.choice([rng.randint(1, 20), rng.randint(1, 200)]) for _ in range(rng.randint(1, 24))]
-        chunk_plan = build_chunk_plan(lengths, rng.randint(4, 48))
-        assignment = assign_to_ranks(chunk_plan, rng.randint(1, 3))
-        mine = [chunk_plan.chunks[c] for c in assignment.per_rank[0]]
-        chunks = mine + [[] for _ in range(assignment.num_micro_steps - len(mine))]
-        pp, k = rng.randint(1, 8), rng.randint(1, 3)
-        cost = CostModel.uniform(pp, per_token=0.1, per_pair=rng.choice([0.0, 0.02]),
-                                 comm_latency=rng.choice([0.0, 0.3]))
-        plan = plan_pipeline(chunks, lengths, pp, k, cost=cost, max_open_chains=rng.choice([1, 2, None]),
-                             split_backward=True)
+    for chunks, lengths, pp, k, cost, open_chains in _v1_cases(25):
+        plan = plan_pipeline(chunks, lengths, pp, k, cost=cost, max_open_chains=open_chains, split_backward=True)
         assert plan.order is None and plan.virtual == 1
         digest.update(f"{plan.text()}\n{plan.fingerprint()}\n".encode())
     assert digest.hexdigest()[:16] == V1_SPLIT_DIGEST
