@@ -43,6 +43,7 @@ same inputs make it bit-identical. A stage other than the first keeps the input 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -279,8 +280,7 @@ class ChunkExecutor:
         self._count_live()
 
     def _count_live(self) -> None:
-        # A split chunk holds its slot until its weight action (PipelinePlan.caps): its stash lives until then.
-        self.stats.max_live_activations = max(self.stats.max_live_activations, len(self._live) + len(self._awaiting_w))
+        self.stats.max_live_activations = max(self.stats.max_live_activations, self.live_chunks)
 
     def send_act(self, c: int) -> None:
         self.transport.send(ACT, c, self._outbox.pop(c))
@@ -322,10 +322,7 @@ class ChunkExecutor:
         pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
         stash = WeightGradStash() if split else None
         if pairs:  # prefix gradients reach the store through hooks (or a mover)
-            if stash is not None:
-                with capture(stash):
-                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-            else:
+            with capture(stash) if stash is not None else nullcontext():
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         if stash is not None:
             self._awaiting_w[c] = stash  # the chunk keeps its slot until weight(c)
@@ -400,8 +397,9 @@ class ChunkExecutor:
 
     @property
     def live_chunks(self) -> int:
-        """Chunks holding activations now (kept forwards and recomputes not yet through backward)."""
-        return len(self._live)
+        """Chunks holding activation slots now (``PipelinePlan.caps``): kept forwards and recomputes not yet through
+        backward, and split chunks until their weight action (their stash lives until then)."""
+        return len(self._live) + len(self._awaiting_w)
 
     def finish(self) -> StepStats:
         """End of the step: wait for the sends, check the plan left nothing behind; the step's stats."""
