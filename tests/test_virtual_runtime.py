@@ -133,6 +133,7 @@ def test_plans_the_runtime_takes_are_valid_per_block_and_order_every_action_once
 def test_runner_refuses_what_it_cannot_run_before_any_message():
     from dataclasses import replace
 
+    from chunkflow_pl.schedule.pipeline_checker import PlanError, check_rank_order
     from chunkflow_pl.schedule.runner import StepRunner
     from chunkflow_pl.schedule.transport import LocalTransport
 
@@ -146,10 +147,12 @@ def test_runner_refuses_what_it_cannot_run_before_any_message():
     mine = list(plan.order[0])
     j = next(j for j in range(len(mine) - 1) if mine[j][0] == mine[j + 1][0])  # two actions of one block in a row
     mine[j], mine[j + 1] = mine[j + 1], mine[j]
-    with pytest.raises(ValueError, match=r"runs action \d+ of block \d where action \d+ is next"):
-        runner._check_virtual(replace(plan, order=(tuple(mine), plan.order[1])))
-    with pytest.raises(ValueError, match="leaves actions of its blocks unrun"):
-        runner._check_virtual(replace(plan, order=(plan.order[0][:-1], plan.order[1])))
+    # an order that breaks a block's list, or leaves some of it unrun: refused by the check plan_step runs
+    # (check_pipeline_plan -> check_rank_order) before the runner sees the plan
+    with pytest.raises(PlanError, match=r"block \d's list must run in its own order, next is its action \d+"):
+        check_rank_order(replace(plan, order=(tuple(mine), plan.order[1])))
+    with pytest.raises(PlanError, match=r"rank 0's order runs \d+ of block \d's \d+ actions"):
+        check_rank_order(replace(plan, order=(plan.order[0][:-1], plan.order[1])))
     with pytest.raises(ValueError, match="the plan has 4 ranks x 1 virtual stages, the runner 2 x 2"):
         runner._check_virtual(plan_pipeline(chunks, batch.seq_lens, PP * V, 1))
 

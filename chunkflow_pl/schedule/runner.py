@@ -227,24 +227,11 @@ class StepRunner:
         return model if self.virtual == 1 else model.block(block)
 
     def _check_virtual(self, plan: PipelinePlan) -> None:
-        """The plan fits this runner's layout; with virtual stages (and ``check_plan``) this rank's order runs each
-        of its blocks' lists whole and in order (the per-block lists themselves are what ``check_pipeline_plan``
-        proves)."""
+        """The plan fits this runner's layout (ranks x virtual stages). That each rank's order runs its blocks'
+        lists whole and in order is ``check_pipeline_plan``'s ``check_rank_order``, run by ``plan_step``."""
         if plan.virtual != self.virtual or plan.ranks != self.pp:
             raise ValueError(f"rank {self.rank}: the plan has {plan.ranks} ranks x {plan.virtual} virtual stages, "
                              f"the runner {self.pp} x {self.virtual}")
-        if self.virtual == 1 or not self.check_plan:
-            return
-        seen = {b: 0 for b in self.blocks}
-        for b, i in plan.order[self.stage]:
-            if b not in seen or i != seen[b]:
-                raise ValueError(f"rank {self.rank}: plan.order runs action {i} of block {b} where "
-                                 + (f"action {seen[b]} is next" if b in seen else f"only blocks {self.blocks} are its"))
-            seen[b] += 1
-        short = {b: n for b, n in seen.items() if n != len(plan.stages[b])}
-        if short:
-            raise ValueError(f"rank {self.rank}: plan.order leaves actions of its blocks unrun "
-                             f"(ran {short} of {[len(plan.stages[b]) for b in short]})")
 
     def _run_blocks(self, plan: PipelinePlan, exs: dict[int, ChunkExecutor]) -> tuple[StepStats, list[tuple]]:
         """This rank's actions in ``plan.order``, each on its block's executor; the rank's stats and events."""
