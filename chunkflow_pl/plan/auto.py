@@ -72,12 +72,8 @@ def resolve_auto_layout(cfg: DictConfig, mcfg: ModelConfig) -> DictConfig:
     out = copy.deepcopy(cfg)
     with open_dict(out):
         out.parallel.update(auto=False, dp=1, pp=lay.pp, dp_replicate=lay.dp_replicate, dp_shard=lay.dp_shard,
-                            grad_reduce=lay.grad_reduce, reshard_after_forward=False)
-        # written where the config has the keys or the pick needs them (a config from before the keys: defaults)
-        if "split_backward" in out.parallel or lay.split_backward:
-            out.parallel.split_backward = lay.split_backward
-        if "virtual_stages" in out.parallel or lay.virtual > 1:
-            out.parallel.virtual_stages = lay.virtual
+                            grad_reduce=lay.grad_reduce, reshard_after_forward=False,
+                            split_backward=lay.split_backward, virtual_stages=lay.virtual)
         out.chunk.update(size=lay.chunk_size, k=lay.k, layer_checkpoint=lay.layer_checkpoint)
     log.info("parallel=auto -> %s", result.override())
     return out

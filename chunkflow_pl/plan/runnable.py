@@ -9,9 +9,6 @@ lifts or adds one of those, change it here too.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from chunkflow_pl.config import check_virtual_stages
 
 SPLIT_CANDIDATES = (False, True)
@@ -43,13 +40,3 @@ def refusal(split_backward: bool, virtual: int, *, pp: int, data_parallel: int, 
             return (f"parallel.virtual_stages={virtual} x parallel.pp={pp} blocks for {num_layers} layers: set "
                     f"parallel.virtual_stages=1 or a smaller parallel.pp")
     return None
-
-
-def user_setting(parallel: Mapping[str, Any]) -> tuple[bool, int]:
-    """``(parallel.split_backward, parallel.virtual_stages)`` of a config; false / 1 where the keys are absent."""
-    split, virtual = parallel.get("split_backward", False), parallel.get("virtual_stages", 1)
-    if not isinstance(split, bool):
-        raise ValueError(f"parallel.split_backward={split!r} must be true or false")
-    if isinstance(virtual, bool) or not isinstance(virtual, int) or virtual < 1:
-        raise ValueError(f"parallel.virtual_stages={virtual!r} must be a positive integer")
-    return split, virtual

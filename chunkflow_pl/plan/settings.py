@@ -27,7 +27,7 @@ from chunkflow_pl.model.memory import available_memory
 from chunkflow_pl.model.stages import split_stages
 from chunkflow_pl.plan.core import PlanSpec
 from chunkflow_pl.plan.layout import ClusterSpec
-from chunkflow_pl.plan.runnable import SPLIT_CANDIDATES, VIRTUAL_CANDIDATES, refusal, user_setting
+from chunkflow_pl.plan.runnable import SPLIT_CANDIDATES, VIRTUAL_CANDIDATES, refusal
 from chunkflow_pl.schedule.cost import DEFAULT_INTER_NODE_GBPS, DEFAULT_INTRA_NODE_GBPS, Links
 from chunkflow_pl.training.optim import OptimConfig
 from chunkflow_pl.training.precision import check_precision
@@ -114,9 +114,8 @@ def check_groups(cfg: DictConfig) -> tuple[PlanSettings, ParallelConfig, OptimCo
     chunk = OmegaConf.to_container(cfg.chunk, resolve=True) if cfg.get("chunk") is not None else {}
     ChunkConfig.from_dict({k: v for k, v in chunk.items() if str(v).lower() != "auto"})
     check_precision(cfg.trainer.get("precision", "32-true"))
-    parallel = OmegaConf.to_container(cfg.parallel, resolve=True)
-    return PlanSettings.from_dict(cfg.get("plan") or {}), ParallelConfig.from_dict(parallel), OptimConfig.from_dict(
-        cfg.optim)
+    return (PlanSettings.from_dict(cfg.get("plan") or {}), ParallelConfig.from_dict(cfg.parallel),
+            OptimConfig.from_dict(cfg.optim))
 
 
 @dataclass
@@ -162,15 +161,11 @@ def plan_inputs(cfg: DictConfig, mcfg: ModelConfig | None = None, k: int | None 
                   layer_checkpoint=str(cfg.chunk.get("layer_checkpoint", "none")),
                   precision=str(cfg.trainer.precision), lora=lora)
     if fixed_parallel:
-        split, virtual = user_setting(cfg.parallel)
-        why = refusal(split, virtual, auto=parallel.auto, **layout)
+        why = refusal(parallel.split_backward, parallel.virtual_stages, auto=parallel.auto, **layout)
         if why:
             raise ValueError(why)
-        splits, virtuals = (split,), (virtual,)
-    elif parallel.auto or settings.devices is not None:
-        why = refusal(False, user_setting(cfg.parallel)[1], auto=parallel.auto, **layout)
-        if parallel.auto and why:  # an explicit virtual_stages > 1 would be overwritten by the pick
-            raise ValueError(why)
+        splits, virtuals = (parallel.split_backward,), (parallel.virtual_stages,)
+    elif parallel.auto or settings.devices is not None:  # ParallelConfig refused virtual_stages > 1 with auto
         splits, virtuals = SPLIT_CANDIDATES, VIRTUAL_CANDIDATES
     else:
         splits = tuple(s for s in SPLIT_CANDIDATES if refusal(s, 1, **layout) is None)
