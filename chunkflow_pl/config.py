@@ -152,3 +152,13 @@ def check_virtual_stages(virtual: int, pp: int, dp: int = 1, auto: bool = False)
         raise ValueError(f"parallel.virtual_stages={virtual} with {dp} data-parallel ranks: sharding (FSDP2) a rank "
                          "holding several blocks is not supported yet; use parallel.virtual_stages=1 with data "
                          "parallelism, or data parallelism 1 (parallel.dp=1, dp_replicate=1, dp_shard=1)")
+
+
+def check_split_backward(layer_checkpoint: str) -> None:
+    """Refuse what ``parallel.split_backward=true`` does not run with, knowable from the config alone (the rest,
+    LoRA and FSDP2 mixed precision, is refused on the built model: ``strategy/split_backward.py``)."""
+    if layer_checkpoint != "none":
+        raise ValueError(f"parallel.split_backward=true with chunk.layer_checkpoint={layer_checkpoint}: a pending "
+                         "weight action would keep every recomputed linear input and output gradient of the chunk, "
+                         "which a checkpointed chunk's memory estimate does not count; set "
+                         "chunk.layer_checkpoint=none or parallel.split_backward=false")

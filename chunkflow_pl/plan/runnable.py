@@ -1,15 +1,16 @@
 """Which ``parallel.split_backward`` / ``parallel.virtual_stages`` settings a run accepts: the planners' copy.
 
 The planners only consider, and ``parallel=auto`` only picks, what a run then starts with. Virtual stages: the
-runtime's own ``config.check_virtual_stages``, plus the layer count. Split backward: a copy of
-``strategy/split_backward.py``'s refusals (``check_split_backward``, ``apply_split_backward``), because that module
-needs torch and a built model while planning is pure (no torch: ``tests/test_plan_layout.py``); when the runtime
-lifts or adds one of those, change it here too.
+runtime's own ``config.check_virtual_stages``, plus the layer count. Split backward: the runtime's own
+``config.check_split_backward`` (layer checkpointing), and a copy of what ``strategy/split_backward.py``'s
+``apply_split_backward`` refuses on the built model (LoRA, FSDP2 mixed precision), because that needs torch and a
+model while planning is pure (no torch: ``tests/test_plan_layout.py``); when the runtime lifts or adds one of those,
+change it here too.
 """
 
 from __future__ import annotations
 
-from chunkflow_pl.config import check_virtual_stages
+from chunkflow_pl.config import check_split_backward, check_virtual_stages
 
 SPLIT_CANDIDATES = (False, True)
 VIRTUAL_CANDIDATES = (1, 2)  # v = 2 has most of interleaving's gain; more multiplies the chunks in flight
@@ -22,9 +23,10 @@ def refusal(split_backward: bool, virtual: int, *, pp: int, data_parallel: int, 
     ``data_parallel``: every data-parallel rank of a stage (dp x dp_replicate x dp_shard); ``auto``: the user
     set ``parallel=auto`` (the planner's own picks are written with auto off)."""
     if split_backward:
-        if layer_checkpoint != "none":
-            return (f"parallel.split_backward=true with chunk.layer_checkpoint={layer_checkpoint}: set "
-                    f"chunk.layer_checkpoint=none or parallel.split_backward=false")
+        try:  # the runtime's own check of the config (config.py is torch-free)
+            check_split_backward(layer_checkpoint)
+        except ValueError as e:
+            return str(e)
         if lora:
             return ("parallel.split_backward=true with model.lora: set parallel.split_backward=false or train "
                     "without model.lora")

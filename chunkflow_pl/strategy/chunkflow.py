@@ -41,7 +41,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from chunkflow_pl.config import ParallelConfig
+from chunkflow_pl.config import ParallelConfig, check_split_backward
 from chunkflow_pl.data.balance import ChunkCost
 from chunkflow_pl.data.types import StepBatch
 from chunkflow_pl.model.stages import RankBlocks, StageSpec, rank_blocks, split_stages
@@ -59,7 +59,7 @@ from chunkflow_pl.strategy.health import peer_failures
 from chunkflow_pl.strategy.layer_checkpoint import apply_layer_checkpoint, check_policy
 from chunkflow_pl.strategy.preemption import Preemption
 from chunkflow_pl.strategy.sharding import ShardedStage, ShardingSettings, shard_model
-from chunkflow_pl.strategy.split_backward import apply_split_backward, check_split_backward
+from chunkflow_pl.strategy.split_backward import apply_split_backward
 from chunkflow_pl.strategy.step import RankStep, StepSettings, comm_device
 from chunkflow_pl.utils.held_signals import hold_signals
 from chunkflow_pl.utils.sizes import format_duration

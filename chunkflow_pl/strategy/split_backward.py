@@ -9,9 +9,9 @@ adds to the same unsharded parameter's ``.grad`` autograd would have; the execut
 ``after_backward`` (the ``every_backward`` reduce) after a split chunk's W, when its gradient is complete, and
 ``last_backward`` reduces after the stage's last action anyway. What it does not run with yet:
 
-- ``chunk.layer_checkpoint=full``: a checkpointed layer keeps only its input until backward; a pending W would
-  keep every linear layer's recomputed input and output gradient instead, beyond what the memory estimate counts
-  for a checkpointed chunk.
+- ``chunk.layer_checkpoint=full`` (refused from the config, ``config.check_split_backward``): a checkpointed layer
+  keeps only its input until backward; a pending W would keep every linear layer's recomputed input and output
+  gradient instead, beyond what the memory estimate counts for a checkpointed chunk.
 - LoRA (``model.lora``): peft's adapter layers are not ``SplitLinear``; untested.
 - FSDP2 with a compute dtype other than the parameters' (``trainer.precision=bf16-mixed`` with data parallelism):
   FSDP2 moves each backward's bf16 ``.grad`` into an fp32 accumulator in its post-backward hook, which runs during
@@ -25,15 +25,6 @@ from torch import nn
 
 from chunkflow_pl.model.lora import lora_of
 from chunkflow_pl.model.split_linear import apply_split_linear
-
-
-def check_split_backward(layer_checkpoint: str) -> None:
-    """Refuse what ``parallel.split_backward=true`` does not run with (knowable from the config alone)."""
-    if layer_checkpoint != "none":
-        raise ValueError(f"parallel.split_backward=true with chunk.layer_checkpoint={layer_checkpoint}: a pending "
-                         "weight action would keep every recomputed linear input and output gradient of the chunk, "
-                         "which a checkpointed chunk's memory estimate does not count; set "
-                         "chunk.layer_checkpoint=none or parallel.split_backward=false")
 
 
 def apply_split_backward(model: nn.Module, sharded_param_dtype: torch.dtype | None = None) -> int:
