@@ -34,7 +34,7 @@ class ParallelDims:
     virtual: int = 1  # parallel.virtual_stages: blocks per pipeline rank (block b on pipeline rank b % pp)
 
     def __post_init__(self) -> None:
-        for key, v in (("parallel.dp", self.dp), ("parallel.pp", self.pp)):
+        for key, v in (("parallel.dp", self.dp), ("parallel.pp", self.pp), ("parallel.virtual_stages", self.virtual)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{key}={v!r} must be a positive integer")
         if isinstance(self.dp_shard, bool) or not isinstance(self.dp_shard, int) or self.dp_shard < 1 \
@@ -56,8 +56,6 @@ class ParallelDims:
         if self.num_layers is not None and self.pp > self.num_layers:
             raise ValueError(f"parallel.pp={self.pp} is larger than the model's {self.num_layers} layers: each "
                              f"pipeline stage needs at least one layer; use parallel.pp <= {self.num_layers}")
-        if isinstance(self.virtual, bool) or not isinstance(self.virtual, int) or self.virtual < 1:
-            raise ValueError(f"parallel.virtual_stages={self.virtual!r} must be a positive integer")
         check_virtual_stages(self.virtual, self.pp, self.dp)
         if self.num_layers is not None and self.pp * self.virtual > self.num_layers:
             raise ValueError(f"parallel.pp x parallel.virtual_stages = {self.pp} x {self.virtual} blocks, but the "
