@@ -88,9 +88,10 @@ def stage_estimates(req: MemoryRequest) -> list[MemoryEstimate]:
     live chunks, its shard of the model state.
 
     Virtual stages: one per pipeline rank, over all its blocks' layers, each layer counted with the largest cap of
-    the rank's blocks (``default_caps`` over the blocks; conservative, until the interleaved scheduler's own caps
-    are known); a rank holding block 0 is counted without boundary checkpoints (its other blocks keep some: one
-    ``[T, D]`` input per dropped chunk, small beside a chunk's layer activations)."""
+    the rank's blocks (the scheduler's caps, ``default_caps`` over the blocks; conservative: the planner,
+    ``plan/core.stage_peaks``, sums per-block estimates with each block's own cap instead); a rank holding block 0
+    is counted without boundary checkpoints (its other blocks keep some: one ``[T, D]`` input per dropped chunk,
+    small beside a chunk's layer activations)."""
     if req.virtual > 1:
         blocks_caps = default_caps(req.pp * req.virtual, req.chunk_k)
         ranks = [rank_blocks(req.model.num_layers, req.pp, req.virtual, r) for r in range(req.pp)]
